@@ -1,0 +1,122 @@
+"""From activation records to what the explainer and scorer use: splits, 0-10 levels, top tokens.
+
+Splits are strided slices, as in the paper's code: record i of a ranked list goes to split
+i mod 4 (train, calibration, valid, test), so every split sees the whole activation range.
+The explainer is shown train top records; scoring uses valid top + valid random.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+SPLITS = ("train", "calibration", "valid", "test")
+MAX_LEVEL = 10
+
+
+def normalize(acts: np.ndarray, max_activation: np.ndarray | float) -> np.ndarray:
+    """min(10, floor(10 * relu(a) / max)); all zeros where the max is not positive (dead neuron)."""
+    acts = np.asarray(acts, dtype=np.float64)
+    m = np.asarray(max_activation, dtype=np.float64)
+    m = m.reshape(m.shape + (1,) * (acts.ndim - m.ndim))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.floor(MAX_LEVEL * np.maximum(acts, 0.0) / m)
+    levels = np.where(m > 0, levels, 0.0)
+    return np.clip(levels, 0, MAX_LEVEL).astype(np.uint8)
+
+
+def _records_long(activation_records: pl.DataFrame, kind: str) -> pl.DataFrame:
+    return (
+        activation_records.select("layer", "neuron", kind)
+        .explode(kind)
+        .drop_nulls(kind)
+        .unnest(kind)
+        .with_columns(pl.lit(kind).alias("kind"))
+        .select("layer", "neuron", "kind", "rank", "seq_id", "max_act", "acts")
+    )
+
+
+def _acts_matrix(frame: pl.DataFrame) -> np.ndarray:
+    if frame.height == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    width = frame["acts"].list.len().max()
+    return frame["acts"].cast(pl.Array(pl.Float32, width)).to_numpy()
+
+
+def top_k_examples(
+    activation_records: pl.DataFrame, corpus_tokens: pl.DataFrame, n_top_tokens: int = 10
+) -> pl.DataFrame:
+    """One row per (layer, neuron): normalization max, split records with 0-10 levels, top tokens.
+
+    Top tokens are the token ids with the highest mean activation over the train and calibration
+    records (top and random, each sequence once), keeping those whose mean reaches level 1; held-
+    out splits are never looked at, so a token-lookup baseline is scored fairly.
+    """
+    records = pl.concat([_records_long(activation_records, "top"), _records_long(activation_records, "random")])
+    norm_max = activation_records.select(
+        "layer", "neuron", pl.col("top").list.eval(pl.element().struct.field("max_act")).list.max()
+        .fill_null(0.0).alias("max_activation")
+    )
+    records = records.join(norm_max, on=["layer", "neuron"]).with_columns(
+        pl.col("rank").cast(pl.Int32),
+        split=pl.lit(pl.Series(SPLITS)).get(pl.col("rank") % len(SPLITS)),
+        split_rank=(pl.col("rank") // len(SPLITS)).cast(pl.Int16),
+    )
+    acts = _acts_matrix(records)
+    levels = normalize(acts, records["max_activation"].to_numpy()) if acts.size else acts.astype(np.uint8)
+    width = acts.shape[1] if acts.size else 0
+    records = records.with_columns(
+        pl.Series("levels", levels, dtype=pl.Array(pl.UInt8, width)).cast(pl.List(pl.UInt8))
+        if width else pl.lit([], dtype=pl.List(pl.UInt8)).alias("levels")
+    )
+
+    tokens = _top_tokens(records, acts, corpus_tokens, n_top_tokens)
+    nested = records.sort("layer", "neuron", "kind", "rank").group_by(["layer", "neuron"], maintain_order=True).agg(
+        pl.struct("kind", "split", "split_rank", "rank", "seq_id", "max_act", "acts", "levels").alias("records")
+    )
+    token_type = pl.List(pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32}))
+    return (
+        norm_max.join(nested, on=["layer", "neuron"], how="left", maintain_order="left")
+        .join(tokens, on=["layer", "neuron"], how="left", maintain_order="left")
+        .with_columns(pl.col("top_tokens").fill_null(pl.lit([], dtype=token_type)))
+    )
+
+
+def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataFrame, n: int) -> pl.DataFrame:
+    seq_tokens = corpus_tokens.sort("seq_id")
+    token_matrix = seq_tokens["token_ids"].cast(pl.Array(pl.Int32, acts.shape[1] if acts.size else 0)).to_numpy() if acts.size else None
+    visible = records.with_row_index("row").filter(pl.col("split").is_in(["train", "calibration"])).unique(
+        ["layer", "neuron", "seq_id"], keep="first", maintain_order=True
+    )
+    schema = {"layer": pl.Int32, "neuron": pl.Int32, "top_tokens": pl.List(pl.Struct({
+        "token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32}))}
+    if visible.height == 0 or token_matrix is None:
+        return pl.DataFrame(schema=schema)
+    rows = visible["row"].to_numpy()
+    seq_ids = visible["seq_id"].to_numpy()
+    width = acts.shape[1]
+    strings = dict(zip(
+        corpus_tokens["token_ids"].explode().to_list(), corpus_tokens["tokens"].explode().to_list(), strict=True
+    ))
+    flat = pl.DataFrame(
+        {
+            "layer": np.repeat(visible["layer"].to_numpy(), width),
+            "neuron": np.repeat(visible["neuron"].to_numpy(), width),
+            "max_activation": np.repeat(visible["max_activation"].to_numpy(), width),
+            "token_id": token_matrix[seq_ids].reshape(-1),
+            "act": acts[rows].reshape(-1).astype(np.float64),
+        }
+    )
+    ranked = (
+        flat.group_by("layer", "neuron", "token_id")
+        .agg(pl.col("act").mean().alias("mean_activation"), pl.len().cast(pl.UInt32).alias("count"),
+             pl.col("max_activation").first())
+        .filter((pl.col("max_activation") > 0) & (pl.col("mean_activation") >= pl.col("max_activation") / MAX_LEVEL))
+        .sort(["layer", "neuron", "mean_activation", "count", "token_id"], descending=[False, False, True, True, False])
+        .group_by("layer", "neuron", maintain_order=True)
+        .head(n)
+        .with_columns(pl.col("token_id").replace_strict(strings, return_dtype=pl.String).alias("token"))
+    )
+    return ranked.group_by("layer", "neuron", maintain_order=True).agg(
+        pl.struct("token_id", "token", "mean_activation", "count").alias("top_tokens")
+    ).cast(schema)

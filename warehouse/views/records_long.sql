@@ -1,0 +1,18 @@
+-- One row per (layer, neuron, record) of activation_records, with the record's tokens.
+-- requires: activation_records, corpus_tokens
+create or replace view atlas.records_long as
+with recs as (
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'top' as kind, unnest(a.top, recursive := true)
+    from atlas.activation_records a
+    union all by name
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'random' as kind, unnest(a.random, recursive := true)
+    from atlas.activation_records a
+    union all by name
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'quantile' as kind, unnest(a.quantile, recursive := true)
+    from atlas.activation_records a
+)
+select r.model_id, r.model_revision, r.layer, r.neuron, r.kind, r.rank, r.bin, r.seq_id, r.max_act,
+       c.tokens, r.acts
+from recs r
+join atlas.corpus_tokens c
+  on c.seq_id = r.seq_id and c.model_id = r.model_id and c.model_revision = r.model_revision;
