@@ -19,7 +19,7 @@ from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
 import polars as pl
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
-from pipeline.warehouse import create_views
+from pipeline.warehouse import check_database_name, create_views
 
 
 class TransactionalDuckDbClient(DuckDbClient):
@@ -36,6 +36,7 @@ class TransactionalDuckDbClient(DuckDbClient):
     @staticmethod
     @contextmanager
     def connect(context: InputContext | OutputContext, _table_slice: TableSlice) -> Iterator[Any]:
+        check_database_name(context.resource_config["database"])
         conn = backoff(
             fn=duckdb.connect,
             retry_on=(RuntimeError, duckdb.IOException),

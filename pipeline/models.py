@@ -204,17 +204,30 @@ def load_tokenizer(source: str, revision: str | None = None) -> tuple[Any, Model
     return AutoTokenizer.from_pretrained(str(path)), identity
 
 
+_LAST_LOADED: dict[tuple[str, str, str, str], SubjectModel] = {}
+
+
 def load_subject_model(
     source: str, revision: str | None = None, device: str = "cpu", dtype: str = "float32"
 ) -> SubjectModel:
-    """Load weights (safetensors only: never unpickle) in eval mode on the given device."""
+    """Load weights (safetensors only: never unpickle) in eval mode on the given device.
+
+    The last model loaded is kept, keyed by its exact identity, so the stages of an in-process
+    run share one copy; a changed checkpoint has a new identity and is loaded afresh.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = _torch_dtype(dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AtlasInputError(f"device {device!r} requested but CUDA is not available here")
     path, identity = resolve_model(source, revision)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype), use_safetensors=True)
+    key = (str(path), identity.revision, device, dtype)
+    if key in _LAST_LOADED:
+        return _LAST_LOADED[key]
+    _LAST_LOADED.clear()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return SubjectModel(model=model, tokenizer=tokenizer, identity=identity, path=path)
+    _LAST_LOADED[key] = SubjectModel(model=model, tokenizer=tokenizer, identity=identity, path=path)
+    return _LAST_LOADED[key]

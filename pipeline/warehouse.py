@@ -12,8 +12,15 @@ VIEWS_DIR = PROJECT_ROOT / "warehouse" / "views"
 
 
 def default_database() -> str:
-    """NEURON_ATLAS_DB, else warehouse/atlas.duckdb in the project."""
-    return os.environ.get("NEURON_ATLAS_DB") or str(PROJECT_ROOT / "warehouse" / "atlas.duckdb")
+    """NEURON_ATLAS_DB, else warehouse/neuron_atlas.duckdb in the project."""
+    return os.environ.get("NEURON_ATLAS_DB") or str(PROJECT_ROOT / "warehouse" / "neuron_atlas.duckdb")
+
+
+def check_database_name(database: str) -> None:
+    """DuckDB names the catalog after the file, so `atlas.duckdb` would make `atlas.x` ambiguous."""
+    if Path(database).stem == SCHEMA:
+        raise ValueError(f"the warehouse file may not be named {SCHEMA}.duckdb (DuckDB would confuse it with the "
+                         f"schema {SCHEMA!r}): choose another name, e.g. neuron_atlas.duckdb")
 
 
 def view_files() -> list[Path]:

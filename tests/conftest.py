@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny hand-set model on disk, and running the real Dagster assets on it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from dagster import DagsterInstance, materialize
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
+
+from assets.io import WarehouseIOManager  # noqa: E402
+from assets.resources import CorpusResource, SamplingResource, SubjectModelResource  # noqa: E402
+from assets.stages import build_stage_assets  # noqa: E402
+from pipeline.warehouse import SCHEMA  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digit_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_model(tmp_path_factory.mktemp("digit_model"))
+
+
+@pytest.fixture(scope="session")
+def digit_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_corpus(tmp_path_factory.mktemp("corpus") / "digits.jsonl")
+
+
+def run_stages(
+    database: Path,
+    n_layers: int,
+    layers: tuple[int, int],
+    subject: SubjectModelResource,
+    corpus: CorpusResource,
+    sampling: SamplingResource,
+    selection: str | None = None,
+    instance: DagsterInstance | None = None,
+) -> Any:
+    """Materialize the stage assets for a range of layer partitions in one run, for real."""
+    assets = build_stage_assets(n_layers)
+    return materialize(
+        assets,
+        selection=selection,
+        resources={
+            "subject": subject,
+            "corpus": corpus,
+            "sampling": sampling,
+            "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
+        },
+        tags={"dagster/asset_partition_range_start": str(layers[0]), "dagster/asset_partition_range_end": str(layers[1])},
+        instance=instance or DagsterInstance.ephemeral(),
+    )
+
+
+def query(database: Path) -> Callable[..., list[tuple]]:
+    def run(sql: str, params: list | None = None) -> list[tuple]:
+        with duckdb.connect(str(database), read_only=True) as conn:
+            return conn.execute(sql, params or []).fetchall()
+
+    return run

@@ -1,0 +1,89 @@
+"""Tiny subject models whose neurons are set by hand, for known-answer tests.
+
+The digit model is a 2-layer GPT-2 with attention and layer-0 MLP output zeroed, so every
+layer's MLP sees LayerNorm(token embedding) exactly. Embeddings are built with zero mean and
+unit variance, so LayerNorm leaves them unchanged, and neuron DIGIT_NEURON of layer 0 reads
+coordinate 0: +s_d (s_d grows with the digit) for digits and -1 for every other token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+DIGITS = [str(d) for d in range(10)]
+WORDS = (
+    "the a of and to in is was for on that with as by at from it this be are or an his her they "
+    "which one all were we when there can more if no out so said what up its about into than them"
+).split()
+DIGIT_NEURON = 3
+GAIN = 5.0
+
+
+def digit_strength(digit: int) -> float:
+    """Coordinate-0 value for a digit: distinct per digit so the top records have no ties."""
+    return 0.6 + 0.07 * digit
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(["[UNK]", "<eos>", *WORDS, *DIGITS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>")
+
+
+def build_digit_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=8, n_head=2, n_layer=2, n_inner=16)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.zero_()
+            block.attn.c_attn.bias.zero_()
+            block.attn.c_proj.weight.zero_()
+            block.attn.c_proj.bias.zero_()
+        model.transformer.h[0].mlp.c_proj.weight.zero_()
+        model.transformer.h[0].mlp.c_proj.bias.zero_()
+        gen = torch.Generator().manual_seed(seed)
+        for token, idx in tokenizer.get_vocab().items():
+            s = digit_strength(int(token)) if token in DIGITS else -1.0
+            u = float(torch.rand((), generator=gen)) * 1.2 - 0.6
+            r, w = math.sqrt(2 - s * s), math.sqrt(2 - u * u)
+            model.transformer.wte.weight[idx] = torch.tensor([s, -s, r, -r, u, -u, w, -w])
+        fc = model.transformer.h[0].mlp.c_fc  # Conv1D: weight [n_embd, n_inner]
+        fc.weight[:, DIGIT_NEURON] = 0.0
+        fc.weight[0, DIGIT_NEURON] = GAIN
+        fc.bias[DIGIT_NEURON] = 0.0
+    return model
+
+
+def digit_activation(token: str) -> float:
+    """The exact activation the digit neuron must show on a token (GELU of GAIN * s)."""
+    s = digit_strength(int(token)) if token in DIGITS else -1.0
+    return float(torch.nn.functional.gelu(torch.tensor(GAIN * s), approximate="tanh"))
+
+
+def write_digit_model(directory: Path) -> Path:
+    tokenizer = build_tokenizer()
+    model = build_digit_model(tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_digit_corpus(path: Path, n_docs: int = 60, seed: int = 1) -> Path:
+    """JSONL documents of common words; half of them also hold digits (about 30% of their tokens)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        p_digit = 0.3 if rng.random() < 0.5 else 0.0
+        words = [rng.choice(DIGITS) if rng.random() < p_digit else rng.choice(WORDS) for _ in range(rng.randint(20, 60))]
+        docs.append(" ".join(words))
+    path.write_text("\n".join(f'{{"text": "{d}"}}' for d in docs))
+    return path
