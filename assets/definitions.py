@@ -18,9 +18,7 @@ from pipeline.models import EMBEDDED, model_layer_count
 from pipeline.warehouse import SCHEMA, default_database
 
 
-def build_definitions(
-    model: str | None = None, corpus: str | None = None, database: str | None = None
-) -> Definitions:
+def build_definitions(model: str | None = None, corpus: str | None = None, database: str | None = None) -> Definitions:
     model = model or os.environ.get("NEURON_ATLAS_MODEL") or EMBEDDED
     corpus = corpus or os.environ.get("NEURON_ATLAS_CORPUS") or "embedded"
     return Definitions(

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import duckdb
+import polars as pl
 from dagster import InputContext, OutputContext
 from dagster._core.storage.db_io_manager import DbIOManager, TableSlice
 from dagster._utils.backoff import backoff
 from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
-import polars as pl
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
 from pipeline.warehouse import check_database_name, create_views

@@ -13,7 +13,9 @@ from pipeline.records import SamplingSpec
 class SubjectModelResource(ConfigurableResource):
     """The model whose neurons are explained."""
 
-    model: str = Field("embedded", description="'embedded' (Gemma 3 270M GGUF), a local checkpoint directory, or a Hugging Face id")
+    model: str = Field(
+        "embedded", description="'embedded' (Gemma 3 270M GGUF), a local checkpoint directory, or a Hugging Face id"
+    )
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
@@ -28,7 +30,11 @@ class SubjectModelResource(ConfigurableResource):
 class CorpusResource(ConfigurableResource):
     """The text the neurons are read on."""
 
-    source: str = Field("embedded", description="'embedded' (small offline sample), 'hf:NAME[:CONFIG]', or comma-separated local .txt/.jsonl/.parquet files, directories or globs")
+    source: str = Field(
+        "embedded",
+        description="'embedded' (small offline sample), 'hf:NAME[:CONFIG]', or comma-separated local "
+        ".txt/.jsonl/.parquet files, directories or globs",
+    )
     text_field: str = Field("text", description="field/column holding the text in JSONL, Parquet and HF datasets")
     split: str = Field("train", description="HF dataset split")
     seq_len: int = Field(64, description="tokens per sequence")
@@ -51,4 +57,6 @@ class SamplingResource(ConfigurableResource):
     seed: int = Field(0, description="seed of the random samples")
 
     def spec(self) -> SamplingSpec:
-        return SamplingSpec(self.top_k, self.random_k, self.quantile_bins, self.per_quantile, self.batch_size, self.seed)
+        return SamplingSpec(
+            self.top_k, self.random_k, self.quantile_bins, self.per_quantile, self.batch_size, self.seed
+        )

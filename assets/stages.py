@@ -1,7 +1,6 @@
 """The stage assets. Each is a thin call into `pipeline`, plus lineage columns and metadata."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
-
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,32 +98,49 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         return Output(
             frame,
             data_version=DataVersion(loaded.identity.data_version),
-            metadata={"model_id": loaded.identity.model_id, "revision": loaded.identity.revision,
-                      "n_layers": len(projections), "d_mlp": neuron_count(projections[0])},
+            metadata={
+                "model_id": loaded.identity.model_id,
+                "revision": loaded.identity.revision,
+                "n_layers": len(projections),
+                "d_mlp": neuron_count(projections[0]),
+            },
         )
 
     @asset(io_manager_key=WAREHOUSE, code_version="1", group_name="atlas", backfill_policy=BackfillPolicy.single_run())
     def corpus_tokens(
-        context: AssetExecutionContext, subject_model: pl.DataFrame,
-        subject: SubjectModelResource, corpus: CorpusResource,
+        context: AssetExecutionContext,
+        subject_model: pl.DataFrame,
+        subject: SubjectModelResource,
+        corpus: CorpusResource,
     ) -> pl.DataFrame:
         """The corpus cut into fixed-length sequences: token ids and the strings the explainer sees."""
         tokenizer, identity = subject.load_tokenizer()
         _require_same_model(_identity_of(subject_model), identity)
         frame = tokenize_corpus(tokenizer, corpus.spec())
         context.add_output_metadata(
-            {"sequences": frame.height, "tokens": frame.height * corpus.seq_len, "source": corpus.source,
-             "preview": _preview(frame, ["seq_id", "text"], 5)}
+            {
+                "sequences": frame.height,
+                "tokens": frame.height * corpus.seq_len,
+                "source": corpus.source,
+                "preview": _preview(frame, ["seq_id", "text"], 5),
+            }
         )
         return _lineage(frame, identity, context.run.run_id)
 
     @asset(
-        io_manager_key=WAREHOUSE, code_version="1", group_name="atlas", partitions_def=layers_def,
-        backfill_policy=BackfillPolicy.single_run(), metadata=LAYER_METADATA,
+        io_manager_key=WAREHOUSE,
+        code_version="1",
+        group_name="atlas",
+        partitions_def=layers_def,
+        backfill_policy=BackfillPolicy.single_run(),
+        metadata=LAYER_METADATA,
     )
     def activation_records(
-        context: AssetExecutionContext, subject_model: pl.DataFrame, corpus_tokens: pl.DataFrame,
-        subject: SubjectModelResource, sampling: SamplingResource,
+        context: AssetExecutionContext,
+        subject_model: pl.DataFrame,
+        corpus_tokens: pl.DataFrame,
+        subject: SubjectModelResource,
+        sampling: SamplingResource,
     ) -> pl.DataFrame:
         """Per neuron: statistics plus top, random and quantile records. All selected layers are
         captured in ONE forward pass over the corpus, which stops after the deepest of them."""
@@ -133,7 +149,9 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         _require_same_model(_identity_of(subject_model), loaded.identity)
         check_layers(loaded.model, layers)
         token_ids = np.asarray(corpus_tokens.sort("seq_id")["token_ids"].to_list(), dtype=np.int64)
-        context.log.info(f"capturing layers {layers} over {token_ids.shape[0]} sequences of {token_ids.shape[1]} tokens")
+        context.log.info(
+            f"capturing layers {layers} over {token_ids.shape[0]} sequences of {token_ids.shape[1]} tokens"
+        )
         step = max(1, token_ids.shape[0] // 10)
 
         def progress(done: int, total: int, elapsed: float) -> None:
@@ -145,23 +163,37 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
             loaded, token_ids, layers, sampling.spec(), prefix=prefix_ids(loaded.tokenizer), progress=progress
         )
         frame = pl.concat([records_frame(records[layer]) for layer in layers])
-        summary = frame.group_by("layer").agg(
-            pl.len().alias("neurons"), (pl.col("max_activation") <= 0).sum().alias("dead"),
-            pl.col("max_activation").mean().alias("mean_max"), pl.col("positive_frac").mean().alias("mean_positive_frac"),
-        ).sort("layer")
+        summary = (
+            frame.group_by("layer")
+            .agg(
+                pl.len().alias("neurons"),
+                (pl.col("max_activation") <= 0).sum().alias("dead"),
+                pl.col("max_activation").mean().alias("mean_max"),
+                pl.col("positive_frac").mean().alias("mean_positive_frac"),
+            )
+            .sort("layer")
+        )
         context.add_output_metadata(
-            {"layers": MetadataValue.text(", ".join(map(str, layers))),
-             "per_layer": _preview(summary, summary.columns, rows=len(layers)),
-             "preview": _preview(frame, ["layer", "neuron", "max_activation", "mean_activation", "positive_frac"])}
+            {
+                "layers": MetadataValue.text(", ".join(map(str, layers))),
+                "per_layer": _preview(summary, summary.columns, rows=len(layers)),
+                "preview": _preview(frame, ["layer", "neuron", "max_activation", "mean_activation", "positive_frac"]),
+            }
         )
         return _lineage(frame, loaded.identity, context.run.run_id)
 
     @asset(
-        io_manager_key=WAREHOUSE, code_version="1", group_name="atlas", partitions_def=layers_def,
-        backfill_policy=BackfillPolicy.single_run(), metadata=LAYER_METADATA,
+        io_manager_key=WAREHOUSE,
+        code_version="1",
+        group_name="atlas",
+        partitions_def=layers_def,
+        backfill_policy=BackfillPolicy.single_run(),
+        metadata=LAYER_METADATA,
     )
     def top_k_examples(
-        context: AssetExecutionContext, activation_records: pl.DataFrame, corpus_tokens: pl.DataFrame,
+        context: AssetExecutionContext,
+        activation_records: pl.DataFrame,
+        corpus_tokens: pl.DataFrame,
         sampling: SamplingResource,
     ) -> pl.DataFrame:
         """Per neuron: strided train/calibration/valid/test splits, the 0-10 normalization max, top tokens."""
@@ -171,11 +203,20 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         frame = build_top_k_examples(records, tokens, n_top_tokens=sampling.n_top_tokens)
         with_tokens = frame.filter(pl.col("top_tokens").list.len() > 0).height
         context.add_output_metadata(
-            {"neurons": frame.height, "neurons_with_top_tokens": with_tokens,
-             "preview": _preview(
-                 frame.with_columns(pl.col("top_tokens").list.eval(pl.element().struct.field("token")).list.head(5)
-                                    .list.join(" | ").alias("top_tokens")),
-                 ["layer", "neuron", "max_activation", "top_tokens"])}
+            {
+                "neurons": frame.height,
+                "neurons_with_top_tokens": with_tokens,
+                "preview": _preview(
+                    frame.with_columns(
+                        pl.col("top_tokens")
+                        .list.eval(pl.element().struct.field("token"))
+                        .list.head(5)
+                        .list.join(" | ")
+                        .alias("top_tokens")
+                    ),
+                    ["layer", "neuron", "max_activation", "top_tokens"],
+                ),
+            }
         )
         return _lineage(frame, identity, context.run.run_id)
 

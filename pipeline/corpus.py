@@ -27,11 +27,37 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 # Pure-Python standard-library modules whose docstrings join the embedded sample, in this order.
 _DOCSTRING_MODULES = (
-    "argparse", "calendar", "collections/__init__", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email/message", "fractions", "functools", "heapq", "http/client", "inspect",
-    "json/__init__", "logging/__init__", "pathlib", "pickle", "random", "shutil", "statistics",
-    "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest/case",
-    "urllib/parse", "uuid", "zipfile",
+    "argparse",
+    "calendar",
+    "collections/__init__",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email/message",
+    "fractions",
+    "functools",
+    "heapq",
+    "http/client",
+    "inspect",
+    "json/__init__",
+    "logging/__init__",
+    "pathlib",
+    "pickle",
+    "random",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest/case",
+    "urllib/parse",
+    "uuid",
+    "zipfile",
 )
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
@@ -73,10 +99,10 @@ def _embedded_texts() -> Iterator[str]:
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         log.warning("%s is not valid UTF-8; undecodable bytes are replaced with U+FFFD", path)
-        return raw.decode("utf-8", errors="replace")
+        return raw.decode("utf-8-sig", errors="replace")
 
 
 def _file_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -93,7 +119,8 @@ def _file_texts(path: Path, text_field: str) -> Iterator[str]:
                 raise AtlasInputError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
             if not isinstance(row, dict) or text_field not in row:
                 raise AtlasInputError(f"{path}:{lineno} has no field {text_field!r}")
-            yield str(row[text_field])
+            if row[text_field] is not None:
+                yield str(row[text_field])
     elif suffix == ".parquet":
         frame = pl.read_parquet(path)
         if text_field not in frame.columns:
@@ -113,9 +140,14 @@ def _local_files(source: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            matches = sorted(Path().glob(part)) if any(c in part for c in "*?[") else []
+            # pathlib refuses absolute patterns: glob the part below the anchor ("/" or "") instead
+            matches = (
+                sorted(p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file())
+                if any(c in part for c in "*?[")
+                else []
+            )
             if not matches:
-                raise AtlasInputError(f"corpus path {part!r} does not exist")
+                raise AtlasInputError(f"corpus path {part!r} does not exist (or matches no file)")
             files += matches
     return files
 
@@ -133,7 +165,8 @@ def _hf_texts(source: str, split: str, text_field: str) -> Iterator[str]:
     for row in stream:
         if text_field not in row:
             raise AtlasInputError(f"dataset {name!r} has no field {text_field!r} (fields: {list(row)})")
-        yield str(row[text_field])
+        if row[text_field] is not None:
+            yield str(row[text_field])
 
 
 def corpus_texts(spec: CorpusSpec) -> Iterator[str]:

@@ -54,8 +54,9 @@ def top_k_examples(
     """
     records = pl.concat([_records_long(activation_records, "top"), _records_long(activation_records, "random")])
     norm_max = activation_records.select(
-        "layer", "neuron", pl.col("top").list.eval(pl.element().struct.field("max_act")).list.max()
-        .fill_null(0.0).alias("max_activation")
+        "layer",
+        "neuron",
+        pl.col("top").list.eval(pl.element().struct.field("max_act")).list.max().fill_null(0.0).alias("max_activation"),
     )
     records = records.join(norm_max, on=["layer", "neuron"]).with_columns(
         pl.col("rank").cast(pl.Int32),
@@ -67,14 +68,19 @@ def top_k_examples(
     width = acts.shape[1] if acts.size else 0
     records = records.with_columns(
         pl.Series("levels", levels, dtype=pl.Array(pl.UInt8, width)).cast(pl.List(pl.UInt8))
-        if width else pl.lit([], dtype=pl.List(pl.UInt8)).alias("levels")
+        if width
+        else pl.lit([], dtype=pl.List(pl.UInt8)).alias("levels")
     )
 
     tokens = _top_tokens(records, acts, corpus_tokens, n_top_tokens)
-    nested = records.sort("layer", "neuron", "kind", "rank").group_by(["layer", "neuron"], maintain_order=True).agg(
-        pl.struct("kind", "split", "split_rank", "rank", "seq_id", "max_act", "acts", "levels").alias("records")
+    nested = (
+        records.sort("layer", "neuron", "kind", "rank")
+        .group_by(["layer", "neuron"], maintain_order=True)
+        .agg(pl.struct("kind", "split", "split_rank", "rank", "seq_id", "max_act", "acts", "levels").alias("records"))
     )
-    token_type = pl.List(pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32}))
+    token_type = pl.List(
+        pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32})
+    )
     return (
         norm_max.join(nested, on=["layer", "neuron"], how="left", maintain_order="left")
         .join(tokens, on=["layer", "neuron"], how="left", maintain_order="left")
@@ -84,20 +90,31 @@ def top_k_examples(
 
 def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataFrame, n: int) -> pl.DataFrame:
     seq_tokens = corpus_tokens.sort("seq_id")
-    token_matrix = seq_tokens["token_ids"].cast(pl.Array(pl.Int32, acts.shape[1] if acts.size else 0)).to_numpy() if acts.size else None
-    visible = records.with_row_index("row").filter(pl.col("split").is_in(["train", "calibration"])).unique(
-        ["layer", "neuron", "seq_id"], keep="first", maintain_order=True
+    token_matrix = (
+        seq_tokens["token_ids"].cast(pl.Array(pl.Int32, acts.shape[1] if acts.size else 0)).to_numpy()
+        if acts.size
+        else None
     )
-    schema = {"layer": pl.Int32, "neuron": pl.Int32, "top_tokens": pl.List(pl.Struct({
-        "token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32}))}
+    visible = (
+        records.with_row_index("row")
+        .filter(pl.col("split").is_in(["train", "calibration"]))
+        .unique(["layer", "neuron", "seq_id"], keep="first", maintain_order=True)
+    )
+    schema = {
+        "layer": pl.Int32,
+        "neuron": pl.Int32,
+        "top_tokens": pl.List(
+            pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32})
+        ),
+    }
     if visible.height == 0 or token_matrix is None:
         return pl.DataFrame(schema=schema)
     rows = visible["row"].to_numpy()
     seq_ids = visible["seq_id"].to_numpy()
     width = acts.shape[1]
-    strings = dict(zip(
-        corpus_tokens["token_ids"].explode().to_list(), corpus_tokens["tokens"].explode().to_list(), strict=True
-    ))
+    strings = dict(
+        zip(corpus_tokens["token_ids"].explode().to_list(), corpus_tokens["tokens"].explode().to_list(), strict=True)
+    )
     flat = pl.DataFrame(
         {
             "layer": np.repeat(visible["layer"].to_numpy(), width),
@@ -109,14 +126,19 @@ def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataF
     )
     ranked = (
         flat.group_by("layer", "neuron", "token_id")
-        .agg(pl.col("act").mean().alias("mean_activation"), pl.len().cast(pl.UInt32).alias("count"),
-             pl.col("max_activation").first())
+        .agg(
+            pl.col("act").mean().alias("mean_activation"),
+            pl.len().cast(pl.UInt32).alias("count"),
+            pl.col("max_activation").first(),
+        )
         .filter((pl.col("max_activation") > 0) & (pl.col("mean_activation") >= pl.col("max_activation") / MAX_LEVEL))
         .sort(["layer", "neuron", "mean_activation", "count", "token_id"], descending=[False, False, True, True, False])
         .group_by("layer", "neuron", maintain_order=True)
         .head(n)
         .with_columns(pl.col("token_id").replace_strict(strings, return_dtype=pl.String).alias("token"))
     )
-    return ranked.group_by("layer", "neuron", maintain_order=True).agg(
-        pl.struct("token_id", "token", "mean_activation", "count").alias("top_tokens")
-    ).cast(schema)
+    return (
+        ranked.group_by("layer", "neuron", maintain_order=True)
+        .agg(pl.struct("token_id", "token", "mean_activation", "count").alias("top_tokens"))
+        .cast(schema)
+    )

@@ -2,7 +2,8 @@
 
 A neuron is one coordinate of the input of the MLP's output projection: post-GELU for GPT-2
 (`c_proj`), `act(gate) * up` for gated MLPs (`down_proj`), and the same slot in GPT-NeoX
-(`dense_4h_to_h`) and OPT/Phi-style blocks (`fc2`).
+(`dense_4h_to_h`), and `fc2` in Phi-style MLPs and OPT blocks (which hold fc1/fc2 directly).
+Mixture-of-experts MLPs are not supported: they get a clear error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from pipeline.errors import AtlasInputError
 
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _OUT_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
 
 
@@ -25,7 +26,7 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
     best: nn.ModuleList | None = None
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if any(hasattr(module[0], name) for name in _MLP_NAMES):
+            if any(hasattr(module[0], name) for name in _MLP_NAMES + _OUT_PROJ_NAMES):
                 if best is None or len(module) > len(best):
                     best = module
     if best is None:
@@ -37,8 +38,8 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def _out_projection(block: nn.Module, index: int) -> nn.Module:
-    for mlp_name in _MLP_NAMES:
-        mlp = getattr(block, mlp_name, None)
+    # OPT-style blocks hold fc1/fc2 directly, with no MLP submodule.
+    for mlp in [*(getattr(block, name, None) for name in _MLP_NAMES), block]:
         if mlp is None:
             continue
         for proj_name in _OUT_PROJ_NAMES:

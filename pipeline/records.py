@@ -68,8 +68,14 @@ class LayerRecords:
 
 
 def _merge(
-    keys: torch.Tensor, ids: torch.Tensor, maxes: torch.Tensor, acts: torch.Tensor,
-    new_keys: torch.Tensor, new_ids: torch.Tensor, new_max: torch.Tensor, new_acts: torch.Tensor,
+    keys: torch.Tensor,
+    ids: torch.Tensor,
+    maxes: torch.Tensor,
+    acts: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_ids: torch.Tensor,
+    new_max: torch.Tensor,
+    new_acts: torch.Tensor,
     descending: bool,
 ) -> None:
     """Keep the best k of (kept + new) per neuron, in place; only neurons with an entrant are touched.
@@ -122,11 +128,13 @@ class LayerAccumulator:
         per_neuron = acts.permute(2, 0, 1)  # [N, B, T] view
         seq_max = acts.amax(dim=1).T.contiguous()  # [N, B]
         ids = seq_ids.view(1, b)
-        _merge(self.top_vals, self.top_ids, self.top_max, self.top_acts,
-               seq_max, ids, seq_max, per_neuron, descending=True)
+        _merge(
+            self.top_vals, self.top_ids, self.top_max, self.top_acts, seq_max, ids, seq_max, per_neuron, descending=True
+        )
         keys = torch.rand((n, b), generator=self.generator, device=acts.device)
-        _merge(self.res_keys, self.res_ids, self.res_max, self.res_acts,
-               keys, ids, seq_max, per_neuron, descending=False)
+        _merge(
+            self.res_keys, self.res_ids, self.res_max, self.res_acts, keys, ids, seq_max, per_neuron, descending=False
+        )
 
         flat = acts.reshape(b * t, n)
         var_b, mean_b = torch.var_mean(flat, dim=0, correction=0)
@@ -145,7 +153,11 @@ class LayerAccumulator:
         top_n = int((self.top_ids[0] >= 0).sum())
         res_n = int((self.res_ids[0] >= 0).sum())
         np_ = lambda x: x.cpu().numpy()  # noqa: E731
-        res_ids, res_max, res_acts = np_(self.res_ids[:, :res_n]), np_(self.res_max[:, :res_n]), np_(self.res_acts[:, :res_n])
+        res_ids, res_max, res_acts = (
+            np_(self.res_ids[:, :res_n]),
+            np_(self.res_max[:, :res_n]),
+            np_(self.res_acts[:, :res_n]),
+        )
         rand_n = min(self.spec.random_k, res_n)
         q_pos, q_bin = _quantile_positions(res_max, self.spec.quantile_bins, self.spec.per_quantile)
         return LayerRecords(
@@ -205,10 +217,7 @@ def collect_activation_records(
     n_seq, seq_len = token_ids.shape
     device = next(model.parameters()).device
     projections = mlp_projections(model)
-    accs = {
-        layer: LayerAccumulator(layer, neuron_count(projections[layer]), seq_len, spec, device)
-        for layer in layers
-    }
+    accs = {layer: LayerAccumulator(layer, neuron_count(projections[layer]), seq_len, spec, device) for layer in layers}
     prefix_t = torch.tensor(list(prefix), dtype=torch.long, device=device)
     ids_all = torch.as_tensor(token_ids, dtype=torch.long)
     start = time.monotonic()
@@ -219,7 +228,8 @@ def collect_activation_records(
             run_until_captured(model, inputs)
             seq_ids = torch.arange(lo, lo + batch.shape[0], device=device)
             for layer in layers:
-                acts = store.pop(layer)[:, len(prefix) :, :].float()
+                acts = store.pop(layer).reshape(*inputs.shape, -1)  # OPT flattens batch x sequence
+                acts = acts[:, len(prefix) :, :].float()
                 if not torch.isfinite(acts).all():
                     raise AtlasInputError(
                         f"layer {layer} produced NaN/inf activations in sequences {lo}..{lo + batch.shape[0] - 1}"
@@ -231,8 +241,14 @@ def collect_activation_records(
     return {layer: acc.finalize() for layer, acc in accs.items()}
 
 
-def _nested(neurons: np.ndarray, ids: np.ndarray, maxes: np.ndarray, acts: np.ndarray,
-            name: str, extra: dict[str, np.ndarray] | None = None) -> pl.DataFrame:
+def _nested(
+    neurons: np.ndarray,
+    ids: np.ndarray,
+    maxes: np.ndarray,
+    acts: np.ndarray,
+    name: str,
+    extra: dict[str, np.ndarray] | None = None,
+) -> pl.DataFrame:
     """[N, k] arrays -> one row per neuron with a list of structs (rank, seq_id, max_act, acts)."""
     n, k = ids.shape
     flat = pl.DataFrame(
@@ -272,8 +288,14 @@ def records_frame(rec: LayerRecords) -> pl.DataFrame:
     parts = [
         _nested(neurons, rec.top_ids, rec.top_max, rec.top_acts, "top"),
         _nested(neurons, rec.random_ids, rec.random_max, rec.random_acts, "random"),
-        _nested(neurons, rec.quantile_ids, rec.quantile_max, rec.quantile_acts, "quantile",
-                {"bin": rec.quantile_bin.astype(np.int16)}),
+        _nested(
+            neurons,
+            rec.quantile_ids,
+            rec.quantile_max,
+            rec.quantile_acts,
+            "quantile",
+            {"bin": rec.quantile_bin.astype(np.int16)},
+        ),
     ]
     for part in parts:
         stats = stats.join(part, on="neuron", how="left", maintain_order="left")

@@ -19,8 +19,10 @@ def default_database() -> str:
 def check_database_name(database: str) -> None:
     """DuckDB names the catalog after the file, so `atlas.duckdb` would make `atlas.x` ambiguous."""
     if Path(database).stem == SCHEMA:
-        raise ValueError(f"the warehouse file may not be named {SCHEMA}.duckdb (DuckDB would confuse it with the "
-                         f"schema {SCHEMA!r}): choose another name, e.g. neuron_atlas.duckdb")
+        raise ValueError(
+            f"the warehouse file may not be named {SCHEMA}.duckdb (DuckDB would confuse it with the "
+            f"schema {SCHEMA!r}): choose another name, e.g. neuron_atlas.duckdb"
+        )
 
 
 def view_files() -> list[Path]:
@@ -40,8 +42,9 @@ def create_views(conn: Any) -> list[str]:
     }
     created = []
     for path in view_files():
-        needs = {line.split(":", 1)[1].strip() for line in path.read_text().splitlines()
-                 if line.startswith("-- requires:")}
+        needs = {
+            line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("-- requires:")
+        }
         needed_tables = {t.strip() for item in needs for t in item.split(",")}
         if not needed_tables <= existing:
             continue

@@ -52,7 +52,10 @@ def run_stages(
             "sampling": sampling,
             "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
         },
-        tags={"dagster/asset_partition_range_start": str(layers[0]), "dagster/asset_partition_range_end": str(layers[1])},
+        tags={
+            "dagster/asset_partition_range_start": str(layers[0]),
+            "dagster/asset_partition_range_end": str(layers[1]),
+        },
         instance=instance or DagsterInstance.ephemeral(),
     )
 

@@ -21,8 +21,9 @@ def _resources() -> dict:
     return {
         "subject": SubjectModelResource(model=EMBEDDED),
         "corpus": CorpusResource(seq_len=SEQ_LEN, n_sequences=N_SEQ, seed=0),
-        "sampling": SamplingResource(top_k=TOP_K, random_k=RANDOM_K, quantile_bins=Q_BINS, per_quantile=PER_Q,
-                                     batch_size=8),
+        "sampling": SamplingResource(
+            top_k=TOP_K, random_k=RANDOM_K, quantile_bins=Q_BINS, per_quantile=PER_Q, batch_size=8
+        ),
     }
 
 
@@ -57,11 +58,15 @@ def test_row_counts_and_lineage(warehouse: tuple[Path, object]) -> None:
     q = query(database)
     run_id = result.run_id
     assert q("select count(*), count(distinct model_revision) from atlas.subject_model") == [(1, 1)]
-    assert q("select count(*), min(len(token_ids)), max(len(tokens)) from atlas.corpus_tokens") == [(N_SEQ, SEQ_LEN, SEQ_LEN)]
+    assert q("select count(*), min(len(token_ids)), max(len(tokens)) from atlas.corpus_tokens") == [
+        (N_SEQ, SEQ_LEN, SEQ_LEN)
+    ]
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
     for table in ("activation_records", "top_k_examples"):
-        rows = q(f"select layer, count(*), count(distinct neuron), count(distinct run_id), min(run_id) "
-                 f"from atlas.{table} group by layer order by layer")
+        rows = q(
+            f"select layer, count(*), count(distinct neuron), count(distinct run_id), min(run_id) "
+            f"from atlas.{table} group by layer order by layer"
+        )
         assert rows == [(layer, d_mlp, d_mlp, 1, run_id) for layer in LAYERS]
     sizes = q("select distinct len(top), len(random), len(quantile) from atlas.activation_records")
     assert sizes == [(TOP_K, RANDOM_K, Q_BINS * PER_Q)]
@@ -86,14 +91,20 @@ def test_top_records_are_the_true_top(warehouse: tuple[Path, object], layer: int
     neuron = int(seq_max.max(axis=0).argmax())  # the layer's most active neuron, plus two fixed ones
     for n in (neuron, 7, 1000):
         expected = sorted(range(len(token_ids)), key=lambda s: (-seq_max[s, n], s))[:TOP_K]
-        stored = q("select rank, seq_id, max_act, acts from atlas.records_long where layer = ? and neuron = ? "
-                   "and kind = 'top' order by rank", [layer, n])
+        stored = q(
+            "select rank, seq_id, max_act, acts from atlas.records_long where layer = ? and neuron = ? "
+            "and kind = 'top' order by rank",
+            [layer, n],
+        )
         assert [r[1] for r in stored] == expected
         for _, seq_id, max_act, stored_acts in stored:
             np.testing.assert_allclose(stored_acts, acts[seq_id, :, n], atol=1e-4, rtol=1e-4)
             assert max_act == pytest.approx(float(seq_max[seq_id, n]), abs=1e-4)
-        stats = q("select max_activation, mean_activation, variance, n_tokens from atlas.activation_records "
-                  "where layer = ? and neuron = ?", [layer, n])[0]
+        stats = q(
+            "select max_activation, mean_activation, variance, n_tokens from atlas.activation_records "
+            "where layer = ? and neuron = ?",
+            [layer, n],
+        )[0]
         column = acts[:, :, n].astype(np.float64)
         assert stats[0] == pytest.approx(column.max(), abs=1e-4)
         assert stats[1] == pytest.approx(column.mean(), abs=1e-5)
@@ -106,13 +117,18 @@ def test_random_and_quantile_records_hold_true_activations(warehouse: tuple[Path
     q = query(database)
     token_ids = np.array([r[0] for r in q("select token_ids from atlas.corpus_tokens order by seq_id")])
     acts = _plain_activations(0, token_ids)
-    rows = q("select neuron, kind, seq_id, acts from atlas.records_long where layer = 0 and neuron in (3, 500) "
-             "and kind in ('random', 'quantile')")
+    rows = q(
+        "select neuron, kind, seq_id, acts from atlas.records_long where layer = 0 and neuron in (3, 500) "
+        "and kind in ('random', 'quantile')"
+    )
     assert len(rows) == 2 * (RANDOM_K + Q_BINS * PER_Q)
     for neuron, _, seq_id, stored in rows:
         np.testing.assert_allclose(stored, acts[seq_id, :, neuron], atol=1e-4, rtol=1e-4)
-    distinct = q("select neuron, count(distinct seq_id) from atlas.records_long where layer = 0 and kind = 'random' "
-                 "group by neuron having count(distinct seq_id) < ?", [RANDOM_K])
+    distinct = q(
+        "select neuron, count(distinct seq_id) from atlas.records_long where layer = 0 and kind = 'random' "
+        "group by neuron having count(distinct seq_id) < ?",
+        [RANDOM_K],
+    )
     assert distinct == []  # sampled without replacement
 
 
@@ -123,11 +139,16 @@ def test_splits_are_disjoint_and_levels_in_range(warehouse: tuple[Path, object])
         select layer, neuron, kind, seq_id, count(distinct split) as n
         from atlas.examples_long group by all having n > 1""")
     assert overlaps == []
-    per_split = q("select distinct kind, split, count(*) over (partition by layer, neuron, kind, split) "
-                  "from atlas.examples_long order by all")
+    per_split = q(
+        "select distinct kind, split, count(*) over (partition by layer, neuron, kind, split) "
+        "from atlas.examples_long order by all"
+    )
     assert per_split == sorted(
-        [(k, s, n // 4) for k, n in (("random", RANDOM_K), ("top", TOP_K))
-         for s in ("calibration", "test", "train", "valid")]
+        [
+            (k, s, n // 4)
+            for k, n in (("random", RANDOM_K), ("top", TOP_K))
+            for s in ("calibration", "test", "train", "valid")
+        ]
     )
     bad = q("""
         select count(*) from (

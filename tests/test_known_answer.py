@@ -17,7 +17,9 @@ from assets.resources import CorpusResource, SamplingResource, SubjectModelResou
 def digit_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, digit_corpus: Path) -> Path:
     database = tmp_path_factory.mktemp("wh") / "neuron_atlas.duckdb"
     result = run_stages(
-        database, n_layers=2, layers=(0, 1),
+        database,
+        n_layers=2,
+        layers=(0, 1),
         subject=SubjectModelResource(model=str(digit_model_dir)),
         corpus=CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=64, seed=3),
         sampling=SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2, batch_size=5, n_top_tokens=20),
@@ -30,7 +32,8 @@ def test_top_records_are_digit_sequences_with_exact_activations(digit_run: Path)
     q = query(digit_run)
     rows = q(
         "select rank, max_act, tokens, acts from atlas.records_long where layer = 0 and neuron = ? and kind = 'top'"
-        " order by rank", [DIGIT_NEURON],
+        " order by rank",
+        [DIGIT_NEURON],
     )
     assert len(rows) == 8
     maxes = [r[1] for r in rows]

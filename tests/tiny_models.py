@@ -83,7 +83,9 @@ def write_digit_corpus(path: Path, n_docs: int = 60, seed: int = 1) -> Path:
     docs = []
     for _ in range(n_docs):
         p_digit = 0.3 if rng.random() < 0.5 else 0.0
-        words = [rng.choice(DIGITS) if rng.random() < p_digit else rng.choice(WORDS) for _ in range(rng.randint(20, 60))]
+        words = [
+            rng.choice(DIGITS) if rng.random() < p_digit else rng.choice(WORDS) for _ in range(rng.randint(20, 60))
+        ]
         docs.append(" ".join(words))
     path.write_text("\n".join(f'{{"text": "{d}"}}' for d in docs))
     return path
