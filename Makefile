@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make materialize` and `make test` (see README).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DAGSTER := $(VENV)/bin/dagster
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install materialize dev test lint bench
+
+# torch is installed first, pinned: on this machine 2.13.0 is the local CPU wheel, while an
+# unpinned resolve would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DAGSTER_HOME):
+	mkdir -p $@
+
+# Every stage, every layer of the configured model (NEURON_ATLAS_MODEL, default: embedded Gemma),
+# in two runs: the unpartitioned stages, then all layer partitions in ONE run (one forward pass).
+materialize: install | $(DAGSTER_HOME)
+	$(DAGSTER) asset materialize -m assets.definitions --select subject_model,corpus_tokens
+	$(DAGSTER) asset materialize -m assets.definitions --select activation_records,top_k_examples \
+		--partition-range "0...$$($(PY) -m assets.layers last)"
+
+dev: install | $(DAGSTER_HOME)
+	$(DAGSTER) dev -w workspace.yaml
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench.capture
