@@ -12,6 +12,8 @@ from tiny_models import DIGIT_NEURON, DIGITS, digit_activation
 
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def digit_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, digit_corpus: Path) -> Path:
@@ -75,3 +77,14 @@ def test_levels_follow_the_paper_normalization(digit_run: Path) -> None:
             expected = min(10, int(10 * max(act, 0.0) / max_activation))
             assert level == expected
             assert (level > 0) == (token in DIGITS)
+
+
+def test_example_queries_and_views_run(digit_run: Path) -> None:
+    """Every SQL file shipped under warehouse/ runs against a real warehouse."""
+    q = query(digit_run)
+    files = sorted((ROOT / "warehouse" / "queries").glob("*.sql"))
+    assert files
+    for path in files:
+        assert q(path.read_text()), path.name
+    views = {r[0] for r in q("select table_name from information_schema.tables where table_type = 'VIEW'")}
+    assert views == {p.stem for p in (ROOT / "warehouse" / "views").glob("*.sql")}
