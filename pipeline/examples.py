@@ -36,9 +36,12 @@ def _records_long(activation_records: pl.DataFrame, kind: str) -> pl.DataFrame:
     )
 
 
+TOKEN_TYPE = pl.List(
+    pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32})
+)
+
+
 def _acts_matrix(frame: pl.DataFrame) -> np.ndarray:
-    if frame.height == 0:
-        return np.zeros((0, 0), dtype=np.float32)
     width = frame["acts"].list.len().max()
     return frame["acts"].cast(pl.Array(pl.Float32, width)).to_numpy()
 
@@ -52,11 +55,13 @@ def top_k_examples(
     records (top and random, each sequence once), keeping those whose mean reaches level 1; held-
     out splits are never looked at, so a token-lookup baseline is scored fairly.
     """
+    if activation_records.height == 0:
+        raise ValueError("no activation records to build examples from")
     records = pl.concat([_records_long(activation_records, "top"), _records_long(activation_records, "random")])
     norm_max = activation_records.select(
         "layer",
         "neuron",
-        pl.col("top").list.eval(pl.element().struct.field("max_act")).list.max().fill_null(0.0).alias("max_activation"),
+        pl.col("top").list.eval(pl.element().struct.field("max_act")).list.max().alias("max_activation"),
     )
     records = records.join(norm_max, on=["layer", "neuron"]).with_columns(
         pl.col("rank").cast(pl.Int32),
@@ -64,64 +69,46 @@ def top_k_examples(
         split_rank=(pl.col("rank") // len(SPLITS)).cast(pl.Int16),
     )
     acts = _acts_matrix(records)
-    levels = normalize(acts, records["max_activation"].to_numpy()) if acts.size else acts.astype(np.uint8)
-    width = acts.shape[1] if acts.size else 0
+    levels = normalize(acts, records["max_activation"].to_numpy())
     records = records.with_columns(
-        pl.Series("levels", levels, dtype=pl.Array(pl.UInt8, width)).cast(pl.List(pl.UInt8))
-        if width
-        else pl.lit([], dtype=pl.List(pl.UInt8)).alias("levels")
+        pl.Series("levels", levels, dtype=pl.Array(pl.UInt8, acts.shape[1])).cast(pl.List(pl.UInt8))
     )
-
-    tokens = _top_tokens(records, acts, corpus_tokens, n_top_tokens)
     nested = (
-        records.sort("layer", "neuron", "kind", "rank")
+        records.sort(["layer", "neuron", "kind", "rank"], descending=[False, False, True, False])  # top first
         .group_by(["layer", "neuron"], maintain_order=True)
         .agg(pl.struct("kind", "split", "split_rank", "rank", "seq_id", "max_act", "acts", "levels").alias("records"))
     )
-    token_type = pl.List(
-        pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32})
-    )
     return (
         norm_max.join(nested, on=["layer", "neuron"], how="left", maintain_order="left")
-        .join(tokens, on=["layer", "neuron"], how="left", maintain_order="left")
-        .with_columns(pl.col("top_tokens").fill_null(pl.lit([], dtype=token_type)))
+        .join(
+            _top_tokens(records, acts, corpus_tokens, n_top_tokens),
+            on=["layer", "neuron"],
+            how="left",
+            maintain_order="left",
+        )
+        .with_columns(pl.col("top_tokens").fill_null(pl.lit([], dtype=TOKEN_TYPE)))
     )
 
 
 def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataFrame, n: int) -> pl.DataFrame:
-    seq_tokens = corpus_tokens.sort("seq_id")
-    token_matrix = (
-        seq_tokens["token_ids"].cast(pl.Array(pl.Int32, acts.shape[1] if acts.size else 0)).to_numpy()
-        if acts.size
-        else None
-    )
+    """Per neuron, the n token ids with the highest mean activation over its train+calibration records."""
+    width = acts.shape[1]
+    corpus = corpus_tokens.sort("seq_id")
+    token_matrix = corpus["token_ids"].cast(pl.Array(pl.Int32, width)).to_numpy()
+    row_of_seq = {seq: row for row, seq in enumerate(corpus["seq_id"].to_list())}
+    strings = dict(zip(corpus["token_ids"].explode().to_list(), corpus["tokens"].explode().to_list(), strict=True))
     visible = (
         records.with_row_index("row")
         .filter(pl.col("split").is_in(["train", "calibration"]))
         .unique(["layer", "neuron", "seq_id"], keep="first", maintain_order=True)
-    )
-    schema = {
-        "layer": pl.Int32,
-        "neuron": pl.Int32,
-        "top_tokens": pl.List(
-            pl.Struct({"token_id": pl.Int32, "token": pl.String, "mean_activation": pl.Float64, "count": pl.UInt32})
-        ),
-    }
-    if visible.height == 0 or token_matrix is None:
-        return pl.DataFrame(schema=schema)
-    rows = visible["row"].to_numpy()
-    seq_ids = visible["seq_id"].to_numpy()
-    width = acts.shape[1]
-    strings = dict(
-        zip(corpus_tokens["token_ids"].explode().to_list(), corpus_tokens["tokens"].explode().to_list(), strict=True)
     )
     flat = pl.DataFrame(
         {
             "layer": np.repeat(visible["layer"].to_numpy(), width),
             "neuron": np.repeat(visible["neuron"].to_numpy(), width),
             "max_activation": np.repeat(visible["max_activation"].to_numpy(), width),
-            "token_id": token_matrix[seq_ids].reshape(-1),
-            "act": acts[rows].reshape(-1).astype(np.float64),
+            "token_id": token_matrix[[row_of_seq[s] for s in visible["seq_id"].to_list()]].reshape(-1),
+            "act": acts[visible["row"].to_numpy()].reshape(-1).astype(np.float64),
         }
     )
     ranked = (
@@ -140,5 +127,5 @@ def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataF
     return (
         ranked.group_by("layer", "neuron", maintain_order=True)
         .agg(pl.struct("token_id", "token", "mean_activation", "count").alias("top_tokens"))
-        .cast(schema)
+        .cast({"layer": pl.Int32, "neuron": pl.Int32, "top_tokens": TOKEN_TYPE})
     )

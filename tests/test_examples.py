@@ -1,0 +1,52 @@
+"""Splits, 0-10 levels and top tokens on hand-made records with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from pipeline.examples import normalize, top_k_examples
+
+
+def test_normalize_hand_values() -> None:
+    acts = np.array([-1.0, 0.0, 0.05, 0.1, 0.25, 0.999, 1.0, 1.5])
+    assert normalize(acts, 1.0).tolist() == [0, 0, 0, 1, 2, 9, 10, 10]
+    assert normalize(acts, 0.0).tolist() == [0] * 8  # dead neuron: all zeros, no NaN
+    assert normalize(acts, -2.0).tolist() == [0] * 8
+
+
+def _records(k: int, t: int = 3) -> pl.DataFrame:
+    """One neuron whose top record r has activations (k - r) on token 7 and 0 elsewhere; random
+    records are all zero."""
+    rec = pl.Struct({"rank": pl.Int16, "seq_id": pl.Int32, "max_act": pl.Float32, "acts": pl.List(pl.Float32)})
+    top = [
+        {"rank": r, "seq_id": r, "max_act": float(k - r), "acts": [float(k - r)] + [0.0] * (t - 1)} for r in range(k)
+    ]
+    rand = [{"rank": r, "seq_id": k + r, "max_act": 0.0, "acts": [0.0] * t} for r in range(k)]
+    return pl.DataFrame(
+        {"layer": [2], "neuron": [5], "top": [top], "random": [rand]},
+        schema={"layer": pl.Int32, "neuron": pl.Int32, "top": pl.List(rec), "random": pl.List(rec)},
+    )
+
+
+def _corpus(n: int, t: int = 3) -> pl.DataFrame:
+    ids = [[7] + [1] * (t - 1) for _ in range(n)]
+    return pl.DataFrame({"seq_id": list(range(n)), "token_ids": ids, "tokens": [["x"] + ["y"] * (t - 1)] * n})
+
+
+def test_strided_splits_and_levels() -> None:
+    out = top_k_examples(_records(8), _corpus(16))
+    row = out.row(0, named=True)
+    assert row["max_activation"] == 8.0
+    top = [r for r in row["records"] if r["kind"] == "top"]
+    by_split = {s: [r["seq_id"] for r in top if r["split"] == s] for s in ("train", "calibration", "valid", "test")}
+    assert by_split == {"train": [0, 4], "calibration": [1, 5], "valid": [2, 6], "test": [3, 7]}
+    assert [r["levels"][0] for r in top] == [10, 8, 7, 6, 5, 3, 2, 1]  # floor(10 * (8 - r) / 8)
+    assert row["records"][0]["kind"] == "top"
+
+
+def test_top_tokens_use_train_and_calibration_only() -> None:
+    row = top_k_examples(_records(8), _corpus(16), n_top_tokens=5).row(0, named=True)
+    # token 7 appears in train+calibration top records 0, 1, 4, 5 (acts 8, 7, 4, 3) and in 4 random
+    # records with activation 0: mean = 22 / 8
+    assert row["top_tokens"] == [{"token_id": 7, "token": "x", "mean_activation": 22 / 8, "count": 8}]
