@@ -66,8 +66,8 @@ class PolarsTypeHandler(DuckDBPolarsTypeHandler):
     def load_input(self, context: InputContext, table_slice: TableSlice, connection: Any) -> pl.DataFrame:
         if table_slice.partition_dimensions and len(context.asset_partition_keys) == 0:
             return pl.DataFrame()
-        result = connection.execute(TransactionalDuckDbClient.get_select_statement(table_slice))
-        fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table  # DuckDB 2 / 1.x
+        relation = connection.sql(TransactionalDuckDbClient.get_select_statement(table_slice))
+        fetch = getattr(relation, "to_arrow_table", None) or relation.arrow  # DuckDB 2 / 1.x
         return pl.from_arrow(fetch())
 
 
