@@ -67,35 +67,55 @@ class LayerRecords:
     quantile_acts: np.ndarray
 
 
-def _merge(
-    keys: torch.Tensor,
-    ids: torch.Tensor,
-    maxes: torch.Tensor,
-    acts: torch.Tensor,
-    new_keys: torch.Tensor,
-    new_ids: torch.Tensor,
-    new_max: torch.Tensor,
-    new_acts: torch.Tensor,
-    descending: bool,
-) -> None:
-    """Keep the best k of (kept + new) per neuron, in place; only neurons with an entrant are touched.
+class _Kept:
+    """The best k of a stream per neuron, by key. Keys, ids and maxes stay sorted (small arrays);
+    activations [N, k, T] live in a slot pool that is never permuted: a merge writes only the
+    entrants' activations into the slots of the evicted, so a batch costs O(entrants x T)."""
 
-    A stable sort over [kept..., new...] keeps ties in sequence-id order, because kept entries are
-    already ordered and every new sequence id is larger than every kept one.
-    """
-    k = keys.shape[1]
-    worst = keys[:, -1:]
-    enters = (new_keys > worst) if descending else (new_keys < worst)
-    rows = enters.any(dim=1).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return
-    cand_keys = torch.cat([keys[rows], new_keys[rows]], dim=1)
-    order = torch.sort(cand_keys, dim=1, descending=descending, stable=True).indices[:, :k]
-    keys[rows] = cand_keys.gather(1, order)
-    ids[rows] = torch.cat([ids[rows], new_ids.expand(rows.numel(), -1)], dim=1).gather(1, order)
-    maxes[rows] = torch.cat([maxes[rows], new_max[rows]], dim=1).gather(1, order)
-    cand_acts = torch.cat([acts[rows], new_acts[rows]], dim=1)
-    acts[rows] = cand_acts.gather(1, order.unsqueeze(-1).expand(-1, -1, cand_acts.shape[-1]))
+    def __init__(self, n: int, k: int, seq_len: int, fill: float, descending: bool, device: torch.device):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.k, self.descending = k, descending
+        self.keys = torch.full((n, k), fill, **f32)
+        self.ids = torch.full((n, k), -1, device=device, dtype=torch.int64)
+        self.maxes = torch.full((n, k), -torch.inf, **f32)
+        self.slots = torch.arange(k, device=device).repeat(n, 1)  # rank -> slot in `pool`
+        self.pool = torch.zeros((n * k, seq_len), **f32)
+
+    def merge(self, new_keys: torch.Tensor, new_ids: torch.Tensor, new_max: torch.Tensor, acts: torch.Tensor) -> None:
+        """new_*: [N, B]; acts: [B, T, N]. Stable sort over [kept..., new...] keeps ties in sequence-id
+        order, because kept entries are ordered and every new sequence id exceeds every kept one."""
+        k = self.k
+        if k == 0:
+            return
+        worst = self.keys[:, -1:]
+        enters = (new_keys > worst) if self.descending else (new_keys < worst)
+        rows = enters.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        cand = torch.cat([self.keys[rows], new_keys[rows]], dim=1)
+        order = torch.sort(cand, dim=1, descending=self.descending, stable=True).indices[:, :k]
+        ids = torch.cat([self.ids[rows], new_ids.expand(rows.numel(), -1)], dim=1)
+        maxes = torch.cat([self.maxes[rows], new_max[rows]], dim=1)
+        kept_slots = self.slots[rows]
+        is_new = order >= k
+        survives = torch.zeros_like(kept_slots, dtype=torch.bool).scatter_(1, order.clamp(max=k - 1), ~is_new)
+        # Each row evicts exactly as many kept entries as it admits; row-major order pairs them up.
+        freed = kept_slots[~survives]
+        slots = kept_slots.gather(1, order.clamp(max=k - 1))
+        slots[is_new] = freed
+        row_of, rank_of = is_new.nonzero(as_tuple=True)
+        neuron = rows[row_of]
+        self.pool[neuron * k + freed] = acts[order[row_of, rank_of] - k, :, neuron]
+        self.keys[rows] = cand.gather(1, order)
+        self.ids[rows] = ids.gather(1, order)
+        self.maxes[rows] = maxes.gather(1, order)
+        self.slots[rows] = slots
+
+    def activations(self, count: int) -> torch.Tensor:
+        """[N, count, T] activations of the best `count`, best first."""
+        n = self.keys.shape[0]
+        flat = torch.arange(n, device=self.pool.device).unsqueeze(1) * self.k + self.slots[:, :count]
+        return self.pool[flat]
 
 
 class LayerAccumulator:
@@ -103,20 +123,14 @@ class LayerAccumulator:
 
     def __init__(self, layer: int, n_neurons: int, seq_len: int, spec: SamplingSpec, device: torch.device):
         self.layer, self.spec = layer, spec
-        n, k, s = n_neurons, spec.top_k, spec.reservoir_size
-        f32 = dict(device=device, dtype=torch.float32)
-        self.top_vals = torch.full((n, k), -torch.inf, **f32)
-        self.top_ids = torch.full((n, k), -1, device=device, dtype=torch.int64)
-        self.top_max = torch.full((n, k), -torch.inf, **f32)
-        self.top_acts = torch.zeros((n, k, seq_len), **f32)
-        self.res_keys = torch.full((n, s), 2.0, **f32)  # random keys lie in [0, 1)
-        self.res_ids = torch.full((n, s), -1, device=device, dtype=torch.int64)
-        self.res_max = torch.zeros((n, s), **f32)
-        self.res_acts = torch.zeros((n, s, seq_len), **f32)
+        n = n_neurons
+        self.top = _Kept(n, spec.top_k, seq_len, -torch.inf, descending=True, device=device)
+        # Random keys lie in [0, 1): the bottom-k of them is a uniform sample without replacement.
+        self.reservoir = _Kept(n, spec.reservoir_size, seq_len, 2.0, descending=False, device=device)
         self.count = 0
         self.mean = torch.zeros(n, device=device, dtype=torch.float64)
         self.m2 = torch.zeros(n, device=device, dtype=torch.float64)
-        self.max = torch.full((n,), -torch.inf, **f32)
+        self.max = torch.full((n,), -torch.inf, device=device, dtype=torch.float32)
         self.nonzero = torch.zeros(n, device=device, dtype=torch.int64)
         self.positive = torch.zeros(n, device=device, dtype=torch.int64)
         self.generator = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + layer)
@@ -125,38 +139,39 @@ class LayerAccumulator:
     def update(self, acts: torch.Tensor, seq_ids: torch.Tensor) -> None:
         """acts: [B, T, N] float32 activations of sequences `seq_ids` (increasing across calls)."""
         b, t, n = acts.shape
-        per_neuron = acts.permute(2, 0, 1)  # [N, B, T] view
+        flat = acts.reshape(b * t, n)
+        mean_b = flat.mean(dim=0)
+        if not bool(torch.isfinite(mean_b).all()) and not bool(torch.isfinite(acts).all()):
+            raise AtlasInputError(
+                f"layer {self.layer} produced NaN/inf activations in sequences"
+                f" {int(seq_ids[0])}..{int(seq_ids[-1])} (fp16 overflow?): use dtype float32 or bfloat16"
+            )
         seq_max = acts.amax(dim=1).T.contiguous()  # [N, B]
         ids = seq_ids.view(1, b)
-        _merge(
-            self.top_vals, self.top_ids, self.top_max, self.top_acts, seq_max, ids, seq_max, per_neuron, descending=True
-        )
+        self.top.merge(seq_max, ids, seq_max, acts)
         keys = torch.rand((n, b), generator=self.generator, device=acts.device)
-        _merge(
-            self.res_keys, self.res_ids, self.res_max, self.res_acts, keys, ids, seq_max, per_neuron, descending=False
-        )
+        self.reservoir.merge(keys, ids, seq_max, acts)
 
-        flat = acts.reshape(b * t, n)
-        var_b, mean_b = torch.var_mean(flat, dim=0, correction=0)
+        var_b = (flat - mean_b).square().mean(dim=0)  # two-pass: torch.var_mean is ~4x slower on CPU
         n_b, total = b * t, self.count + b * t
         delta = mean_b.double() - self.mean
         self.mean += delta * (n_b / total)
         self.m2 += var_b.double() * n_b + delta.square() * (self.count * n_b / total)
         self.count = total
         self.max = torch.maximum(self.max, seq_max.amax(dim=1))
-        self.nonzero += (flat != 0).sum(dim=0)
+        self.nonzero += torch.count_nonzero(flat, dim=0)
         self.positive += (flat > 0).sum(dim=0)
 
     def finalize(self) -> LayerRecords:
         if self.count == 0:
             raise AtlasInputError("no sequences were processed")
-        top_n = int((self.top_ids[0] >= 0).sum())
-        res_n = int((self.res_ids[0] >= 0).sum())
+        top_n = int((self.top.ids[0] >= 0).sum())
+        res_n = int((self.reservoir.ids[0] >= 0).sum())
         np_ = lambda x: x.cpu().numpy()  # noqa: E731
         res_ids, res_max, res_acts = (
-            np_(self.res_ids[:, :res_n]),
-            np_(self.res_max[:, :res_n]),
-            np_(self.res_acts[:, :res_n]),
+            np_(self.reservoir.ids[:, :res_n]),
+            np_(self.reservoir.maxes[:, :res_n]),
+            np_(self.reservoir.activations(res_n)),
         )
         rand_n = min(self.spec.random_k, res_n)
         q_pos, q_bin = _quantile_positions(res_max, self.spec.quantile_bins, self.spec.per_quantile)
@@ -168,9 +183,9 @@ class LayerAccumulator:
             variance=np_(self.m2 / self.count),
             nonzero_frac=np_(self.nonzero.double() / self.count),
             positive_frac=np_(self.positive.double() / self.count),
-            top_ids=np_(self.top_ids[:, :top_n]),
-            top_max=np_(self.top_max[:, :top_n]),
-            top_acts=np_(self.top_acts[:, :top_n]),
+            top_ids=np_(self.top.ids[:, :top_n]),
+            top_max=np_(self.top.maxes[:, :top_n]),
+            top_acts=np_(self.top.activations(top_n)),
             random_ids=res_ids[:, :rand_n],
             random_max=res_max[:, :rand_n],
             random_acts=res_acts[:, :rand_n],
@@ -230,11 +245,6 @@ def collect_activation_records(
             for layer in layers:
                 acts = store.pop(layer).reshape(*inputs.shape, -1)  # OPT flattens batch x sequence
                 acts = acts[:, len(prefix) :, :].float()
-                if not torch.isfinite(acts).all():
-                    raise AtlasInputError(
-                        f"layer {layer} produced NaN/inf activations in sequences {lo}..{lo + batch.shape[0] - 1}"
-                        " (fp16 overflow?): use dtype float32 or bfloat16"
-                    )
                 accs[layer].update(acts, seq_ids)
             if progress is not None:
                 progress(min(lo + spec.batch_size, n_seq), n_seq, time.monotonic() - start)
