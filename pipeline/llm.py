@@ -1,0 +1,67 @@
+"""The small interface every explainer/simulator backend implements.
+
+Failures are values, not exceptions: a backend returns an `LLMFailure` for the prompt that failed
+(after its retries), so one bad neuron is recorded with its reason and the layer completes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 60
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ("\n",)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    texts: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class LLMFailure:
+    """Why a request produced nothing usable (kept per neuron in the warehouse)."""
+
+    reason: str
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class EchoLogprobs:
+    """An echoed prompt: its tokens and, per position, the top log-probabilities of that position
+    given everything before it (what `completions(echo=True, logprobs=k, max_tokens=0)` returns)."""
+
+    tokens: list[str]
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    # Character offset of each token in the prompt, when the server gives it: byte-level tokens
+    # (e.g. "bytes:\\xe2\\x80") do not add up to the prompt's text, offsets always do.
+    text_offset: list[int] = field(default_factory=list)
+
+
+class LLMBackend(ABC):
+    """Text completion; `backend` and `model` name it in the warehouse's lineage columns."""
+
+    backend: str
+    model: str
+    batch_hint: int = 32  # prompts per `complete` call when progress should be visible between calls
+    # Whether `echo_logprobs` works: only completion servers that echo the prompt with logprobs.
+    supports_echo: bool = False
+
+    @abstractmethod
+    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
+        """One result per prompt, in order, each with `params.n` samples."""
+
+    def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
+        """Each prompt's tokens with the top log-probabilities at every position, one result per prompt."""
+        raise NotImplementedError(f"{type(self).__name__} cannot echo prompts with logprobs")

@@ -1,0 +1,86 @@
+"""A persistent cache of LLM responses, so a rerun (or a resumed layer) pays for no request twice.
+
+SQLite from the standard library: several Dagster worker processes may share the file (WAL mode
+plus a busy timeout make that safe), and each call opens its own connection, so threads need no
+shared handle. Values are JSON, never pickle: the file is data, not code. The key is a sha256 of
+what determines the answer (backend, model, kind of request, prompt, parameters); credentials are
+no part of it and are never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("warehouse") / "llm_cache.sqlite"
+ENV_VAR = "NEURON_ATLAS_LLM_CACHE"
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS responses"
+    " (key TEXT PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
+)
+
+
+def cache_key(backend: str, model: str, kind: str, prompt: str, params: dict[str, Any]) -> str:
+    """sha256 over a canonical JSON of the request; the same request always gives the same key."""
+    material = json.dumps(
+        {"backend": backend, "model": model, "kind": kind, "prompt": prompt, "params": params},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def default_cache_path() -> Path:
+    """$NEURON_ATLAS_LLM_CACHE, else warehouse/llm_cache.sqlite beside the warehouse."""
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+class LLMCache:
+    """get/put of JSON values by request; safe across threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, timeout_s: float = 30.0):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # serialises this process's writers; SQLite's lock does the rest
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as conn, conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"LLMCache({str(self.path)!r})"
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout_s)
+        conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+        return conn
+
+    def get(self, backend: str, model: str, kind: str, prompt: str, params: dict[str, Any]) -> Any | None:
+        """The stored value, or None when this exact request has not been answered before."""
+        key = cache_key(backend, model, kind, prompt, params)
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, backend: str, model: str, kind: str, prompt: str, params: dict[str, Any], value: Any) -> None:
+        """Store a successful answer (failures are not cached: a retry later may succeed)."""
+        key = cache_key(backend, model, kind, prompt, params)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        with self._lock, closing(self._connect()) as conn, conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO responses (key, kind, value, created) VALUES (?, ?, ?, ?)",
+                (key, kind, text, time.time()),
+            )
+
+    def __len__(self) -> int:
+        with closing(self._connect()) as conn:
+            return int(conn.execute("SELECT count(*) FROM responses").fetchone()[0])

@@ -1,0 +1,67 @@
+"""In-process text completion with a local HF causal LM (the embedded Gemma by default).
+
+Sampling is seeded per request, so a rerun with the same seed writes the same explanations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeline.errors import AtlasInputError
+from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string (generation may overshoot by a token)."""
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+class LocalBackend(LLMBackend):
+    backend = "local"
+    batch_hint = 1  # one prompt at a time anyway: report progress after each
+
+    def __init__(self, lm: Any, tokenizer: Any, model_name: str):
+        self.lm, self.tokenizer, self.model = lm.eval(), tokenizer, model_name
+        self.device = next(lm.parameters()).device
+
+    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
+        if params.n < 1:
+            raise AtlasInputError(f"number of samples must be at least 1, got {params.n}")
+        if params.n > 1 and params.temperature <= 0:
+            raise AtlasInputError("several samples need a temperature above 0 (temperature 0 is greedy)")
+        out: list[Completion | LLMFailure] = []
+        for prompt in prompts:
+            try:
+                out.append(self._one(prompt, params))
+            except torch.OutOfMemoryError as exc:
+                out.append(LLMFailure(f"out of memory while generating: {exc}"))
+        return out
+
+    @torch.inference_mode()
+    def _one(self, prompt: str, params: GenerationParams) -> Completion:
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        sample = params.temperature > 0
+        kwargs: dict[str, Any] = {"do_sample": sample, "num_return_sequences": params.n}
+        if sample:
+            kwargs |= {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        else:
+            kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+        if params.stop:
+            kwargs |= {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            generated = self.lm.generate(
+                ids,
+                max_new_tokens=params.max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                **kwargs,
+            )
+        new = generated[:, ids.shape[1] :]
+        texts = [cut_at_stop(t, params.stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        pad = self.tokenizer.pad_token_id
+        completion_tokens = int((new != pad).sum()) if pad is not None else int(new.numel())
+        return Completion(texts=texts, prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens)

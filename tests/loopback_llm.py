@@ -1,0 +1,185 @@
+"""A scripted OpenAI-compatible HTTP server on 127.0.0.1, for testing the remote backend for real.
+
+Stdlib only: a `ThreadingHTTPServer` on an ephemeral port in a daemon thread, serving
+POST /v1/completions and /v1/chat/completions with OpenAI-shaped JSON. Faults are scripted per
+prompt marker (the first plan entry whose marker is in the prompt): each request for that prompt
+consumes the next fault; when none is left it succeeds. It counts requests, keeps the
+Authorization headers it saw, and tracks the most requests in flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+# Fault names: "429" (with Retry-After), "500", "slow" (sleeps past the client's timeout),
+# "malformed" (200 with a non-JSON body), "empty" (200 with no choices), "401" (quotes the
+# Authorization header back in its error body, as a careless server might).
+FAULTS = ("429", "500", "slow", "malformed", "empty", "401")
+
+
+def simple_tokens(text: str) -> list[str]:
+    """Words and single other characters: `unknown` is always a token of its own, after a "\\t" token."""
+    return re.findall(r"\w+|\W", text)
+
+
+@dataclass
+class ServerState:
+    plan: dict[str, list[str]] = field(default_factory=dict)  # prompt marker -> faults still to serve
+    replies: list[tuple[str, str]] = field(default_factory=list)  # (prompt marker, completion text)
+    retry_after: str = "1"
+    slow_s: float = 1.0
+    delay_s: float = 0.0  # every request sleeps this long (to make overlap observable)
+    # Echo: the k-th `unknown` of a prompt gets slot_probs[k % len] as its top candidates.
+    slot_probs: list[dict[str, float]] = field(default_factory=list)
+    echo_logprobs: bool = True  # False: a server that ignores echo/logprobs
+    echo_offsets: bool = True  # False: omit text_offset
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    auth_headers: list[str] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_fault(self, prompt: str) -> str | None:
+        with self.lock:
+            for marker, faults in self.plan.items():
+                if marker in prompt:
+                    return faults.pop(0) if faults else None
+        return None
+
+    def reply_for(self, prompt: str) -> str:
+        for marker, text in self.replies:
+            if marker in prompt:
+                return text
+        return "reply to " + prompt[-12:]
+
+
+def _echo_logprobs(state: ServerState, prompt: str, k: int, max_tokens: int) -> dict[str, Any]:
+    """tokens/top_logprobs/text_offset for the prompt, plus `max_tokens` generated "\\n" tokens."""
+    tokens = simple_tokens(prompt)
+    offsets, pos = [], 0
+    for tok in tokens:
+        offsets.append(pos)
+        pos += len(tok)
+    top: list[dict[str, float] | None] = [None]
+    slot = 0
+    for tok in tokens[1:]:
+        if tok == "unknown" and state.slot_probs:
+            probs = state.slot_probs[slot % len(state.slot_probs)]
+            slot += 1
+            cands = {t: math.log(p) for t, p in probs.items()}
+        else:
+            cands = {tok: math.log(0.9), "the": math.log(0.05)}
+        top.append(dict(sorted(cands.items(), key=lambda kv: -kv[1])[:k]))
+    for _ in range(max_tokens):
+        tokens.append("\n")
+        offsets.append(pos)
+        pos += 1
+        top.append({"\n": math.log(0.5)})
+    out: dict[str, Any] = {"tokens": tokens, "token_logprobs": [None] + [-1.0] * (len(tokens) - 1), "top_logprobs": top}
+    if state.echo_offsets:
+        out["text_offset"] = offsets
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: LoopbackServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
+            pass
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), headers)
+
+    def do_POST(self) -> None:
+        state = self.server.state
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        with state.lock:
+            state.requests += 1
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            state.auth_headers.append(self.headers.get("Authorization", ""))
+            state.bodies.append(body)
+        try:
+            if state.delay_s:
+                time.sleep(state.delay_s)
+            self._serve(state, body)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+
+    def _serve(self, state: ServerState, body: dict[str, Any]) -> None:
+        chat = self.path.rstrip("/").endswith("/chat/completions")
+        if not chat and not self.path.rstrip("/").endswith("/completions"):
+            return self._json(404, {"error": {"message": f"no route {self.path}"}})
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        fault = state.next_fault(prompt)
+        if fault == "429":
+            return self._json(429, {"error": {"message": "rate limited"}}, {"Retry-After": state.retry_after})
+        if fault == "500":
+            return self._json(500, {"error": {"message": "internal error"}})
+        if fault == "401":
+            return self._json(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
+        if fault == "slow":
+            time.sleep(state.slow_s)
+        if fault == "malformed":
+            return self._send(200, b'{"choices": [{"text": "unterminated')
+        if fault == "empty":
+            return self._json(200, {"id": "x", "object": "text_completion", "choices": []})
+        n = int(body.get("n") or 1)
+        text = state.reply_for(prompt)
+        usage = {"prompt_tokens": len(simple_tokens(prompt)), "completion_tokens": n, "total_tokens": 0}
+        if chat:
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                for i in range(n)
+            ]
+            return self._json(200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                                    "choices": choices, "usage": usage})  # fmt: skip
+        logprobs = None
+        if body.get("echo") and body.get("logprobs") is not None and state.echo_logprobs:
+            logprobs = _echo_logprobs(state, prompt, int(body["logprobs"]), int(body.get("max_tokens") or 0))
+            text = prompt + "\n" * int(body.get("max_tokens") or 0)
+        choices = [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": "stop"} for i in range(n)]
+        self._json(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                         "choices": choices, "usage": usage})  # fmt: skip
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, state: ServerState):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.state = state
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def __enter__(self) -> LoopbackServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible backend and the remote simulators against a real HTTP server on loopback.
+
+The server (tests/loopback_llm.py) scripts faults per prompt, so retries, give-ups, concurrency,
+caching and key hygiene are observed on the wire rather than mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from loopback_llm import LoopbackServer, ServerState, simple_tokens
+
+from pipeline.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
+from pipeline.llm_cache import LLMCache, cache_key
+from pipeline.llm_openai import NO_LOGPROBS, OpenAIBackend, retry_after_seconds
+from pipeline.prompts import SIMULATE_VERSION, simulation_prompt
+from pipeline.simulate_remote import JSON_SIMULATE_VERSION, EchoSimulator, JsonSimulator, parse_json_levels
+
+KEY = "sk-test-PLANTED-123"
+KEY_ENV = "NEURON_ATLAS_TEST_LLM_KEY"
+PARAMS = GenerationParams(max_tokens=8, temperature=0.0, stop=("\n",))
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackServer]:
+    with LoopbackServer(ServerState()) as srv:
+        yield srv
+
+
+def backend(server: LoopbackServer, **kw: Any) -> OpenAIBackend:
+    options: dict[str, Any] = {
+        "api_key_env": KEY_ENV,
+        "max_concurrency": 4,
+        "timeout_s": 0.3,
+        "max_attempts": 5,
+        "backoff_base_s": 0.001,
+        "backoff_cap_s": 0.01,
+    }
+    return OpenAIBackend("test-model", server.base_url, **(options | kw))
+
+
+def test_retries_each_fault_then_succeeds(server: LoopbackServer) -> None:
+    state = server.state
+    state.plan = {"FLAKY": ["500", "malformed", "empty", "slow"], "LIMITED": ["429"]}
+    state.retry_after = "1"
+    state.replies = [("FLAKY", "flaky done"), ("LIMITED", "limited done")]
+    start = time.monotonic()
+    flaky, limited = backend(server).complete(["FLAKY prompt", "LIMITED prompt"], PARAMS)
+    elapsed = time.monotonic() - start
+    assert flaky == Completion(["flaky done"], prompt_tokens=3, completion_tokens=1)
+    assert limited == Completion(["limited done"], prompt_tokens=3, completion_tokens=1)
+    assert state.requests == 5 + 2
+    assert elapsed >= 0.9, "Retry-After: 1 was honoured (the jittered backoff alone is milliseconds)"
+    body = state.bodies[-1]
+    assert (body["model"], body["max_tokens"], body["temperature"], body["stop"]) == ("test-model", 8, 0.0, ["\n"])
+
+
+def test_gives_up_after_max_attempts_and_the_rest_succeed(server: LoopbackServer) -> None:
+    server.state.plan = {"DOOMED": ["500"] * 10, "TIMEOUT": ["slow"] * 10, "REFUSED": ["401"] * 10}
+    prompts = ["ok A", "DOOMED", "ok B", "TIMEOUT", "REFUSED", "ok C"]
+    results = backend(server, max_attempts=3).complete(prompts, PARAMS)
+    ok = [results[i] for i in (0, 2, 5)]
+    assert all(isinstance(r, Completion) for r in ok)
+    assert [r.texts for r in ok if isinstance(r, Completion)] == [
+        ["reply to ok A"],
+        ["reply to ok B"],
+        ["reply to ok C"],
+    ]
+    doomed, timeout, refused = results[1], results[3], results[4]
+    assert isinstance(doomed, LLMFailure) and doomed.attempts == 3
+    assert doomed.reason.startswith("HTTP 500") and "gave up after 3 attempts" in doomed.reason
+    assert isinstance(timeout, LLMFailure) and timeout.attempts == 3 and "timed out" in timeout.reason
+    # A 4xx other than 429 is not retried.
+    assert isinstance(refused, LLMFailure) and refused.attempts == 1 and refused.reason.startswith("HTTP 401")
+    assert server.state.requests == 3 + 3 + 3 + 1
+    assert server.state.plan["DOOMED"] == ["500"] * 7
+
+
+def test_concurrency_never_exceeds_the_limit(server: LoopbackServer) -> None:
+    server.state.delay_s = 0.05
+    results = backend(server, max_concurrency=3).complete([f"prompt {i}" for i in range(16)], PARAMS)
+    assert [r.texts[0] for r in results if isinstance(r, Completion)] == [f"reply to prompt {i}" for i in range(16)]
+    assert server.state.requests == 16
+    assert server.state.max_in_flight == 3
+
+
+def test_cache_prevents_repeat_requests(server: LoopbackServer, tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    server.state.plan = {"DOOMED": ["500"] * 100}
+    prompts = ["first", "second", "DOOMED"]
+    first = backend(server, cache=LLMCache(path), max_attempts=2).complete(prompts, PARAMS)
+    assert server.state.requests == 2 + 2
+    assert [type(r) for r in first] == [Completion, Completion, LLMFailure]
+    assert not any(r.cached for r in first if isinstance(r, Completion))
+
+    again = backend(server, cache=LLMCache(path), max_attempts=2).complete(prompts[:2], PARAMS)  # new instance
+    assert server.state.requests == 4, "answered from the cache file, no HTTP request"
+    assert again == [Completion(r.texts, r.prompt_tokens, r.completion_tokens, cached=True) for r in first[:2]]
+
+    fresh = backend(server, cache=LLMCache(path), max_attempts=2)
+    fresh.complete(prompts, GenerationParams(max_tokens=8, temperature=0.0, seed=1))  # other params: a new key
+    assert server.state.requests == 4 + 2 + 2, "failures are not cached; other params miss"
+    other_model = OpenAIBackend("other-model", server.base_url, api_key_env=KEY_ENV, cache=LLMCache(path))
+    other_model.complete(["first"], PARAMS)
+    assert server.state.requests == 9
+    assert len(LLMCache(path)) == 5
+    assert cache_key("a", "m", "completion", "p", {"x": 1}) != cache_key("a", "m", "echo", "p", {"x": 1})
+
+
+def test_api_key_is_sent_but_never_stored_or_shown(
+    server: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server.state.plan = {"REFUSED": ["401"], "FLAKY": ["500", "429"]}
+    server.state.retry_after = "0"
+    llm = backend(server, cache=LLMCache(tmp_path / "cache.sqlite"))
+    results = llm.complete(["REFUSED", "FLAKY", "fine"], PARAMS)
+    results += llm.echo_logprobs(["echo\tunknown\n"])
+    llm.complete(["fine"], PARAMS)
+
+    assert set(server.state.auth_headers) == {f"Bearer {KEY}"}
+    refused = results[0]
+    assert isinstance(refused, LLMFailure) and "<api key>" in refused.reason, "the server quoted the key back"
+    assert all(isinstance(r, Completion | EchoLogprobs) for r in results[1:])
+    files = list(tmp_path.iterdir())
+    assert files and all(KEY.encode() not in f.read_bytes() for f in files)
+    assert KEY not in refused.reason
+    assert KEY not in repr(llm) and KEY not in str(vars(llm))
+    assert "retrying" in caplog.text and KEY not in caplog.text
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({}) is None
+
+
+@pytest.mark.parametrize("offsets, echo_max_tokens", [(True, 0), (True, 1), (False, 1), (False, 0)])
+def test_echo_logprobs(server: LoopbackServer, offsets: bool, echo_max_tokens: int) -> None:
+    server.state.echo_offsets = offsets
+    server.state.slot_probs = [{"3": 0.5, " 3": 0.25, "x": 0.125, "y": 0.0625}]
+    prompt = "Neuron\nThe\tunknown\n<end>\n"
+    (echo,) = backend(server, echo_max_tokens=echo_max_tokens).echo_logprobs([prompt], top_logprobs=3)
+    assert isinstance(echo, EchoLogprobs)
+    assert echo.tokens == simple_tokens(prompt), "a generated token (max_tokens=1) is trimmed"
+    starts = [sum(len(t) for t in echo.tokens[:i]) for i in range(len(echo.tokens))]
+    assert echo.text_offset == (starts if offsets else [])
+    assert echo.top_logprobs[0] == {}, "null for the first token"
+    slot = echo.tokens.index("unknown")
+    assert echo.top_logprobs[slot] == pytest.approx({"3": math.log(0.5), " 3": math.log(0.25), "x": math.log(0.125)})
+    body = server.state.bodies[-1]
+    assert (body["echo"], body["logprobs"], body["max_tokens"]) == (True, 3, echo_max_tokens)
+
+
+def test_echo_without_logprobs_is_a_failure(server: LoopbackServer) -> None:
+    server.state.echo_logprobs = False
+    (result,) = backend(server).echo_logprobs(["a\tunknown\n"])
+    assert result == LLMFailure(NO_LOGPROBS, attempts=1)
+    assert server.state.requests == 1
+
+
+@pytest.mark.parametrize("offsets, echo_max_tokens", [(True, 0), (False, 1)])
+def test_echo_simulator_expected_levels(server: LoopbackServer, offsets: bool, echo_max_tokens: int) -> None:
+    server.state.echo_offsets = offsets
+    # Per slot in order, cycling: "3" and " 3" add up; "unknown", "\n" and "x" are no level.
+    server.state.slot_probs = [
+        {"3": 0.4, " 3": 0.1, "7": 0.2, "unknown": 0.2, "\n": 0.1},
+        {"10": 0.5, "0": 0.25, "x": 0.25},
+    ]
+    a = (3 * 0.5 + 7 * 0.2) / 0.7  # by hand: E[level] over the levels among the top logprobs
+    b = (10 * 0.5 + 0 * 0.25) / 0.75
+    sim = EchoSimulator(backend(server, echo_max_tokens=echo_max_tokens), top_logprobs=5)
+    assert (sim.backend, sim.model, sim.prompt_version) == ("openai", "test-model", SIMULATE_VERSION)
+    sequences = [["The", " cat", "\tsat"], [], ["Hi"]]
+    out = sim.simulate("cats", sequences)
+    assert not isinstance(out, LLMFailure)
+    assert [o.tolist() for o in out] == [pytest.approx([a, b, a]), [], pytest.approx([a])]
+    assert server.state.requests == 2, "no request for an empty sequence"
+    assert server.state.bodies[0]["prompt"] == simulation_prompt("cats", sequences[0])
+
+
+def test_echo_simulator_failures(server: LoopbackServer) -> None:
+    server.state.slot_probs = [{"unknown": 0.6, "3": 0.3, "cat": 0.1}]
+    sim = EchoSimulator(backend(server), top_logprobs=1)  # only "unknown" survives the top-1 cut
+    out = sim.simulate("cats", [["a", "b"]])
+    assert isinstance(out, LLMFailure) and out.reason.startswith("sequence 0: no 0-10 level among the top logprobs")
+
+    server.state.echo_logprobs = False
+    out = EchoSimulator(backend(server)).simulate("cats", [["a"], ["b"]])
+    assert isinstance(out, LLMFailure) and NO_LOGPROBS in out.reason
+
+
+def test_parse_json_levels() -> None:
+    np.testing.assert_array_equal(parse_json_levels("Levels: [0, 3, 10]\n", 3), [0.0, 3.0, 10.0])
+    np.testing.assert_array_equal(parse_json_levels("[[x] nope] then [1, 2.5]", 2), [1.0, 2.5])
+    assert parse_json_levels("[1, 2]", 3) == "the reply lists 2 values for 3 tokens"
+    assert parse_json_levels("three, four", 2) == "no JSON list in the reply"
+    assert parse_json_levels("[1, 11]", 2) == "value 1 of the reply is 11, outside 0..10"
+    assert parse_json_levels("[1, -1]", 2) == "value 1 of the reply is -1, outside 0..10"
+    assert parse_json_levels('[1, "2"]', 2) == 'value 1 of the reply is not a number: "2"'
+    assert parse_json_levels("[true, 2]", 2) == "value 0 of the reply is not a number: true"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_json_simulator(server: LoopbackServer, chat: bool) -> None:
+    server.state.replies = [
+        ('"GOOD"', "Sure! [0, 4, 10]"),
+        ('"SHORT"', "[1, 2]"),
+        ('"PROSE"', "I would say low, then high."),
+        ('"HIGH"', "[3, 11, 0]"),
+    ]
+    sim = JsonSimulator(backend(server, chat=chat))
+    assert (sim.backend, sim.model, sim.prompt_version) == ("openai", "test-model", JSON_SIMULATE_VERSION)
+    out = sim.simulate("cats", [["GOOD", " cat", " sat"], []])
+    assert not isinstance(out, LLMFailure)
+    assert [o.tolist() for o in out] == [[0.0, 4.0, 10.0], []]
+    body = server.state.bodies[-1]
+    prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+    assert body["temperature"] == 0 and 'as a JSON list: ["GOOD", " cat", " sat"]\n' in prompt
+
+    for marker, reason in [
+        ("SHORT", "the reply lists 2 values for 3 tokens"),
+        ("PROSE", "no JSON list in the reply"),
+        ("HIGH", "value 1 of the reply is 11, outside 0..10"),
+    ]:
+        out = sim.simulate("cats", [["GOOD", "a", "b"], [marker, "a", "b"]])
+        assert out == LLMFailure(f"sequence 1: {reason}", attempts=1)
+
+
+def test_complete_from_inside_a_running_event_loop(server: LoopbackServer) -> None:
+    """A caller that already runs asyncio (a notebook, an async op) still gets plain results."""
+
+    async def caller() -> list[Completion | LLMFailure]:
+        return backend(server).complete(["inside"], PARAMS)
+
+    assert asyncio.run(caller()) == [Completion(["reply to inside"], prompt_tokens=1, completion_tokens=1)]
+
+
+def test_cache_is_shared_safely_by_threads(tmp_path: Path) -> None:
+    cache = LLMCache(tmp_path / "cache.sqlite")
+
+    def work(i: int) -> Any:
+        cache.put("b", "m", "completion", f"p{i % 5}", {}, {"texts": [str(i % 5)]})
+        return LLMCache(cache.path).get("b", "m", "completion", f"p{i % 5}", {})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(work, range(40)))
+    assert got == [{"texts": [str(i % 5)]} for i in range(40)]
+    assert len(cache) == 5
