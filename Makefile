@@ -20,12 +20,18 @@ install: $(VENV)/.installed
 $(DAGSTER_HOME):
 	mkdir -p $@
 
-# Every stage, every layer of the configured model (NEURON_ATLAS_MODEL, default: embedded Gemma),
-# in two runs: the unpartitioned stages, then all layer partitions in ONE run (one forward pass).
+# Layers whose neurons get explained, simulated and scored by `make materialize` (CPU: ~15 s per neuron).
+EXPLAIN_LAYERS ?= 0...1
+
+# Every stage of the configured model (NEURON_ATLAS_MODEL, default: embedded Gemma), in three runs:
+# the unpartitioned stages; all layer partitions of the records in ONE run (one forward pass);
+# explanations, simulations and scores for EXPLAIN_LAYERS.
 materialize: install | $(DAGSTER_HOME)
 	$(DAGSTER) asset materialize -m assets.definitions --select subject_model,corpus_tokens
 	$(DAGSTER) asset materialize -m assets.definitions --select activation_records,top_k_examples \
 		--partition-range "0...$$($(PY) -m assets.layers last)"
+	$(DAGSTER) asset materialize -m assets.definitions --select explanations,simulations,scores \
+		--partition-range "$(EXPLAIN_LAYERS)"
 
 dev: install | $(DAGSTER_HOME)
 	$(DAGSTER) dev -w workspace.yaml
@@ -36,3 +42,4 @@ test: install
 
 bench: install
 	$(PY) -m bench.capture
+	$(PY) -m bench.simulate

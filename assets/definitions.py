@@ -11,9 +11,10 @@ import os
 
 from dagster import Definitions
 
+from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
-from assets.stages import WAREHOUSE, build_stage_assets
+from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.stages import WAREHOUSE, build_stage_assets, layer_partitions
 from pipeline.models import EMBEDDED, model_layer_count
 from pipeline.warehouse import SCHEMA, default_database
 
@@ -21,8 +22,9 @@ from pipeline.warehouse import SCHEMA, default_database
 def build_definitions(model: str | None = None, corpus: str | None = None, database: str | None = None) -> Definitions:
     model = model or os.environ.get("NEURON_ATLAS_MODEL") or EMBEDDED
     corpus = corpus or os.environ.get("NEURON_ATLAS_CORPUS") or "embedded"
+    n_layers = model_layer_count(model)
     return Definitions(
-        assets=build_stage_assets(model_layer_count(model)),
+        assets=build_stage_assets(n_layers) + build_interpret_assets(layer_partitions(n_layers)),
         resources={
             "subject": SubjectModelResource(
                 model=model,
@@ -31,6 +33,13 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
             ),
             "corpus": CorpusResource(source=corpus),
             "sampling": SamplingResource(),
+            "llm": LLMResource(
+                backend=os.environ.get("NEURON_ATLAS_LLM_BACKEND", "local"),
+                model=os.environ.get("NEURON_ATLAS_LLM_MODEL", "embedded"),
+                base_url=os.environ.get("NEURON_ATLAS_LLM_BASE_URL"),
+                device=os.environ.get("NEURON_ATLAS_DEVICE", "cpu"),
+            ),
+            "explain": ExplainResource(),
             WAREHOUSE: WarehouseIOManager(database=database or default_database(), schema=SCHEMA),
         },
     )

@@ -6,8 +6,16 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from pipeline.corpus import CorpusSpec
+from pipeline.errors import AtlasInputError
+from pipeline.llm import GenerationParams, LLMBackend
+from pipeline.llm_cache import LLMCache, default_cache_path
+from pipeline.llm_local import LocalBackend
+from pipeline.llm_openai import OpenAIBackend
 from pipeline.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
 from pipeline.records import SamplingSpec
+from pipeline.simulate_local import LocalSimulator
+from pipeline.simulate_remote import EchoSimulator, JsonSimulator
+from pipeline.simulator import Simulator
 
 
 class SubjectModelResource(ConfigurableResource):
@@ -59,4 +67,90 @@ class SamplingResource(ConfigurableResource):
     def spec(self) -> SamplingSpec:
         return SamplingSpec(
             self.top_k, self.random_k, self.quantile_bins, self.per_quantile, self.batch_size, self.seed
+        )
+
+
+class LLMResource(ConfigurableResource):
+    """The explainer/simulator language model: in-process (exact probabilities) or any
+    OpenAI-compatible server. The API key is read from the environment variable named here, never
+    from config, so it is not stored in run config, logs or the warehouse."""
+
+    backend: str = Field("local", description="'local' (in-process transformers) or 'openai' (any compatible server)")
+    model: str = Field(
+        "embedded",
+        description="local: 'embedded', a checkpoint directory or a Hugging Face id; openai: the served model name",
+    )
+    base_url: str | None = Field(None, description="openai: server URL, e.g. http://localhost:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: name of the environment variable with the key")
+    simulator: str = Field(
+        "echo",
+        description="openai: 'echo' (completions with echo + logprobs: exact expected values) or 'json' "
+        "(the fallback for chat-only servers: the model writes the levels as a JSON list)",
+    )
+    max_concurrency: int = Field(4, description="openai: requests in flight at once")
+    max_attempts: int = Field(6, description="openai: attempts per request (429/5xx/timeouts are retried)")
+    timeout_s: float = Field(60.0, description="openai: seconds per request")
+    cache_path: str | None = Field(None, description="openai: response cache file (default next to the warehouse)")
+    device: str = Field("cpu", description="local: torch device")
+    dtype: str = Field("float32", description="local: float32, bfloat16 or float16")
+    simulation_batch_size: int = Field(16, description="local: held-out sequences per forward pass")
+
+    def validate_choice(self) -> None:
+        if self.backend not in ("local", "openai"):
+            raise AtlasInputError(f"unknown LLM backend {self.backend!r}: use 'local' or 'openai'")
+        if self.backend == "openai" and self.simulator not in ("echo", "json"):
+            raise AtlasInputError(f"unknown simulator {self.simulator!r}: use 'echo' or 'json'")
+
+    def load_local(self) -> SubjectModel:
+        return load_subject_model(self.model, None, self.device, self.dtype)
+
+    def backend_client(self) -> LLMBackend:
+        """The explainer: completes prompts."""
+        self.validate_choice()
+        if self.backend == "local":
+            loaded = self.load_local()
+            return LocalBackend(loaded.model, loaded.tokenizer, loaded.identity.data_version)
+        return self._openai()
+
+    def simulator_client(self) -> Simulator:
+        self.validate_choice()
+        if self.backend == "local":
+            loaded = self.load_local()
+            return LocalSimulator(
+                loaded.model, loaded.tokenizer, loaded.identity.data_version, self.simulation_batch_size
+            )
+        client = self._openai()
+        return EchoSimulator(client) if self.simulator == "echo" else JsonSimulator(client)
+
+    def _openai(self) -> LLMBackend:
+        if not self.base_url:
+            raise AtlasInputError("the openai backend needs base_url (e.g. https://api.openai.com/v1)")
+        return OpenAIBackend(
+            model=self.model,
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            max_concurrency=self.max_concurrency,
+            max_attempts=self.max_attempts,
+            timeout_s=self.timeout_s,
+            cache=LLMCache(self.cache_path or default_cache_path()),
+        )
+
+
+class ExplainResource(ConfigurableResource):
+    """Which neurons to explain and how to sample explanations."""
+
+    n_neurons: int | None = Field(8, description="explain the first N neurons of each layer (null: all)")
+    neuron_ids: list[int] | None = Field(None, description="explicit neuron ids (overrides n_neurons)")
+    samples: int = Field(1, description="explanations sampled per neuron (several need temperature > 0)")
+    temperature: float = Field(0.0, description="0 = greedy")
+    max_tokens: int = Field(40, description="longest explanation, in tokens")
+    seed: int = Field(0, description="sampling seed")
+
+    def params(self) -> GenerationParams:
+        if self.samples < 1:
+            raise AtlasInputError(f"samples must be at least 1, got {self.samples}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise AtlasInputError("several samples per neuron need a temperature above 0")
+        return GenerationParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, n=self.samples, stop=("\n",), seed=self.seed
         )

@@ -15,9 +15,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
 
+from assets.interpret import build_interpret_assets  # noqa: E402
 from assets.io import WarehouseIOManager  # noqa: E402
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource  # noqa: E402
-from assets.stages import build_stage_assets  # noqa: E402
+from assets.resources import (  # noqa: E402
+    CorpusResource,
+    ExplainResource,
+    LLMResource,
+    SamplingResource,
+    SubjectModelResource,
+)
+from assets.stages import build_stage_assets, layer_partitions  # noqa: E402
 from pipeline.warehouse import SCHEMA  # noqa: E402
 
 
@@ -40,18 +47,25 @@ def run_stages(
     sampling: SamplingResource,
     selection: str | None = None,
     instance: DagsterInstance | None = None,
+    llm: LLMResource | None = None,
+    explain: ExplainResource | None = None,
 ) -> Any:
-    """Materialize the stage assets for a range of layer partitions in one run, for real."""
+    """Materialize the stage assets (and, given an LLM, explanations/simulations/scores) for a range
+    of layer partitions in one run, for real."""
     assets = build_stage_assets(n_layers)
+    resources: dict[str, Any] = {
+        "subject": subject,
+        "corpus": corpus,
+        "sampling": sampling,
+        "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
+    }
+    if llm is not None:
+        assets += build_interpret_assets(layer_partitions(n_layers))
+        resources |= {"llm": llm, "explain": explain or ExplainResource()}
     return materialize(
         assets,
         selection=selection,
-        resources={
-            "subject": subject,
-            "corpus": corpus,
-            "sampling": sampling,
-            "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
-        },
+        resources=resources,
         tags={
             "dagster/asset_partition_range_start": str(layers[0]),
             "dagster/asset_partition_range_end": str(layers[1]),

@@ -21,8 +21,8 @@ from pipeline.models import EMBEDDED, model_layer_count
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = {"subject_model", "corpus_tokens", "activation_records", "top_k_examples"}
-PARTITIONED = {"activation_records", "top_k_examples"}
+PARTITIONED = {"activation_records", "top_k_examples", "explanations", "simulations", "scores"}
+STAGES = {"subject_model", "corpus_tokens"} | PARTITIONED
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

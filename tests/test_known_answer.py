@@ -80,9 +80,10 @@ def test_levels_follow_the_paper_normalization(digit_run: Path) -> None:
 
 
 def test_example_queries_and_views_run(digit_run: Path) -> None:
-    """Every SQL file shipped under warehouse/ runs against a real warehouse."""
+    """The SQL files shipped under warehouse/ for the first stages run against a real warehouse
+    (those over explanations and scores run in test_interpret)."""
     q = query(digit_run)
-    files = sorted((ROOT / "warehouse" / "queries").glob("*.sql"))
+    files = [p for p in sorted((ROOT / "warehouse" / "queries").glob("*.sql")) if "atlas.scores" not in p.read_text()]
     assert files
     for path in files:
         assert q(path.read_text()), path.name

@@ -1,0 +1,212 @@
+"""Explain, simulate and score for real: the hand-set digit neuron through the Dagster assets, with the
+embedded Gemma as explainer and simulator, and with an OpenAI-compatible server on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from conftest import query, run_stages
+from loopback_llm import LoopbackServer, ServerState
+from tiny_models import DIGIT_NEURON, DIGITS
+
+from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from pipeline.interpret import BASELINE, LLM, neuron_examples, score_layer, simulate_layer
+from pipeline.llm import LLMFailure
+from pipeline.models import load_subject_model
+from pipeline.scoring import to_level_scale
+from pipeline.simulate_local import LocalSimulator
+from pipeline.simulator import Simulator
+
+NEURONS = [DIGIT_NEURON, 5]
+
+
+def digit_resources(model_dir: Path, corpus: Path) -> dict:
+    return {
+        "subject": SubjectModelResource(model=str(model_dir)),
+        "corpus": CorpusResource(source=str(corpus), seq_len=16, n_sequences=64, seed=3),
+        "sampling": SamplingResource(top_k=20, random_k=20, quantile_bins=2, per_quantile=2, batch_size=8),
+    }
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, digit_corpus: Path) -> tuple:
+    database = tmp_path_factory.mktemp("wh") / "neuron_atlas.duckdb"
+    result = run_stages(
+        database,
+        n_layers=2,
+        layers=(0, 0),
+        **digit_resources(digit_model_dir, digit_corpus),
+        llm=LLMResource(),
+        explain=ExplainResource(neuron_ids=NEURONS),
+    )
+    assert result.success
+    return database, result
+
+
+def test_explanations_hold_llm_and_baseline_rows_with_lineage(local_run: tuple) -> None:
+    q = query(local_run[0])
+    rows = q(
+        "select neuron, kind, explanation, failure_reason, explainer_model, prompt_version, prompt_tokens,"
+        " model_id, run_id from atlas.explanations order by neuron, kind"
+    )
+    assert [(r[0], r[1]) for r in rows] == [(n, k) for n in NEURONS for k in (LLM, BASELINE)]
+    for _neuron, kind, text, reason, explainer, version, prompt_tokens, model_id, run_id in rows:
+        assert text and reason is None and model_id and run_id == local_run[1].run_id
+        if kind == LLM:
+            assert "gemma-3-270m" in explainer and version == "explain-v1" and prompt_tokens > 100
+    baseline = dict(q("select neuron, explanation from atlas.explanations where kind = ?", [BASELINE]))
+    quoted = [part for part in baseline[DIGIT_NEURON].split('"')[1::2]]
+    assert quoted and set(quoted) <= set(DIGITS)
+
+
+def test_simulations_cover_the_held_out_split(local_run: tuple) -> None:
+    q = query(local_run[0])
+    rows = q(
+        "select neuron, kind, record_kind, seq_id, true_acts, simulated from atlas.simulations"
+        " order by neuron, kind, record_kind, split_rank"
+    )
+    per_explanation: dict = {}
+    for neuron, kind, record_kind, _seq_id, true_acts, simulated in rows:
+        per_explanation.setdefault((neuron, kind), []).append(record_kind)
+        assert len(true_acts) == len(simulated) == 16
+        assert all(0.0 <= s <= 10.0 for s in simulated)
+    # top_k = random_k = 20, strided over 4 splits: 5 valid top + 5 valid random per explanation.
+    assert {k: sorted(v) for k, v in per_explanation.items()} == {
+        (n, k): ["random"] * 5 + ["top"] * 5 for n in NEURONS for k in (LLM, BASELINE)
+    }
+    held = q(
+        "select r.acts, s.true_acts from atlas.simulations s join atlas.examples_long r using (layer, neuron, seq_id)"
+        " where r.split = 'valid' and r.kind = s.record_kind"
+    )
+    assert held and all(np.allclose(a, b, atol=1e-6) for a, b in held)
+
+
+def test_scores_find_the_digit_neuron_with_the_token_lookup_baseline(local_run: tuple) -> None:
+    q = query(local_run[0])
+    rows = {
+        (n, k): (c, ct, cr, r2, ad)
+        for n, k, c, ct, cr, r2, ad in q(
+            "select neuron, kind, corr_all, corr_top, corr_random, r2_all, absdev_all from atlas.scores"
+        )
+    }
+    assert set(rows) == {(n, k) for n in NEURONS for k in (LLM, BASELINE)}
+    # The digit neuron's activation is a function of the token alone: a token lookup predicts it.
+    assert rows[(DIGIT_NEURON, BASELINE)][0] > 0.99
+    assert rows[(DIGIT_NEURON, BASELINE)][3] > 0.9
+    for values in rows.values():
+        assert all(v is None or -1.0 <= v <= 1.0 for v in values[:3])
+
+
+def test_scores_metadata_has_histograms_and_best_neurons(local_run: tuple) -> None:
+    (mat,) = [
+        e.materialization
+        for e in local_run[1].get_asset_materialization_events()
+        if e.materialization.asset_key.path == ["scores"]
+    ]
+    assert {"histogram_llm", "histogram_token_lookup", "best", "worst"} <= set(mat.metadata)
+
+
+class TruePattern(Simulator):
+    """A stub simulator that returns each held-out sequence's true levels."""
+
+    backend, model, prompt_version = "stub", "truth", "stub-v1"
+
+    def __init__(self, truth: dict[tuple[str, ...], np.ndarray]):
+        self.truth = truth
+
+    def simulate(self, explanation: str, sequences) -> list[np.ndarray] | LLMFailure:
+        return [self.truth[tuple(s)] for s in sequences]
+
+
+def _digit_examples(database: Path) -> tuple:
+    with duckdb.connect(str(database), read_only=True) as conn:
+        examples = conn.sql("select * exclude (model_id, model_revision, run_id) from atlas.top_k_examples").pl()
+        corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
+    return neuron_examples(examples, corpus)
+
+
+def _explanations(*texts: str) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "layer": [0] * len(texts),
+            "neuron": [DIGIT_NEURON] * len(texts),
+            "kind": [LLM] * len(texts),
+            "sample_index": list(range(len(texts))),
+            "explanation": list(texts),
+            "failure_reason": [None] * len(texts),
+        }
+    )
+
+
+def test_a_simulator_returning_the_true_pattern_scores_one(local_run: tuple) -> None:
+    examples = _digit_examples(local_run[0])
+    ex = examples[(0, DIGIT_NEURON)]
+    truth = {tuple(h.tokens): to_level_scale(h.acts, ex.max_activation) for h in ex.held_out}
+    sims = simulate_layer(_explanations("digits"), examples, TruePattern(truth))
+    (row,) = score_layer(sims, {(0, DIGIT_NEURON): ex.max_activation}).iter_rows(named=True)
+    for score in ("corr_all", "corr_top", "corr_random", "r2_all", "absdev_all"):
+        assert row[score] == pytest.approx(1.0, abs=1e-6), score  # float32 storage
+
+
+def test_embedded_simulator_prefers_the_true_explanation(local_run: tuple) -> None:
+    examples = _digit_examples(local_run[0])
+    gemma = load_subject_model("embedded")
+    simulator = LocalSimulator(gemma.model, gemma.tokenizer, "embedded")
+    sims = simulate_layer(
+        _explanations("numbers written with digits", "words about food and cooking"), examples, simulator
+    )
+    scores = score_layer(sims, {(0, DIGIT_NEURON): examples[(0, DIGIT_NEURON)].max_activation})
+    true_score, wrong_score = scores.sort("sample_index")["corr_all"].to_list()
+    assert true_score > wrong_score + 0.05, (true_score, wrong_score)
+
+
+def test_openai_backend_on_loopback_records_failures_per_neuron(
+    tmp_path: Path, digit_model_dir: Path, digit_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOP_KEY", "sk-test-PLANTED-777")
+    state = ServerState(
+        plan={"the main thing this neuron does is find": ["500", "500"]},  # 2 of 3 explain requests fail
+        replies=[("the main thing this neuron does is find", " digits and numbers.\n")],
+        slot_probs=[{"0": 0.5, "10": 0.25, "5": 0.25}],
+    )
+    database = tmp_path / "neuron_atlas.duckdb"
+    with LoopbackServer(state) as server:
+        result = run_stages(
+            database,
+            n_layers=2,
+            layers=(0, 0),
+            **digit_resources(digit_model_dir, digit_corpus),
+            llm=LLMResource(
+                backend="openai",
+                model="loop-model",
+                base_url=server.base_url,
+                api_key_env="LOOP_KEY",
+                max_attempts=1,
+                cache_path=str(tmp_path / "cache.sqlite"),
+            ),
+            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5, 6]),
+        )
+    assert result.success
+    q = query(database)
+    llm = q("select explanation, failure_reason, explainer_backend from atlas.explanations where kind = 'llm'")
+    assert sorted(r[0] is None for r in llm) == [False, True, True]
+    assert all("500" in r[1] for r in llm if r[0] is None) and {r[2] for r in llm} == {"openai"}
+    scores = q("select corr_all, failure_reason from atlas.scores where kind = 'llm' order by neuron")
+    failed = [r for r in scores if r[1] is not None]
+    assert len(failed) == 2 and all(r[0] is None and "no explanation" in r[1] for r in failed)
+    # Every slot got (0 * .5 + 10 * .25 + 5 * .25) = 3.75 from the echoed logprobs.
+    sims = q("select simulated from atlas.simulations where kind = 'llm' and simulated is not null")
+    assert sims and all(v == pytest.approx(3.75) for (s,) in sims for v in s)
+    assert "sk-test-PLANTED-777" not in database.read_bytes().decode("latin-1")
+
+
+def test_every_shipped_query_runs(local_run: tuple) -> None:
+    q = query(local_run[0])
+    for path in sorted((Path(__file__).parents[1] / "warehouse" / "queries").glob("*.sql")):
+        assert q(path.read_text()), path.name
+    best = q((Path(__file__).parents[1] / "warehouse" / "queries" / "best_explained_neurons.sql").read_text())
+    assert [r[2] for r in best] == sorted((r[2] for r in best), reverse=True)
