@@ -11,9 +11,17 @@ import os
 
 from dagster import Definitions
 
+from assets.ablations import build_ablation_assets
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
-from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.resources import (
+    AblationResource,
+    CorpusResource,
+    ExplainResource,
+    LLMResource,
+    SamplingResource,
+    SubjectModelResource,
+)
 from assets.stages import WAREHOUSE, build_stage_assets, layer_partitions
 from pipeline.models import EMBEDDED, model_layer_count
 from pipeline.warehouse import SCHEMA, default_database
@@ -24,7 +32,9 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
     corpus = corpus or os.environ.get("NEURON_ATLAS_CORPUS") or "embedded"
     n_layers = model_layer_count(model)
     return Definitions(
-        assets=build_stage_assets(n_layers) + build_interpret_assets(layer_partitions(n_layers)),
+        assets=build_stage_assets(n_layers)
+        + build_interpret_assets(layer_partitions(n_layers))
+        + build_ablation_assets(layer_partitions(n_layers)),
         resources={
             "subject": SubjectModelResource(
                 model=model,
@@ -40,6 +50,7 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
                 device=os.environ.get("NEURON_ATLAS_DEVICE", "cpu"),
             ),
             "explain": ExplainResource(),
+            "ablation": AblationResource(),
             WAREHOUSE: WarehouseIOManager(database=database or default_database(), schema=SCHEMA),
         },
     )

@@ -154,3 +154,12 @@ class ExplainResource(ConfigurableResource):
         return GenerationParams(
             max_tokens=self.max_tokens, temperature=self.temperature, n=self.samples, stop=("\n",), seed=self.seed
         )
+
+
+class AblationResource(ConfigurableResource):
+    """Which neurons get ablation scores, and how the ablated passes are batched."""
+
+    top_n: int = Field(4, description="ablate the N neurons with the best simulation score (corr_all) per layer")
+    random_n: int = Field(0, description="also ablate this many other scored neurons, drawn at random")
+    seed: int = Field(0, description="seed of the random draw")
+    batch_size: int = Field(4, description="ablated sequences per forward pass (each row may ablate another neuron)")

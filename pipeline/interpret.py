@@ -9,7 +9,7 @@ becomes a row with NULL values and a `failure_reason`, and the layer completes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import polars as pl
@@ -43,6 +43,7 @@ class NeuronExamples:
     train: list[list[tuple[str, int]]]  # top train records as (token, level)
     held_out: list[HeldOut]  # valid top, then valid random
     top_tokens: list[dict]
+    calibration: list[HeldOut] = field(default_factory=list)  # calibration top, then random
 
     @property
     def dead(self) -> bool:
@@ -62,21 +63,30 @@ def neuron_examples(
             for r in records
             if r["kind"] == "top" and r["split"] == "train"
         ][:train_records]
-        held_out = [
-            HeldOut(
-                r["kind"],
-                r["split_rank"],
-                r["seq_id"],
-                tokens[r["seq_id"]]["tokens"],
-                tokens[r["seq_id"]]["token_ids"],
-                np.asarray(r["acts"], dtype=np.float64),
-            )
-            for r in records
-            if r["split"] == "valid"
-        ]
+
+        def split(name: str, records: list[dict] = records) -> list[HeldOut]:
+            return [
+                HeldOut(
+                    r["kind"],
+                    r["split_rank"],
+                    r["seq_id"],
+                    tokens[r["seq_id"]]["tokens"],
+                    tokens[r["seq_id"]]["token_ids"],
+                    np.asarray(r["acts"], dtype=np.float64),
+                )
+                for r in records
+                if r["split"] == name
+            ]
+
         key = (row["layer"], row["neuron"])
         out[key] = NeuronExamples(
-            row["layer"], row["neuron"], float(row["max_activation"]), train, held_out, row["top_tokens"] or []
+            row["layer"],
+            row["neuron"],
+            float(row["max_activation"]),
+            train,
+            split("valid"),
+            row["top_tokens"] or [],
+            split("calibration"),
         )
     return out
 

@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
 
+from assets.ablations import build_ablation_assets  # noqa: E402
 from assets.interpret import build_interpret_assets  # noqa: E402
 from assets.io import WarehouseIOManager  # noqa: E402
 from assets.resources import (  # noqa: E402
+    AblationResource,
     CorpusResource,
     ExplainResource,
     LLMResource,
@@ -49,6 +51,7 @@ def run_stages(
     instance: DagsterInstance | None = None,
     llm: LLMResource | None = None,
     explain: ExplainResource | None = None,
+    ablation: AblationResource | None = None,
 ) -> Any:
     """Materialize the stage assets (and, given an LLM, explanations/simulations/scores) for a range
     of layer partitions in one run, for real."""
@@ -60,8 +63,8 @@ def run_stages(
         "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
     }
     if llm is not None:
-        assets += build_interpret_assets(layer_partitions(n_layers))
-        resources |= {"llm": llm, "explain": explain or ExplainResource()}
+        assets += build_interpret_assets(layer_partitions(n_layers)) + build_ablation_assets(layer_partitions(n_layers))
+        resources |= {"llm": llm, "explain": explain or ExplainResource(), "ablation": ablation or AblationResource()}
     return materialize(
         assets,
         selection=selection,

@@ -1,5 +1,6 @@
 """Slow end to end on the embedded default: the real Gemma 3 270M is the subject, the explainer and
-the simulator; 2 layers x 8 neurons go through explanations, simulations and scores in one run."""
+the simulator; 2 layers x 8 neurons go through explanations, simulations, scores and (the best 4
+per layer) ablations in one run."""
 
 from __future__ import annotations
 
@@ -8,14 +9,24 @@ from pathlib import Path
 import pytest
 from conftest import query, run_stages
 
-from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.resources import (
+    AblationResource,
+    CorpusResource,
+    ExplainResource,
+    LLMResource,
+    SamplingResource,
+    SubjectModelResource,
+)
 from pipeline.models import EMBEDDED, model_layer_count
+from pipeline.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_two_layers_eight_neurons_explained_simulated_scored(tmp_path: Path) -> None:
+def test_two_layers_eight_neurons_explained_simulated_scored_ablated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     database = tmp_path / "neuron_atlas.duckdb"
     result = run_stages(
         database,
@@ -26,6 +37,7 @@ def test_two_layers_eight_neurons_explained_simulated_scored(tmp_path: Path) -> 
         sampling=SamplingResource(),
         llm=LLMResource(),
         explain=ExplainResource(n_neurons=8),
+        ablation=AblationResource(top_n=4),
     )
     assert result.success
     q = query(database)
@@ -43,3 +55,10 @@ def test_two_layers_eight_neurons_explained_simulated_scored(tmp_path: Path) -> 
     rows = q((ROOT / "warehouse" / "queries" / "llm_vs_baseline.sql").read_text())
     assert {(r[0], r[1]) for r in rows} == {(layer, kind) for layer in (0, 1) for kind in ("llm", "token_lookup")}
     print("\n".join(str(r) for r in rows))
+    ablations = q("select layer, kl_mean, kl_simulated, ablation_score, ablation_score_reason from atlas.ablations")
+    assert sorted(r[0] for r in ablations) == [0] * 4 + [1] * 4
+    assert all(r[1] > 0 and r[2] >= 0 for r in ablations)  # real neurons of a real model move the output
+    assert all((r[3] is None) == (r[4] is not None) for r in ablations)
+    report_main(["ablation", "--db", str(database)])
+    out = capsys.readouterr().out
+    assert "Spearman rank correlation of simulation and ablation scores over 8 neurons" in out

@@ -210,3 +210,26 @@ def test_every_shipped_query_runs(local_run: tuple) -> None:
         assert q(path.read_text()), path.name
     best = q((Path(__file__).parents[1] / "warehouse" / "queries" / "best_explained_neurons.sql").read_text())
     assert [r[2] for r in best] == sorted((r[2] for r in best), reverse=True)
+
+
+def test_ablations_record_an_undefined_score_with_its_reason(local_run: tuple) -> None:
+    """Layer 0's output projection of the digit model is all zeros: no neuron moves the output, so
+    KL(mean) is 0 and the ablation score is NULL with the reason (the known-answer values of a
+    neuron that does move it are in test_ablation)."""
+    q = query(local_run[0])
+    rows = q(
+        "select neuron, selection, kl_mean, kl_simulated, ablation_score, ablation_score_reason, calibration_slope,"
+        " n_sequences from atlas.ablations order by neuron"
+    )
+    assert [r[0] for r in rows] == sorted(NEURONS) and {r[1] for r in rows} == {"top"}
+    for _, _, kl_mean, kl_sim, score, reason, slope, n_seq in rows:
+        assert kl_mean == pytest.approx(0.0, abs=1e-12) and kl_sim == pytest.approx(0.0, abs=1e-12)
+        assert score is None and "~0" in reason and slope is not None and n_seq == 10
+
+
+def test_ablation_report_command_runs_on_the_warehouse(local_run: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.report import main
+
+    main(["ablation", "--db", str(local_run[0])])
+    out = capsys.readouterr().out
+    assert "over 0 neurons: undefined" in out  # the digit model's layer 0 moves nothing (see above)

@@ -87,3 +87,14 @@ def test_token_lookup_simulator_predicts_from_the_table() -> None:
 def test_token_lookup_explanation() -> None:
     assert token_lookup_explanation(TABLE) == 'tokens " 7", "\\n"'
     assert token_lookup_explanation([]) is None
+
+
+def test_rank_correlation() -> None:
+    from pipeline.report import rank_correlation
+
+    assert rank_correlation(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 400])) == pytest.approx(1.0)
+    assert rank_correlation(np.array([1, 2, 3]), np.array([3, 2, 1])) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [1.5, 1.5, 3], y ranks [1, 2, 3] -> corr = 0.866...
+    assert rank_correlation(np.array([5, 5, 9]), np.array([1, 2, 3])) == pytest.approx(np.sqrt(3) / 2)
+    assert rank_correlation(np.array([1, 2]), np.array([1, 2])) is None
+    assert rank_correlation(np.array([1, 1, 1]), np.array([1, 2, 3])) is None

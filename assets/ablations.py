@@ -1,0 +1,92 @@
+"""The `ablations` asset: a thin wrapper over `pipeline.ablate_layer`."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
+
+import polars as pl
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    BackfillPolicy,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from assets.interpret import _identity, _strip
+from assets.resources import AblationResource, LLMResource, SubjectModelResource
+from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model
+from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_neurons
+from pipeline.ablation import LayerAblator
+from pipeline.corpus import prefix_ids
+from pipeline.interpret import neuron_examples
+
+
+def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
+    @asset(
+        code_version="1",
+        io_manager_key=WAREHOUSE,
+        group_name="atlas",
+        partitions_def=layers_def,
+        backfill_policy=BackfillPolicy.single_run(),
+        metadata=LAYER_METADATA,
+        ins={"activation_records": AssetIn(metadata={"columns": ["layer", "neuron", "mean_activation"]})},
+    )
+    def ablations(
+        context: AssetExecutionContext,
+        scores: pl.DataFrame,
+        explanations: pl.DataFrame,
+        simulations: pl.DataFrame,
+        top_k_examples: pl.DataFrame,
+        corpus_tokens: pl.DataFrame,
+        activation_records: pl.DataFrame,
+        subject: SubjectModelResource,
+        llm: LLMResource,
+        ablation: AblationResource,
+    ) -> pl.DataFrame:
+        """Per ablated neuron: KL of the next-token distribution when the neuron is replaced by its
+        mean vs by its calibrated simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
+        identity = _identity(top_k_examples)
+        loaded = subject.load()
+        _require_same_model(identity, loaded.identity)
+        examples = neuron_examples(_strip(top_k_examples), corpus_tokens)
+        simulator = None
+        frames = []
+        for layer in _layers(context):
+            chosen = choose_neurons(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)
+            context.log.info(f"layer {layer}: ablating neurons {chosen['neuron'].to_list()}")
+            if chosen.height == 0:
+                continue
+            simulator = simulator or llm.simulator_client()
+            means = {
+                r["neuron"]: float(r["mean_activation"])
+                for r in activation_records.filter(pl.col("layer") == layer).iter_rows(named=True)
+            }
+            frames.append(
+                ablate_layer(
+                    LayerAblator(loaded.model, layer, ablation.batch_size),
+                    prefix_ids(loaded.tokenizer),
+                    chosen,
+                    examples,
+                    explanations.filter(pl.col("layer") == layer),
+                    simulations.filter(pl.col("layer") == layer),
+                    means,
+                    simulator,
+                    progress=context.log.info,
+                )
+            )
+        frame = pl.concat(frames) if frames else pl.DataFrame(schema=ABLATION_SCHEMA)
+        scored = frame.filter(pl.col("ablation_score").is_not_null())
+        context.add_output_metadata(
+            {
+                "ablated": frame.height,
+                "scored": scored.height,
+                "mean_ablation_score": float(scored["ablation_score"].mean()) if scored.height else None,
+                "preview": _preview(
+                    frame, ["layer", "neuron", "corr_all", "kl_mean", "kl_simulated", "ablation_score"], 10
+                ),
+            }
+            | ({} if scored.height else {"note": MetadataValue.text("no neuron could be scored")})
+        )
+        return _lineage(frame, identity, context.run.run_id)
+
+    return [ablations]
