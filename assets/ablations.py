@@ -12,6 +12,7 @@ from dagster import (
     asset,
 )
 
+from assets.automation import RERUN
 from assets.interpret import _identity, _strip
 from assets.resources import AblationResource, LLMResource, SubjectModelResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model
@@ -24,6 +25,7 @@ from pipeline.interpret import neuron_examples
 def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
         code_version="1",
+        automation_condition=RERUN,
         io_manager_key=WAREHOUSE,
         group_name="atlas",
         partitions_def=layers_def,

@@ -12,6 +12,7 @@ import os
 from dagster import Definitions
 
 from assets.ablations import build_ablation_assets
+from assets.automation import automation_sensor, model_checkpoint, observe_model_job, observe_model_schedule
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
 from assets.resources import (
@@ -32,9 +33,13 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
     corpus = corpus or os.environ.get("NEURON_ATLAS_CORPUS") or "embedded"
     n_layers = model_layer_count(model)
     return Definitions(
-        assets=build_stage_assets(n_layers)
+        assets=[model_checkpoint]
+        + build_stage_assets(n_layers)
         + build_interpret_assets(layer_partitions(n_layers))
         + build_ablation_assets(layer_partitions(n_layers)),
+        jobs=[observe_model_job],
+        schedules=[observe_model_schedule],
+        sensors=[automation_sensor],
         resources={
             "subject": SubjectModelResource(
                 model=model,

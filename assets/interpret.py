@@ -11,6 +11,7 @@ from dagster import (
     asset,
 )
 
+from assets.automation import RERUN
 from assets.resources import ExplainResource, LLMResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview
 from pipeline.interpret import (
@@ -57,7 +58,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         metadata=LAYER_METADATA,
     )
 
-    @asset(code_version="1", **common)
+    @asset(code_version="1", automation_condition=RERUN, **common)
     def explanations(
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
@@ -88,7 +89,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         )
         return _lineage(frame, identity, context.run.run_id)
 
-    @asset(code_version="1", **common)
+    @asset(code_version="1", automation_condition=RERUN, **common)
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
@@ -110,7 +111,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         )
         return _lineage(frame, identity, context.run.run_id)
 
-    @asset(code_version="1", **common)
+    @asset(code_version="1", automation_condition=RERUN, **common)
     def scores(context: AssetExecutionContext, simulations: pl.DataFrame, top_k_examples: pl.DataFrame) -> pl.DataFrame:
         """Per explanation: correlation (top+random, top, random), r² and absolute deviation explained."""
         identity = _identity(top_k_examples)

@@ -16,6 +16,7 @@ from dagster import (
     asset,
 )
 
+from assets.automation import RERUN
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 from pipeline.corpus import prefix_ids, tokenize_corpus
 from pipeline.errors import AtlasInputError
@@ -70,7 +71,14 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
     """The stage assets, with one layer partition per layer of the configured model."""
     layers_def = layer_partitions(n_layers)
 
-    @asset(io_manager_key=WAREHOUSE, code_version="1", group_name="atlas", backfill_policy=BackfillPolicy.single_run())
+    @asset(
+        io_manager_key=WAREHOUSE,
+        code_version="1",
+        automation_condition=RERUN,
+        group_name="atlas",
+        backfill_policy=BackfillPolicy.single_run(),
+        deps=["model_checkpoint"],
+    )
     def subject_model(context: AssetExecutionContext, subject: SubjectModelResource) -> Output[pl.DataFrame]:
         """The subject model: loaded (converted once if embedded) and identified by revision or hash."""
         loaded = subject.load()
@@ -106,7 +114,13 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
             },
         )
 
-    @asset(io_manager_key=WAREHOUSE, code_version="1", group_name="atlas", backfill_policy=BackfillPolicy.single_run())
+    @asset(
+        io_manager_key=WAREHOUSE,
+        code_version="1",
+        automation_condition=RERUN,
+        group_name="atlas",
+        backfill_policy=BackfillPolicy.single_run(),
+    )
     def corpus_tokens(
         context: AssetExecutionContext,
         subject_model: pl.DataFrame,
@@ -130,6 +144,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
     @asset(
         io_manager_key=WAREHOUSE,
         code_version="1",
+        automation_condition=RERUN,
         group_name="atlas",
         partitions_def=layers_def,
         backfill_policy=BackfillPolicy.single_run(),
@@ -185,6 +200,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
     @asset(
         io_manager_key=WAREHOUSE,
         code_version="1",
+        automation_condition=RERUN,
         group_name="atlas",
         partitions_def=layers_def,
         backfill_policy=BackfillPolicy.single_run(),

@@ -47,7 +47,7 @@ def run_stages(
     subject: SubjectModelResource,
     corpus: CorpusResource,
     sampling: SamplingResource,
-    selection: str | None = None,
+    selection: str | list[str] | None = None,
     instance: DagsterInstance | None = None,
     llm: LLMResource | None = None,
     explain: ExplainResource | None = None,

@@ -1,0 +1,47 @@
+"""Automation: the checkpoint is observed on a schedule; a changed checkpoint (or code version)
+reruns exactly the partitions that were already materialized downstream of it, and an unchanged
+one reruns nothing. Missing partitions are never filled in automatically: explaining a whole model
+is a decision, made by launching it."""
+
+from dagster import (
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
+    DataVersion,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    ScheduleDefinition,
+    define_asset_job,
+    observable_source_asset,
+)
+
+from assets.resources import SubjectModelResource
+from pipeline.models import resolve_model
+
+RERUN = (
+    (AutomationCondition.any_deps_updated() | AutomationCondition.code_version_changed()).since_last_handled()
+    & ~AutomationCondition.missing()
+    & ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("rerun materialized partitions when an upstream or the code changed")
+
+
+@observable_source_asset(
+    group_name="atlas", description="The configured checkpoint; its data version is its revision/hash."
+)
+def model_checkpoint(subject: SubjectModelResource) -> DataVersion:
+    _, identity = resolve_model(subject.model, subject.revision)
+    return DataVersion(identity.data_version)
+
+
+observe_model_job = define_asset_job("observe_model", selection=AssetSelection.assets("model_checkpoint"))
+observe_model_schedule = ScheduleDefinition(
+    name="observe_model_hourly",
+    job=observe_model_job,
+    cron_schedule="0 * * * *",
+    default_status=DefaultScheduleStatus.RUNNING,
+)
+automation_sensor = AutomationConditionSensorDefinition(
+    "atlas_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING
+)
