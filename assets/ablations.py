@@ -89,6 +89,6 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
             }
             | ({} if scored.height else {"note": MetadataValue.text("no neuron could be scored")})
         )
-        return _lineage(frame, identity, context.run.run_id)
+        return _lineage(frame, identity, context)
 
     return [ablations]

@@ -13,6 +13,7 @@ from dagster import Definitions
 
 from assets.ablations import build_ablation_assets
 from assets.automation import automation_sensor, model_checkpoint, observe_model_job, observe_model_schedule
+from assets.checks import build_asset_checks
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
 from assets.resources import (
@@ -37,6 +38,7 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
         + build_stage_assets(n_layers)
         + build_interpret_assets(layer_partitions(n_layers))
         + build_ablation_assets(layer_partitions(n_layers)),
+        asset_checks=build_asset_checks(),
         jobs=[observe_model_job],
         schedules=[observe_model_schedule],
         sensors=[automation_sensor],

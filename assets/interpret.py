@@ -33,7 +33,7 @@ def _identity(frame: pl.DataFrame) -> ModelIdentity:
 
 
 def _strip(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.drop("model_id", "model_revision", "run_id", strict=False)
+    return frame.drop("model_id", "model_revision", "run_id", "code_version", strict=False)
 
 
 def _histogram(values: list[float], bins: int = 10) -> str:
@@ -87,7 +87,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "preview": _preview(frame, ["layer", "neuron", "kind", "explanation", "failure_reason"], 16),
             }
         )
-        return _lineage(frame, identity, context.run.run_id)
+        return _lineage(frame, identity, context)
 
     @asset(code_version="1", automation_condition=RERUN, **common)
     def simulations(
@@ -109,7 +109,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "simulator": f"{simulator.backend}:{simulator.model}" if simulator else "baseline only",
             }
         )
-        return _lineage(frame, identity, context.run.run_id)
+        return _lineage(frame, identity, context)
 
     @asset(code_version="1", automation_condition=RERUN, **common)
     def scores(context: AssetExecutionContext, simulations: pl.DataFrame, top_k_examples: pl.DataFrame) -> pl.DataFrame:
@@ -118,7 +118,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         maxes = {(r["layer"], r["neuron"]): r["max_activation"] for r in top_k_examples.iter_rows(named=True)}
         frame = score_layer(_strip(simulations), maxes)
         context.add_output_metadata(_score_metadata(frame))
-        return _lineage(frame, identity, context.run.run_id)
+        return _lineage(frame, identity, context)
 
     return [explanations, simulations, scores]
 

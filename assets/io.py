@@ -71,11 +71,19 @@ class PolarsTypeHandler(DuckDBPolarsTypeHandler):
         return pl.from_arrow(fetch())
 
 
+class WarehouseDbIOManager(DbIOManager):
+    """Exposes the database file, so asset checks can query the warehouse the assets wrote."""
+
+    @property
+    def database(self) -> str:
+        return self._database
+
+
 class WarehouseIOManager(DuckDBPolarsIOManager):
     """Polars DataFrames <-> DuckDB tables; each partition write is one transaction."""
 
     def create_io_manager(self, context: Any) -> DbIOManager:
-        return DbIOManager(
+        return WarehouseDbIOManager(
             db_client=TransactionalDuckDbClient(),
             database=self.database,
             schema=self.schema_,

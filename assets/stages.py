@@ -33,12 +33,14 @@ def layer_partitions(n_layers: int) -> StaticPartitionsDefinition:
     return StaticPartitionsDefinition([str(i) for i in range(n_layers)])
 
 
-def _lineage(frame: pl.DataFrame, identity: ModelIdentity, run_id: str) -> pl.DataFrame:
-    """Prefix every row with model id, revision and run id."""
+def _lineage(frame: pl.DataFrame, identity: ModelIdentity, context: AssetExecutionContext) -> pl.DataFrame:
+    """Prefix every row with model id, revision, run id and the asset's code version."""
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     return frame.select(
         pl.lit(identity.model_id).alias("model_id"),
         pl.lit(identity.revision).alias("model_revision"),
-        pl.lit(run_id).alias("run_id"),
+        pl.lit(context.run.run_id).alias("run_id"),
+        pl.lit(code_version, dtype=pl.String).alias("code_version"),
         pl.all(),
     )
 
@@ -96,7 +98,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 }
             ),
             loaded.identity,
-            context.run.run_id,
+            context,
         )
         if len(projections) != n_layers:
             context.log.warning(
@@ -139,7 +141,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 "preview": _preview(frame, ["seq_id", "text"], 5),
             }
         )
-        return _lineage(frame, identity, context.run.run_id)
+        return _lineage(frame, identity, context)
 
     @asset(
         io_manager_key=WAREHOUSE,
@@ -195,7 +197,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 "preview": _preview(frame, ["layer", "neuron", "max_activation", "mean_activation", "positive_frac"]),
             }
         )
-        return _lineage(frame, loaded.identity, context.run.run_id)
+        return _lineage(frame, loaded.identity, context)
 
     @asset(
         io_manager_key=WAREHOUSE,
@@ -214,7 +216,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
     ) -> pl.DataFrame:
         """Per neuron: strided train/calibration/valid/test splits, the 0-10 normalization max, top tokens."""
         identity = ModelIdentity(activation_records["model_id"][0], activation_records["model_revision"][0])
-        records = activation_records.drop("model_id", "model_revision", "run_id")
+        records = activation_records.drop("model_id", "model_revision", "run_id", "code_version", strict=False)
         tokens = corpus_tokens.select("seq_id", "token_ids", "tokens")
         frame = build_top_k_examples(records, tokens, n_top_tokens=sampling.n_top_tokens)
         with_tokens = frame.filter(pl.col("top_tokens").list.len() > 0).height
@@ -234,6 +236,6 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 ),
             }
         )
-        return _lineage(frame, identity, context.run.run_id)
+        return _lineage(frame, identity, context)
 
     return [subject_model, corpus_tokens, activation_records, top_k_examples]

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
 
 from assets.ablations import build_ablation_assets  # noqa: E402
+from assets.checks import build_asset_checks  # noqa: E402
 from assets.interpret import build_interpret_assets  # noqa: E402
 from assets.io import WarehouseIOManager  # noqa: E402
 from assets.resources import (  # noqa: E402
@@ -52,6 +53,7 @@ def run_stages(
     llm: LLMResource | None = None,
     explain: ExplainResource | None = None,
     ablation: AblationResource | None = None,
+    raise_on_error: bool = True,
 ) -> Any:
     """Materialize the stage assets (and, given an LLM, explanations/simulations/scores) for a range
     of layer partitions in one run, for real."""
@@ -65,8 +67,10 @@ def run_stages(
     if llm is not None:
         assets += build_interpret_assets(layer_partitions(n_layers)) + build_ablation_assets(layer_partitions(n_layers))
         resources |= {"llm": llm, "explain": explain or ExplainResource(), "ablation": ablation or AblationResource()}
+    keys = {key for a in assets for key in a.keys}
+    checks = [c for c in build_asset_checks() if all(k.asset_key in keys for k in c.check_keys)]
     return materialize(
-        assets,
+        [*assets, *checks],
         selection=selection,
         resources=resources,
         tags={
@@ -74,6 +78,7 @@ def run_stages(
             "dagster/asset_partition_range_end": str(layers[1]),
         },
         instance=instance or DagsterInstance.ephemeral(),
+        raise_on_error=raise_on_error,
     )
 
 

@@ -124,7 +124,9 @@ class TruePattern(Simulator):
 
 def _digit_examples(database: Path) -> tuple:
     with duckdb.connect(str(database), read_only=True) as conn:
-        examples = conn.sql("select * exclude (model_id, model_revision, run_id) from atlas.top_k_examples").pl()
+        examples = conn.sql(
+            "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
+        ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
     return neuron_examples(examples, corpus)
 
@@ -233,3 +235,89 @@ def test_ablation_report_command_runs_on_the_warehouse(local_run: tuple, capsys:
     main(["ablation", "--db", str(local_run[0])])
     out = capsys.readouterr().out
     assert "over 0 neurons: undefined" in out  # the digit model's layer 0 moves nothing (see above)
+
+
+def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
+    evaluations = local_run[1].get_asset_check_evaluations()
+    names = {e.check_name for e in evaluations}
+    assert {"activation_records_complete", "levels_in_range", "one_explanation_per_key"} <= names
+    assert {"simulations_in_range", "scores_in_range", "ablations_sane"} <= names
+    assert all(e.passed for e in evaluations), [(e.check_name, e.description) for e in evaluations if not e.passed]
+
+
+CORRUPTIONS = {
+    "activation_records_complete": "update atlas.activation_records set mean_activation = 'nan' where neuron = 3",
+    "levels_in_range": "update atlas.top_k_examples set max_activation = null where neuron = 3",
+    "one_explanation_per_key": "insert into atlas.explanations select * from atlas.explanations limit 1",
+    "simulations_in_range": "update atlas.simulations set simulated = list_transform(simulated, lambda v: v + 11)",
+    "scores_in_range": "update atlas.scores set corr_all = 1.5 where corr_all is not null",
+    "ablations_sane": "update atlas.ablations set kl_mean = -1",
+}
+
+
+@pytest.mark.parametrize("check", sorted(CORRUPTIONS))
+def test_each_check_fails_on_corrupted_data(local_run: tuple, tmp_path: Path, check: str) -> None:
+    from pipeline import checks
+
+    database = tmp_path / "corrupt.duckdb"
+    database.write_bytes(local_run[0].read_bytes())
+    run = {"activation_records_complete": lambda c: checks.activation_records_complete(c, 20, 20)}
+    fn = run.get(check) or getattr(checks, check)
+    with duckdb.connect(str(database)) as conn:
+        assert fn(conn).passed
+        conn.execute(CORRUPTIONS[check])
+        outcome = fn(conn)
+    assert not outcome.passed and outcome.bad_rows > 0 and outcome.description
+
+
+def test_a_failing_blocking_check_stops_the_next_stage(
+    local_run: tuple, tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
+) -> None:
+    database = tmp_path / "neuron_atlas.duckdb"
+    database.write_bytes(local_run[0].read_bytes())
+    with duckdb.connect(str(database)) as conn:  # layer 0's rows are bad; the run writes layer 1
+        conn.execute(CORRUPTIONS["activation_records_complete"])
+    result = run_stages(
+        database,
+        n_layers=2,
+        layers=(1, 1),
+        **digit_resources(digit_model_dir, digit_corpus),
+        selection=["activation_records", "top_k_examples"],
+        raise_on_error=False,
+    )
+    assert not result.success
+    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "activation_records_complete"]
+    assert not evaluation.passed
+    materialized = {e.asset_key.path[0] for e in result.get_asset_materialization_events()}
+    assert materialized == {"activation_records"}  # top_k_examples never ran
+    layers = query(database)("select distinct layer from atlas.top_k_examples order by 1")
+    assert layers == [(0,)]
+
+
+def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_run: tuple) -> None:
+    q = query(local_run[0])
+    for table in ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores"):
+        bad = q(f"select count(*) from atlas.{table} where model_id is null or run_id is null or code_version is null")
+        assert bad == [(0,)], table
+    rows = q(
+        "select layer, neuron, explanation, score, baseline_score, ablation_score, top_tokens"
+        " from atlas.neuron_summary order by neuron"
+    )
+    assert [r[1] for r in rows] == sorted(NEURONS)
+    for layer, neuron, explanation, score, baseline, ablation, top_tokens in rows:
+        want = q(
+            "select e.explanation, s.corr_all from atlas.scores s join atlas.explanations e"
+            " using (layer, neuron, kind, sample_index) where s.kind = 'llm' and layer = ? and neuron = ?",
+            [layer, neuron],
+        )
+        assert (explanation, score) == want[0]
+        assert (
+            baseline
+            == q(
+                "select corr_all from atlas.scores where kind = 'token_lookup' and layer = ? and neuron = ?",
+                [layer, neuron],
+            )[0][0]
+        )
+        assert ablation is None  # the digit model's layer 0 moves nothing (see the ablation test)
+        if neuron == DIGIT_NEURON:
+            assert top_tokens and set(top_tokens) <= set(DIGITS)

@@ -1,0 +1,50 @@
+"""Asset checks: thin wrappers running `pipeline.checks` against the warehouse file. Blocking
+checks stop the run's downstream steps, so bad rows never reach the next stage."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
+
+import duckdb
+from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, asset_check
+
+from assets.resources import SamplingResource
+from pipeline import checks
+
+BLOCKING = {"activation_records", "top_k_examples", "explanations", "simulations", "scores"}
+
+
+def _result(outcome: checks.CheckOutcome) -> AssetCheckResult:
+    return AssetCheckResult(
+        passed=outcome.passed, description=outcome.description, metadata={"bad_rows": outcome.bad_rows}
+    )
+
+
+def _connect(context: AssetCheckExecutionContext) -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(context.resources.warehouse.database, read_only=True)
+
+
+def build_asset_checks() -> list[AssetChecksDefinition]:
+    @asset_check(asset="activation_records", blocking=True, required_resource_keys={"warehouse", "sampling"})
+    def activation_records_complete(context: AssetCheckExecutionContext) -> AssetCheckResult:
+        """Finite statistics and the configured number of top and random records per neuron."""
+        sampling: SamplingResource = context.resources.sampling
+        with _connect(context) as conn:
+            return _result(checks.activation_records_complete(conn, sampling.top_k, sampling.random_k))
+
+    def simple(asset: str, fn_name: str, doc: str) -> AssetChecksDefinition:
+        @asset_check(asset=asset, name=fn_name, blocking=asset in BLOCKING, required_resource_keys={"warehouse"})
+        def check(context: AssetCheckExecutionContext) -> AssetCheckResult:
+            with _connect(context) as conn:
+                if not checks.table_exists(conn, asset):
+                    return AssetCheckResult(passed=True, description="no rows written yet", metadata={"bad_rows": 0})
+                return _result(getattr(checks, fn_name)(conn))
+
+        check.__doc__ = doc
+        return check
+
+    return [
+        activation_records_complete,
+        simple("top_k_examples", "levels_in_range", "Levels within 0..10 and a normalization max for every neuron."),
+        simple("explanations", "one_explanation_per_key", "One explanation per model, layer, neuron, kind, sample."),
+        simple("simulations", "simulations_in_range", "Simulated levels within 0..10, one per token."),
+        simple("scores", "scores_in_range", "Correlations within [-1, 1]; NULL only with a reason."),
+        simple("ablations", "ablations_sane", "KL non-negative; a NULL ablation score only with a reason."),
+    ]

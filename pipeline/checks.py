@@ -1,0 +1,104 @@
+"""Data checks on the warehouse tables, as SQL: each returns whether it passed, a sentence saying
+why, and the offending rows' count. Dagster runs them as asset checks (blocking where bad rows
+would poison the next stage); they also run on their own against any warehouse file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.warehouse import SCHEMA
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    description: str
+    bad_rows: int
+
+
+def _count(conn: Any, sql: str, params: list | None = None) -> int:
+    return int(conn.execute(sql.replace("{s}", SCHEMA), params or []).fetchone()[0])
+
+
+def table_exists(conn: Any, table: str) -> bool:
+    """An empty output writes no table: there is nothing to check then."""
+    sql = "select count(*) from information_schema.tables where table_schema = ? and table_name = ?"
+    return _count(conn, sql, [SCHEMA, table]) > 0
+
+
+def _outcome(bad: int, what: str, ok: str) -> CheckOutcome:
+    return CheckOutcome(bad == 0, f"{bad} {what}" if bad else ok, bad)
+
+
+def activation_records_complete(conn: Any, top_k: int, random_k: int) -> CheckOutcome:
+    """Finite statistics, and as many top and random records per neuron as configured (or as the
+    corpus has sequences)."""
+    n_seq = _count(conn, "select count(*) from {s}.corpus_tokens")
+    bad = _count(
+        conn,
+        "select count(*) from {s}.activation_records where max_activation is null or mean_activation is null"
+        " or variance is null or not isfinite(max_activation) or not isfinite(mean_activation)"
+        " or not isfinite(variance) or len(top) <> ? or len(random) <> ?",
+        [min(top_k, n_seq), min(random_k, n_seq)],
+    )
+    return _outcome(bad, "neurons with missing/non-finite statistics or a wrong record count", "all neurons complete")
+
+
+def levels_in_range(conn: Any) -> CheckOutcome:
+    bad = _count(
+        conn,
+        "select count(*) from {s}.top_k_examples where max_activation is null or not isfinite(max_activation)"
+        " or len(list_filter(records, lambda r: len(list_filter(r.levels, lambda v: v is null or v > 10)) > 0)) > 0",
+    )
+    return _outcome(bad, "neurons with levels outside 0..10 or no normalization max", "all levels within 0..10")
+
+
+def one_explanation_per_key(conn: Any) -> CheckOutcome:
+    bad = _count(
+        conn,
+        "select count(*) from (select model_id, layer, neuron, kind, sample_index from {s}.explanations"
+        " group by all having count(*) > 1)",
+    )
+    return _outcome(
+        bad, "duplicated (model, layer, neuron, kind, sample) keys", "one explanation per neuron, kind, sample"
+    )
+
+
+def simulations_in_range(conn: Any) -> CheckOutcome:
+    bad = _count(
+        conn,
+        "select count(*) from {s}.simulations where simulated is not null and (len(simulated) <> len(true_acts)"
+        " or len(list_filter(simulated, lambda v: v is null or not isfinite(v) or v < 0 or v > 10)) > 0)",
+    )
+    return _outcome(
+        bad, "sequences with simulated levels outside 0..10 or of the wrong length", "all simulations in 0..10"
+    )
+
+
+def scores_in_range(conn: Any) -> CheckOutcome:
+    cols = ("corr_all", "corr_top", "corr_random")
+    cond = " or ".join(f"({c} is not null and (isnan({c}) or {c} < -1 or {c} > 1))" for c in cols)
+    nulls = " or ".join(f"({c} is null and {c}_reason is null and failure_reason is null)" for c in cols)
+    bad = _count(conn, f"select count(*) from {{s}}.scores where {cond} or {nulls}")
+    return _outcome(bad, "scores outside [-1, 1], NaN, or NULL without a reason", "all scores within [-1, 1]")
+
+
+def ablations_sane(conn: Any) -> CheckOutcome:
+    bad = _count(
+        conn,
+        "select count(*) from {s}.ablations where failure_reason is null and (kl_mean < 0 or kl_simulated < 0"
+        " or (ablation_score is null and ablation_score_reason is null))",
+    )
+    return _outcome(bad, "ablations with negative KL or a NULL score without a reason", "all ablations sane")
+
+
+CHECKS: dict[str, Callable[..., CheckOutcome]] = {
+    "activation_records": activation_records_complete,
+    "top_k_examples": levels_in_range,
+    "explanations": one_explanation_per_key,
+    "simulations": simulations_in_range,
+    "scores": scores_in_range,
+    "ablations": ablations_sane,
+}
