@@ -1,4 +1,4 @@
-"""Automation: the checkpoint is observed on a schedule; a changed checkpoint (or code version)
+"""Automation: the checkpoint and corpus are observed on a schedule; a change there (or in code version)
 reruns exactly the partitions that were already materialized downstream of it, and an unchanged
 one reruns nothing. Missing partitions are never filled in automatically: explaining a whole model
 is a decision, made by launching it."""
@@ -15,7 +15,8 @@ from dagster import (
     observable_source_asset,
 )
 
-from assets.resources import SubjectModelResource
+from assets.resources import CorpusResource, SubjectModelResource
+from pipeline.corpus import corpus_fingerprint
 from pipeline.models import resolve_model
 
 RERUN = (
@@ -35,7 +36,16 @@ def model_checkpoint(subject: SubjectModelResource) -> DataVersion:
     return DataVersion(identity.data_version)
 
 
-observe_model_job = define_asset_job("observe_model", selection=AssetSelection.assets("model_checkpoint"))
+@observable_source_asset(
+    group_name="atlas", description="The configured corpus; its data version hashes the settings and local files."
+)
+def corpus_source(corpus: CorpusResource) -> DataVersion:
+    return DataVersion(corpus_fingerprint(corpus.spec()))
+
+
+observe_model_job = define_asset_job(
+    "observe_model", selection=AssetSelection.assets("model_checkpoint", "corpus_source")
+)
 observe_model_schedule = ScheduleDefinition(
     name="observe_model_hourly",
     job=observe_model_job,

@@ -12,7 +12,13 @@ import os
 from dagster import Definitions
 
 from assets.ablations import build_ablation_assets
-from assets.automation import automation_sensor, model_checkpoint, observe_model_job, observe_model_schedule
+from assets.automation import (
+    automation_sensor,
+    corpus_source,
+    model_checkpoint,
+    observe_model_job,
+    observe_model_schedule,
+)
 from assets.checks import build_asset_checks
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
@@ -34,7 +40,7 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
     corpus = corpus or os.environ.get("NEURON_ATLAS_CORPUS") or "embedded"
     n_layers = model_layer_count(model)
     return Definitions(
-        assets=[model_checkpoint]
+        assets=[model_checkpoint, corpus_source]
         + build_stage_assets(n_layers)
         + build_interpret_assets(layer_partitions(n_layers))
         + build_ablation_assets(layer_partitions(n_layers)),

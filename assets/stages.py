@@ -122,6 +122,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         automation_condition=RERUN,
         group_name="atlas",
         backfill_policy=BackfillPolicy.single_run(),
+        deps=["corpus_source"],
     )
     def corpus_tokens(
         context: AssetExecutionContext,

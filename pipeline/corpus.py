@@ -179,6 +179,27 @@ def corpus_texts(spec: CorpusSpec) -> Iterator[str]:
     return (text for f in files for text in _file_texts(f, spec.text_field))
 
 
+def corpus_fingerprint(spec: CorpusSpec) -> str:
+    """A short hash of what the corpus stage would read: the settings plus, for local files, their
+    paths and contents (the embedded corpus: the Python version it ships with). A Hugging Face
+    dataset is identified by name only (no hub access to resolve its revision)."""
+    import hashlib
+    import json
+    import sys
+    from dataclasses import asdict
+
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode())
+    if spec.source == EMBEDDED:
+        digest.update(sys.version.encode())
+    elif not spec.source.startswith("hf:"):
+        for path in _local_files(spec.source):
+            digest.update(str(path.resolve()).encode())
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def prefix_ids(tokenizer: Any) -> list[int]:
     """Tokens put before every sequence (Gemma's BOS): context for the model, never a record token."""
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -26,11 +26,14 @@ def requested(result) -> set[tuple[str, str | None]]:
     }
 
 
-def test_changed_checkpoint_reruns_only_affected_partitions(
+def test_changed_checkpoint_or_corpus_reruns_only_affected_partitions(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
 ) -> None:
     model = tmp_path / "model"
     shutil.copytree(digit_model_dir, model)
+    digit_corpus_copy = tmp_path / "digits.jsonl"
+    shutil.copy(digit_corpus, digit_corpus_copy)
+    digit_corpus = digit_corpus_copy
     database = tmp_path / "neuron_atlas.duckdb"
     defs = build_definitions(model=str(model), corpus=str(digit_corpus), database=str(database))
     instance = DagsterInstance.ephemeral()
@@ -66,6 +69,13 @@ def test_changed_checkpoint_reruns_only_affected_partitions(
     assert run_stages(**stage_args, selection=["activation_records", "top_k_examples"]).success
     settled = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
     assert requested(settled) == set()  # nothing downstream was ever materialized: nothing to rerun
+
+    # A changed corpus file reruns the corpus and what it feeds, not the subject model.
+    with open(digit_corpus_copy, "a") as fh:
+        fh.write('\n{"text": "the 7 of 8"}')
+    assert observe.execute_in_process(instance=instance).success
+    corpus_changed = evaluate_automation_conditions(defs=defs, instance=instance, cursor=settled.cursor)
+    assert requested(corpus_changed) == {("corpus_tokens", None)}
 
 
 @pytest.mark.parametrize("name", ["observe_model_hourly"])
