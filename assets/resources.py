@@ -8,7 +8,7 @@ from pydantic import Field
 from pipeline.corpus import CorpusSpec
 from pipeline.errors import AtlasInputError
 from pipeline.llm import GenerationParams, LLMBackend
-from pipeline.llm_cache import LLMCache, default_cache_path
+from pipeline.llm_cache import CachedBackend, CachedSimulator, LLMCache, default_cache_path
 from pipeline.llm_local import LocalBackend
 from pipeline.llm_openai import OpenAIBackend
 from pipeline.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
@@ -90,7 +90,11 @@ class LLMResource(ConfigurableResource):
     max_concurrency: int = Field(4, description="openai: requests in flight at once")
     max_attempts: int = Field(6, description="openai: attempts per request (429/5xx/timeouts are retried)")
     timeout_s: float = Field(60.0, description="openai: seconds per request")
-    cache_path: str | None = Field(None, description="openai: response cache file (default next to the warehouse)")
+    cache_path: str | None = Field(
+        None,
+        description="response cache (every finished explanation and simulation, so reruns and resumed runs redo"
+        " nothing); default: llm_cache.sqlite beside the warehouse, or NEURON_ATLAS_LLM_CACHE",
+    )
     device: str = Field("cpu", description="local: torch device")
     dtype: str = Field("float32", description="local: float32, bfloat16 or float16")
     simulation_batch_size: int = Field(16, description="local: held-out sequences per forward pass")
@@ -109,16 +113,19 @@ class LLMResource(ConfigurableResource):
         self.validate_choice()
         if self.backend == "local":
             loaded = self.load_local()
-            return LocalBackend(loaded.model, loaded.tokenizer, loaded.identity.data_version)
+            return CachedBackend(
+                LocalBackend(loaded.model, loaded.tokenizer, loaded.identity.data_version), self._cache()
+            )
         return self._openai()
 
     def simulator_client(self) -> Simulator:
         self.validate_choice()
         if self.backend == "local":
             loaded = self.load_local()
-            return LocalSimulator(
+            simulator = LocalSimulator(
                 loaded.model, loaded.tokenizer, loaded.identity.data_version, self.simulation_batch_size
             )
+            return CachedSimulator(simulator, self._cache())
         client = self._openai()
         return EchoSimulator(client) if self.simulator == "echo" else JsonSimulator(client)
 
@@ -132,8 +139,11 @@ class LLMResource(ConfigurableResource):
             max_concurrency=self.max_concurrency,
             max_attempts=self.max_attempts,
             timeout_s=self.timeout_s,
-            cache=LLMCache(self.cache_path or default_cache_path()),
+            cache=self._cache(),
         )
+
+    def _cache(self) -> LLMCache:
+        return LLMCache(self.cache_path or default_cache_path())
 
 
 class ExplainResource(ConfigurableResource):

@@ -15,9 +15,16 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
+from pipeline.simulator import Simulator
 
 DEFAULT_PATH = Path("warehouse") / "llm_cache.sqlite"
 ENV_VAR = "NEURON_ATLAS_LLM_CACHE"
@@ -40,8 +47,10 @@ def cache_key(backend: str, model: str, kind: str, prompt: str, params: dict[str
 
 
 def default_cache_path() -> Path:
-    """$NEURON_ATLAS_LLM_CACHE, else warehouse/llm_cache.sqlite beside the warehouse."""
-    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    """$NEURON_ATLAS_LLM_CACHE, else llm_cache.sqlite beside the warehouse file."""
+    from pipeline.warehouse import default_database
+
+    return Path(os.environ.get(ENV_VAR) or Path(default_database()).parent / DEFAULT_PATH.name)
 
 
 class LLMCache:
@@ -84,3 +93,46 @@ class LLMCache:
     def __len__(self) -> int:
         with closing(self._connect()) as conn:
             return int(conn.execute("SELECT count(*) FROM responses").fetchone()[0])
+
+
+class CachedBackend(LLMBackend):
+    """Any backend, with every finished prompt stored as soon as it is answered: a run killed
+    mid-layer resumes without redoing the neurons it finished."""
+
+    def __init__(self, inner: LLMBackend, cache: LLMCache):
+        self.inner, self.cache = inner, cache
+        self.backend, self.model, self.batch_hint = inner.backend, inner.model, inner.batch_hint
+
+    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
+        key = asdict(params)
+        out: list[Completion | LLMFailure | None] = []
+        for prompt in prompts:
+            hit = self.cache.get(self.backend, self.model, "complete", prompt, key)
+            out.append(Completion(**hit, cached=True) if hit is not None else None)
+        todo = [i for i, r in enumerate(out) if r is None]
+        for i, result in zip(todo, self.inner.complete([prompts[i] for i in todo], params), strict=True):
+            if isinstance(result, Completion):
+                value = {"texts": result.texts, "prompt_tokens": result.prompt_tokens}
+                self.cache.put(self.backend, self.model, "complete", prompts[i], key,
+                               value | {"completion_tokens": result.completion_tokens})  # fmt: skip
+            out[i] = result
+        return [r for r in out if r is not None]
+
+
+class CachedSimulator(Simulator):
+    """Any simulator, with each explanation's simulated levels stored when finished."""
+
+    def __init__(self, inner: Simulator, cache: LLMCache):
+        self.inner, self.cache = inner, cache
+        self.backend, self.model, self.prompt_version = inner.backend, inner.model, inner.prompt_version
+
+    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
+        prompt = json.dumps({"explanation": explanation, "sequences": [list(s) for s in sequences]})
+        params = {"prompt_version": self.prompt_version}
+        hit = self.cache.get(self.backend, self.model, "simulate", prompt, params)
+        if hit is not None:
+            return [np.asarray(v, dtype=np.float64) for v in hit]
+        result = self.inner.simulate(explanation, sequences)
+        if not isinstance(result, LLMFailure):
+            self.cache.put(self.backend, self.model, "simulate", prompt, params, [v.tolist() for v in result])
+        return result

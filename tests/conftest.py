@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ from assets.resources import (  # noqa: E402
 )
 from assets.stages import build_stage_assets, layer_partitions  # noqa: E402
 from pipeline.warehouse import SCHEMA  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llm_cache_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep the tests' LLM response cache out of the project's warehouse/."""
+    path = tmp_path_factory.mktemp("llm_cache") / "llm_cache.sqlite"
+    old = os.environ.get("NEURON_ATLAS_LLM_CACHE")
+    os.environ["NEURON_ATLAS_LLM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("NEURON_ATLAS_LLM_CACHE", None)
+    else:
+        os.environ["NEURON_ATLAS_LLM_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

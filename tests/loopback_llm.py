@@ -34,7 +34,7 @@ class ServerState:
     plan: dict[str, list[str]] = field(default_factory=dict)  # prompt marker -> faults still to serve
     replies: list[tuple[str, str]] = field(default_factory=list)  # (prompt marker, completion text)
     retry_after: str = "1"
-    slow_s: float = 1.0
+    slow_s: float = 2.5  # longer than the tests' client timeout
     delay_s: float = 0.0  # every request sleeps this long (to make overlap observable)
     # Echo: the k-th `unknown` of a prompt gets slot_probs[k % len] as its top candidates.
     slot_probs: list[dict[str, float]] = field(default_factory=list)
@@ -95,7 +95,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
 
+    def _leave(self) -> None:
+        """A request stops counting as in flight once its reply is ready: counting until the handler
+        returns would overlap with the client's next request, which may start as soon as it reads."""
+        if getattr(self, "_counted", False):
+            with self.server.state.lock:
+                self.server.state.in_flight -= 1
+            self._counted = False
+
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self._leave()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -117,6 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
             state.requests += 1
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            self._counted = True
             state.auth_headers.append(self.headers.get("Authorization", ""))
             state.bodies.append(body)
         try:
@@ -124,8 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(state.delay_s)
             self._serve(state, body)
         finally:
-            with state.lock:
-                state.in_flight -= 1
+            self._leave()
 
     def _serve(self, state: ServerState, body: dict[str, Any]) -> None:
         chat = self.path.rstrip("/").endswith("/chat/completions")

@@ -1,0 +1,90 @@
+"""A real `dagster asset materialize` of explanations, SIGKILLed mid-layer and rerun: the neurons
+finished before the kill come from the response cache, and the table ends with every row exactly
+once (the killed run wrote nothing: a partition is written in one transaction at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import query
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NEURONS = list(range(8))
+
+pytestmark = pytest.mark.slow
+
+
+def cached_completions(cache: Path) -> int:
+    if not cache.exists():
+        return 0
+    try:
+        with sqlite3.connect(cache, timeout=5) as conn:
+            return int(conn.execute("select count(*) from responses where kind = 'complete'").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not there yet
+        return 0
+
+
+def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
+    tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    database, cache = tmp_path / "neuron_atlas.duckdb", tmp_path / "llm_cache.sqlite"
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "NEURON_ATLAS_MODEL": str(digit_model_dir),
+        "NEURON_ATLAS_CORPUS": str(digit_corpus),
+        "NEURON_ATLAS_DB": str(database),
+        "NEURON_ATLAS_LLM_CACHE": str(cache),
+    }
+    config = json.dumps(
+        {
+            "resources": {
+                "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
+                "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
+                "explain": {"config": {"neuron_ids": NEURONS}},
+            }
+        }
+    )
+    cli = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
+    for extra in (
+        ["--select", "subject_model,corpus_tokens"],
+        ["--select", "activation_records,top_k_examples", "--partition", "0"],
+    ):
+        done = subprocess.run(cli + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    explain = cli + ["--select", "explanations", "--partition", "0"]
+    proc = subprocess.Popen(explain, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while cached_completions(cache) < 2:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no explanation finished in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finished = cached_completions(cache)
+    assert 2 <= finished < len(NEURONS)
+    q = query(database)
+    tables = {r[0] for r in q("select table_name from information_schema.tables where table_schema = 'atlas'")}
+    assert "explanations" not in tables  # nothing half-written
+
+    done = subprocess.run(explain, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = q("select neuron, kind, cached from atlas.explanations order by neuron, kind")
+    assert [(n, k) for n, k, _ in rows] == [(n, k) for n in NEURONS for k in ("llm", "token_lookup")]
+    reused = sum(1 for _, k, c in rows if k == "llm" and c)
+    assert reused >= finished  # finished before the kill: answered from the cache, not regenerated
