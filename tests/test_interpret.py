@@ -321,3 +321,17 @@ def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_ru
         assert ablation is None  # the digit model's layer 0 moves nothing (see the ablation test)
         if neuron == DIGIT_NEURON:
             assert top_tokens and set(top_tokens) <= set(DIGITS)
+
+
+def test_current_views_keep_only_the_current_models_rows(local_run: tuple, tmp_path: Path) -> None:
+    database = tmp_path / "copy.duckdb"
+    database.write_bytes(local_run[0].read_bytes())
+    stages = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
+    with duckdb.connect(str(database)) as conn:
+        for table in (*stages, "ablations"):
+            total = conn.execute(f"select count(*) from atlas.{table}").fetchone()[0]
+            assert conn.execute(f"select count(*) from atlas.current_{table}").fetchone()[0] == total > 0
+        conn.execute("update atlas.scores set model_revision = 'an-older-checkpoint' where neuron = 5")
+        stale = conn.execute("select count(*) from atlas.scores where neuron = 5").fetchone()[0]
+        current = conn.execute("select count(*) from atlas.current_scores").fetchone()[0]
+        assert stale > 0 and current == conn.execute("select count(*) from atlas.scores").fetchone()[0] - stale
