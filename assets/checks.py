@@ -2,11 +2,14 @@
 checks stop the run's downstream steps, so bad rows never reach the next stage."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
+from contextlib import AbstractContextManager
+
 import duckdb
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, asset_check
 
 from assets.resources import SamplingResource
 from pipeline import checks
+from pipeline.warehouse import open_warehouse
 
 BLOCKING = {"activation_records", "top_k_examples", "explanations", "simulations", "scores"}
 
@@ -17,8 +20,8 @@ def _result(outcome: checks.CheckOutcome) -> AssetCheckResult:
     )
 
 
-def _connect(context: AssetCheckExecutionContext) -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(context.resources.warehouse.database, read_only=True)
+def _connect(context: AssetCheckExecutionContext) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    return open_warehouse(context.resources.warehouse.database, read_only=True)
 
 
 def build_asset_checks() -> list[AssetChecksDefinition]:

@@ -2,7 +2,8 @@
 
 Dagster's DuckDB client deletes a partition's rows and inserts the new ones in autocommit mode,
 so a failure between the two loses the partition. Here both run in one transaction, together
-with refreshing the SQL views, and the connection is closed even when the write fails.
+with refreshing the SQL views, under the warehouse lock (`pipeline.warehouse.open_warehouse`), so
+concurrent runs and multiprocess steps take turns instead of failing on DuckDB's file lock.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import duckdb
 import polars as pl
 from dagster import InputContext, OutputContext
 from dagster._core.storage.db_io_manager import DbIOManager, TableSlice
-from dagster._utils.backoff import backoff
 from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
-from pipeline.warehouse import check_database_name, create_views
+from pipeline.warehouse import create_views, open_warehouse
 
 
 class TransactionalDuckDbClient(DuckDbClient):
@@ -36,28 +35,17 @@ class TransactionalDuckDbClient(DuckDbClient):
     @staticmethod
     @contextmanager
     def connect(context: InputContext | OutputContext, _table_slice: TableSlice) -> Iterator[Any]:
-        check_database_name(context.resource_config["database"])
-        conn = backoff(
-            fn=duckdb.connect,
-            retry_on=(RuntimeError, duckdb.IOException),
-            kwargs={
-                "database": context.resource_config["database"],
-                "read_only": False,
-                "config": {"custom_user_agent": "neuron-atlas", **context.resource_config["connection_config"]},
-            },
-            max_retries=10,
-        )
-        try:
+        config = context.resource_config
+        with open_warehouse(config["database"], config=config["connection_config"]) as conn:
             conn.begin()
-            yield conn
-            if isinstance(context, OutputContext):
-                create_views(conn)
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
-        finally:
-            conn.close()
+            try:
+                yield conn
+                if isinstance(context, OutputContext):
+                    create_views(conn)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
 
 
 class PolarsTypeHandler(DuckDBPolarsTypeHandler):

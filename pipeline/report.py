@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import polars as pl
 
-from pipeline.warehouse import default_database
+from pipeline.warehouse import default_database, open_warehouse
 
 QUERIES = Path(__file__).resolve().parents[1] / "warehouse" / "queries"
 
@@ -31,7 +30,7 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def ablation_report(database: str | Path) -> tuple[pl.DataFrame, float | None]:
-    with duckdb.connect(str(database), read_only=True) as conn:
+    with open_warehouse(str(database), read_only=True) as conn:
         frame = conn.sql((QUERIES / "ablation_vs_simulation.sql").read_text()).pl()
     both = frame.drop_nulls(["simulation_score", "ablation_score"])
     return frame, rank_correlation(both["simulation_score"].to_numpy(), both["ablation_score"].to_numpy())
