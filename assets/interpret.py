@@ -85,6 +85,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                     frame["prompt_tokens"].fill_null(0).sum() + frame["completion_tokens"].fill_null(0).sum()
                 ),
                 "preview": _preview(frame, ["layer", "neuron", "kind", "explanation", "failure_reason"], 16),
+                "failure_reasons": _failure_reasons(frame),
             }
         )
         return _lineage(frame, identity, context)
@@ -107,6 +108,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "rows": frame.height,
                 "failed_explanations": frame.filter(pl.col("simulated").is_null()).height,
                 "simulator": f"{simulator.backend}:{simulator.model}" if simulator else "baseline only",
+                "failure_reasons": _failure_reasons(frame),
             }
         )
         return _lineage(frame, identity, context)
@@ -121,6 +123,19 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         return _lineage(frame, identity, context)
 
     return [explanations, simulations, scores]
+
+
+def _failure_reasons(frame: pl.DataFrame) -> MetadataValue:
+    """Why rows failed, with counts: the run page says what went wrong without a query."""
+    failed = frame.filter(pl.col("failure_reason").is_not_null())
+    if failed.is_empty():
+        return MetadataValue.md("no failures")
+    counts = failed.group_by("failure_reason").agg(pl.len().alias("rows"), pl.col("neuron").unique().sort())
+    counts = counts.sort("rows", descending=True).with_columns(
+        pl.col("failure_reason").str.replace_all(r"[|\n]", " "),
+        pl.col("neuron").cast(pl.List(pl.String)).list.join(", "),
+    )
+    return _preview(counts.rename({"neuron": "neurons"}), ["failure_reason", "rows", "neurons"], 20)
 
 
 def _score_metadata(frame: pl.DataFrame) -> dict:

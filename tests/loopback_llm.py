@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from typing import Any
 
 # Fault names: "429" (with Retry-After), "500", "slow" (sleeps past the client's timeout),
 # "malformed" (200 with a non-JSON body), "empty" (200 with no choices), "401" (quotes the
-# Authorization header back in its error body, as a careless server might).
-FAULTS = ("429", "500", "slow", "malformed", "empty", "401")
+# Authorization header back in its error body, as a careless server might), "reset" (closes the
+# connection without a reply), "truncated" (promises a longer body than it sends, then closes).
+FAULTS = ("429", "500", "slow", "malformed", "empty", "401", "reset", "truncated")
 
 
 def simple_tokens(text: str) -> list[str]:
@@ -33,6 +35,7 @@ def simple_tokens(text: str) -> list[str]:
 class ServerState:
     plan: dict[str, list[str]] = field(default_factory=dict)  # prompt marker -> faults still to serve
     replies: list[tuple[str, str]] = field(default_factory=list)  # (prompt marker, completion text)
+    queued: list[str] = field(default_factory=list)  # completions served first, one per request, in order
     retry_after: str = "1"
     slow_s: float = 2.5  # longer than the tests' client timeout
     delay_s: float = 0.0  # every request sleeps this long (to make overlap observable)
@@ -55,6 +58,9 @@ class ServerState:
         return None
 
     def reply_for(self, prompt: str) -> str:
+        with self.lock:
+            if self.queued:
+                return self.queued.pop(0)
         for marker, text in self.replies:
             if marker in prompt:
                 return text
@@ -116,6 +122,19 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
             pass
 
+    def _break(self, truncated: bool) -> None:
+        """Drop the connection: at once, or after half of a body whose Content-Length promised more."""
+        self._leave()
+        if truncated:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "400")
+            self.end_headers()
+            self.wfile.write(b'{"id": "c", "object": "text_completion", "choices": [{"text": "half')
+            self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
@@ -152,6 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(state.slow_s)
         if fault == "malformed":
             return self._send(200, b'{"choices": [{"text": "unterminated')
+        if fault in ("reset", "truncated"):
+            return self._break(truncated=fault == "truncated")
         if fault == "empty":
             return self._json(200, {"id": "x", "object": "text_completion", "choices": []})
         n = int(body.get("n") or 1)

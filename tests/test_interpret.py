@@ -206,6 +206,50 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
     assert "sk-test-PLANTED-777" not in database.read_bytes().decode("latin-1")
 
 
+def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and_metadata(
+    tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
+) -> None:
+    state = ServerState(
+        queued=["  \n", "finds " * 80, " numbers and digits.\n"],  # empty, absurdly long, fine (in request order)
+        slot_probs=[{"0": 0.9, "10": 0.1}, {"0": 0.2, "10": 0.8}, {"0": 0.6, "10": 0.4}],
+    )
+    database = tmp_path / "neuron_atlas.duckdb"
+    neurons = [DIGIT_NEURON, 5, 6]
+    with LoopbackServer(state) as server:
+        result = run_stages(
+            database,
+            n_layers=2,
+            layers=(0, 0),
+            **digit_resources(digit_model_dir, digit_corpus),
+            llm=LLMResource(
+                backend="openai",
+                model="loop-model",
+                base_url=server.base_url,
+                max_concurrency=1,
+                max_attempts=3,
+                cache_path=str(tmp_path / "cache.sqlite"),
+            ),
+            explain=ExplainResource(neuron_ids=neurons),
+        )
+    assert result.success
+    q = query(database)
+    rows = q("select neuron, explanation, failure_reason from atlas.explanations where kind = 'llm' order by neuron")
+    assert rows == [
+        (neurons[0], None, "empty explanation"),
+        (5, None, "explanation longer than 300 characters"),
+        (6, "numbers and digits", None),
+    ]
+    scores = q("select neuron, corr_all is null, failure_reason from atlas.scores where kind = 'llm' order by neuron")
+    assert [(n, null) for n, null, _ in scores] == [(neurons[0], True), (5, True), (6, False)]
+    assert "no explanation: empty explanation" in scores[0][2]
+    meta = result.asset_materializations_for_node("explanations")[0].metadata
+    assert meta["failed"].value == 2
+    reasons = meta["failure_reasons"].value
+    assert "| empty explanation | 1 | " in reasons and "| explanation longer than 300 characters | 1 | 5 |" in reasons
+    sim_meta = result.asset_materializations_for_node("simulations")[0].metadata
+    assert "no explanation: empty explanation" in sim_meta["failure_reasons"].value
+
+
 def test_every_shipped_query_runs(local_run: tuple) -> None:
     q = query(local_run[0])
     for path in sorted((Path(__file__).parents[1] / "warehouse" / "queries").glob("*.sql")):

@@ -49,7 +49,7 @@ def backend(server: LoopbackServer, **kw: Any) -> OpenAIBackend:
         "api_key_env": KEY_ENV,
         "max_concurrency": 4,
         "timeout_s": 1.5,  # generous: a loaded CI machine must not turn slow replies into retries
-        "max_attempts": 5,
+        "max_attempts": 7,
         "backoff_base_s": 0.001,
         "backoff_cap_s": 0.01,
     }
@@ -58,7 +58,7 @@ def backend(server: LoopbackServer, **kw: Any) -> OpenAIBackend:
 
 def test_retries_each_fault_then_succeeds(server: LoopbackServer) -> None:
     state = server.state
-    state.plan = {"FLAKY": ["500", "malformed", "empty", "slow"], "LIMITED": ["429"]}
+    state.plan = {"FLAKY": ["500", "malformed", "empty", "slow", "reset", "truncated"], "LIMITED": ["429"]}
     state.retry_after = "1"
     state.replies = [("FLAKY", "flaky done"), ("LIMITED", "limited done")]
     start = time.monotonic()
@@ -66,7 +66,7 @@ def test_retries_each_fault_then_succeeds(server: LoopbackServer) -> None:
     elapsed = time.monotonic() - start
     assert flaky == Completion(["flaky done"], prompt_tokens=3, completion_tokens=1)
     assert limited == Completion(["limited done"], prompt_tokens=3, completion_tokens=1)
-    assert state.requests == 5 + 2
+    assert state.requests == 7 + 2
     assert elapsed >= 0.9, "Retry-After: 1 was honoured (the jittered backoff alone is milliseconds)"
     body = state.bodies[-1]
     assert (body["model"], body["max_tokens"], body["temperature"], body["stop"]) == ("test-model", 8, 0.0, ["\n"])
