@@ -36,9 +36,9 @@ from pipeline.warehouse import SCHEMA, default_database
 
 
 def build_definitions(model: str | None = None, corpus: str | None = None, database: str | None = None) -> Definitions:
-    model = model or os.environ.get("NEURON_ATLAS_MODEL") or EMBEDDED
-    corpus = corpus or os.environ.get("NEURON_ATLAS_CORPUS") or "embedded"
-    n_layers = model_layer_count(model)
+    """Resources are left at their field defaults (which read the NEURON_ATLAS_* variables) unless a
+    test passes a model, corpus or database explicitly."""
+    n_layers = model_layer_count(model or os.environ.get("NEURON_ATLAS_MODEL") or EMBEDDED)
     return Definitions(
         assets=[model_checkpoint, corpus_source]
         + build_stage_assets(n_layers)
@@ -49,19 +49,10 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
         schedules=[observe_model_schedule],
         sensors=[automation_sensor],
         resources={
-            "subject": SubjectModelResource(
-                model=model,
-                device=os.environ.get("NEURON_ATLAS_DEVICE", "cpu"),
-                dtype=os.environ.get("NEURON_ATLAS_DTYPE", "float32"),
-            ),
-            "corpus": CorpusResource(source=corpus),
+            "subject": SubjectModelResource(model=model) if model else SubjectModelResource(),
+            "corpus": CorpusResource(source=corpus) if corpus else CorpusResource(),
             "sampling": SamplingResource(),
-            "llm": LLMResource(
-                backend=os.environ.get("NEURON_ATLAS_LLM_BACKEND", "local"),
-                model=os.environ.get("NEURON_ATLAS_LLM_MODEL", "embedded"),
-                base_url=os.environ.get("NEURON_ATLAS_LLM_BASE_URL"),
-                device=os.environ.get("NEURON_ATLAS_DEVICE", "cpu"),
-            ),
+            "llm": LLMResource(),
             "explain": ExplainResource(),
             "ablation": AblationResource(),
             WAREHOUSE: WarehouseIOManager(database=database or default_database(), schema=SCHEMA),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dagster import ConfigurableResource
 from pydantic import Field
 
@@ -18,15 +20,26 @@ from pipeline.simulate_remote import EchoSimulator, JsonSimulator
 from pipeline.simulator import Simulator
 
 
+def _env(name: str, fallback: str | None) -> str | None:
+    """A field's default from the environment of the process that loads the code location.
+
+    It must be the field's default, not a value passed to the constructor: Dagster replaces a
+    resource's constructed values wholesale with any run config given for it, so a launchpad edit
+    of one field would silently reset the model or backend chosen by environment variable."""
+    return os.environ.get(name) or fallback
+
+
 class SubjectModelResource(ConfigurableResource):
     """The model whose neurons are explained."""
 
     model: str = Field(
-        "embedded", description="'embedded' (Gemma 3 270M GGUF), a local checkpoint directory, or a Hugging Face id"
+        _env("NEURON_ATLAS_MODEL", "embedded"),
+        description="'embedded' (Gemma 3 270M GGUF), a local checkpoint directory, or a Hugging Face id "
+        "(default: $NEURON_ATLAS_MODEL)",
     )
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit)")
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
-    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    device: str = Field(_env("NEURON_ATLAS_DEVICE", "cpu"), description="torch device: cpu, cuda, cuda:1 ...")
+    dtype: str = Field(_env("NEURON_ATLAS_DTYPE", "float32"), description="float32, bfloat16 or float16")
 
     def load(self) -> SubjectModel:
         return load_subject_model(self.model, self.revision, self.device, self.dtype)
@@ -39,9 +52,9 @@ class CorpusResource(ConfigurableResource):
     """The text the neurons are read on."""
 
     source: str = Field(
-        "embedded",
+        _env("NEURON_ATLAS_CORPUS", "embedded"),
         description="'embedded' (small offline sample), 'hf:NAME[:CONFIG]', or comma-separated local "
-        ".txt/.jsonl/.parquet files, directories or globs",
+        ".txt/.jsonl/.parquet files, directories or globs (default: $NEURON_ATLAS_CORPUS)",
     )
     text_field: str = Field("text", description="field/column holding the text in JSONL, Parquet and HF datasets")
     split: str = Field("train", description="HF dataset split")
@@ -75,12 +88,17 @@ class LLMResource(ConfigurableResource):
     OpenAI-compatible server. The API key is read from the environment variable named here, never
     from config, so it is not stored in run config, logs or the warehouse."""
 
-    backend: str = Field("local", description="'local' (in-process transformers) or 'openai' (any compatible server)")
+    backend: str = Field(
+        _env("NEURON_ATLAS_LLM_BACKEND", "local"),
+        description="'local' (in-process transformers) or 'openai' (any compatible server)",
+    )
     model: str = Field(
-        "embedded",
+        _env("NEURON_ATLAS_LLM_MODEL", "embedded"),
         description="local: 'embedded', a checkpoint directory or a Hugging Face id; openai: the served model name",
     )
-    base_url: str | None = Field(None, description="openai: server URL, e.g. http://localhost:8000/v1")
+    base_url: str | None = Field(
+        _env("NEURON_ATLAS_LLM_BASE_URL", None), description="openai: server URL, e.g. http://localhost:8000/v1"
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: name of the environment variable with the key")
     simulator: str = Field(
         "echo",
@@ -95,7 +113,7 @@ class LLMResource(ConfigurableResource):
         description="response cache (every finished explanation and simulation, so reruns and resumed runs redo"
         " nothing); default: llm_cache.sqlite beside the warehouse, or NEURON_ATLAS_LLM_CACHE",
     )
-    device: str = Field("cpu", description="local: torch device")
+    device: str = Field(_env("NEURON_ATLAS_DEVICE", "cpu"), description="local: torch device")
     dtype: str = Field("float32", description="local: float32, bfloat16 or float16")
     simulation_batch_size: int = Field(16, description="local: held-out sequences per forward pass")
 

@@ -123,3 +123,26 @@ def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
         assert q(f"select count(distinct layer), count(*), count(distinct run_id) from atlas.{table}") == [
             (last + 1, (last + 1) * d_mlp, 1)
         ]
+
+
+def test_launchpad_config_of_one_field_keeps_the_environments_choices(tmp_path: Path) -> None:
+    """Dagster replaces a resource's constructed values with any run config given for it, so the
+    NEURON_ATLAS_* choices live in the fields' defaults: editing max_concurrency keeps the backend."""
+    script = """
+from dagster import asset, materialize
+from assets.definitions import defs
+llm, subject = defs.resources["llm"], defs.resources["subject"]
+@asset
+def probe(llm: type(llm), subject: type(subject)) -> None:
+    print("CHOSEN", llm.backend, llm.model, llm.base_url, llm.max_concurrency, subject.model)
+materialize([probe], resources={"llm": llm, "subject": subject}, run_config={
+    "resources": {"llm": {"config": {"max_concurrency": 1}}, "subject": {"config": {"revision": "main"}}}})
+"""
+    env = _env(tmp_path) | {
+        "NEURON_ATLAS_LLM_BACKEND": "openai",
+        "NEURON_ATLAS_LLM_MODEL": "served-model",
+        "NEURON_ATLAS_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+    }
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"CHOSEN openai served-model http://127.0.0.1:9/v1 1 {EMBEDDED}" in done.stdout
