@@ -30,7 +30,7 @@ materialize: install | $(DAGSTER_HOME)
 	$(DAGSTER) asset materialize -m assets.definitions --select subject_model,corpus_tokens
 	$(DAGSTER) asset materialize -m assets.definitions --select activation_records,top_k_examples \
 		--partition-range "0...$$($(PY) -m assets.layers last)"
-	$(DAGSTER) asset materialize -m assets.definitions --select explanations,simulations,scores,ablations \
+	$(DAGSTER) asset materialize -m assets.definitions --select explanations,simulations,scores,ablations,neuron_viewer \
 		--partition-range "$(EXPLAIN_LAYERS)"
 
 dev: install | $(DAGSTER_HOME)

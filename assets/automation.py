@@ -19,13 +19,24 @@ from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.corpus import corpus_fingerprint
 from pipeline.models import resolve_model
 
-RERUN = (
-    (AutomationCondition.any_deps_updated() | AutomationCondition.code_version_changed()).since_last_handled()
-    & ~AutomationCondition.missing()
-    & ~AutomationCondition.any_deps_missing()
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-).with_label("rerun materialized partitions when an upstream or the code changed")
+
+def rerun_condition(optional_deps: tuple[str, ...] = ()) -> AutomationCondition:
+    """Rerun materialized partitions when an upstream or the code changed. Optional deps (shown
+    when present, like ablations in the viewer) trigger a rerun when updated but, unlike the
+    others, do not hold it back while missing."""
+    missing = AutomationCondition.any_deps_missing()
+    if optional_deps:
+        missing = missing.ignore(AssetSelection.assets(*optional_deps))
+    return (
+        (AutomationCondition.any_deps_updated() | AutomationCondition.code_version_changed()).since_last_handled()
+        & ~AutomationCondition.missing()
+        & ~missing
+        & ~AutomationCondition.any_deps_in_progress()
+        & ~AutomationCondition.in_progress()
+    ).with_label("rerun materialized partitions when an upstream or the code changed")
+
+
+RERUN = rerun_condition()
 
 
 @observable_source_asset(

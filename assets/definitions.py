@@ -31,6 +31,7 @@ from assets.resources import (
     SubjectModelResource,
 )
 from assets.stages import WAREHOUSE, build_stage_assets, layer_partitions
+from assets.viewer import build_viewer_assets
 from pipeline.models import EMBEDDED, model_layer_count
 from pipeline.warehouse import SCHEMA, default_database
 
@@ -43,7 +44,8 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
         assets=[model_checkpoint, corpus_source]
         + build_stage_assets(n_layers)
         + build_interpret_assets(layer_partitions(n_layers))
-        + build_ablation_assets(layer_partitions(n_layers)),
+        + build_ablation_assets(layer_partitions(n_layers))
+        + build_viewer_assets(layer_partitions(n_layers)),
         asset_checks=build_asset_checks(),
         jobs=[observe_model_job],
         schedules=[observe_model_schedule],

@@ -29,6 +29,7 @@ from assets.resources import (  # noqa: E402
     SubjectModelResource,
 )
 from assets.stages import build_stage_assets, layer_partitions  # noqa: E402
+from assets.viewer import build_viewer_assets  # noqa: E402
 from pipeline.warehouse import SCHEMA  # noqa: E402
 
 
@@ -79,7 +80,10 @@ def run_stages(
         "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
     }
     if llm is not None:
-        assets += build_interpret_assets(layer_partitions(n_layers)) + build_ablation_assets(layer_partitions(n_layers))
+        layers_def = layer_partitions(n_layers)
+        assets += (
+            build_interpret_assets(layers_def) + build_ablation_assets(layers_def) + build_viewer_assets(layers_def)
+        )
         resources |= {"llm": llm, "explain": explain or ExplainResource(), "ablation": ablation or AblationResource()}
     keys = {key for a in assets for key in a.keys}
     checks = [c for c in build_asset_checks() if all(k.asset_key in keys for k in c.check_keys)]

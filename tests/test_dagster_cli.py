@@ -21,7 +21,15 @@ from pipeline.models import EMBEDDED, model_layer_count
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PARTITIONED = {"activation_records", "top_k_examples", "explanations", "simulations", "scores", "ablations"}
+PARTITIONED = {
+    "activation_records",
+    "top_k_examples",
+    "explanations",
+    "simulations",
+    "scores",
+    "ablations",
+    "neuron_viewer",
+}
 STAGES = {"subject_model", "corpus_tokens"} | PARTITIONED
 
 

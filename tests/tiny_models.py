@@ -8,6 +8,7 @@ coordinate 0: +s_d (s_d grows with the digit) for digits and -1 for every other 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -30,10 +31,11 @@ def digit_strength(digit: int) -> float:
     return 0.6 + 0.07 * digit
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(["[UNK]", "<eos>", *WORDS, *DIGITS])}
+def build_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Word-level; with extra words (which may hold punctuation, e.g. HTML) it splits on whitespace only."""
+    vocab = {tok: i for i, tok in enumerate(["[UNK]", "<eos>", *WORDS, *DIGITS, *extra_words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit() if extra_words else pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>")
 
 
@@ -69,23 +71,24 @@ def digit_activation(token: str) -> float:
     return float(torch.nn.functional.gelu(torch.tensor(GAIN * s), approximate="tanh"))
 
 
-def write_digit_model(directory: Path) -> Path:
-    tokenizer = build_tokenizer()
+def write_digit_model(directory: Path, extra_words: tuple[str, ...] = ()) -> Path:
+    tokenizer = build_tokenizer(extra_words)
     model = build_digit_model(tokenizer)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def write_digit_corpus(path: Path, n_docs: int = 60, seed: int = 1) -> Path:
+def write_digit_corpus(path: Path, n_docs: int = 60, seed: int = 1, extra_words: tuple[str, ...] = ()) -> Path:
     """JSONL documents of common words; half of them also hold digits (about 30% of their tokens)."""
     rng = random.Random(seed)
+    vocabulary = WORDS + list(extra_words)
     docs = []
     for _ in range(n_docs):
         p_digit = 0.3 if rng.random() < 0.5 else 0.0
         words = [
-            rng.choice(DIGITS) if rng.random() < p_digit else rng.choice(WORDS) for _ in range(rng.randint(20, 60))
+            rng.choice(DIGITS) if rng.random() < p_digit else rng.choice(vocabulary) for _ in range(rng.randint(20, 60))
         ]
         docs.append(" ".join(words))
-    path.write_text("\n".join(f'{{"text": "{d}"}}' for d in docs))
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return path

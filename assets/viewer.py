@@ -1,0 +1,62 @@
+"""The `neuron_viewer` asset: static HTML pages per layer, a thin wrapper over `pipeline.viewer`."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
+
+from pathlib import Path
+
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    BackfillPolicy,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+)
+
+from assets.automation import rerun_condition
+from assets.stages import _layers
+from pipeline.viewer import load_layer, write_layer
+from pipeline.warehouse import open_warehouse
+
+
+def viewer_root(database: str) -> Path:
+    """Pages live beside the warehouse file, so each warehouse has its own viewer."""
+    return Path(database).resolve().parent / "viewer"
+
+
+def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
+    @asset(
+        code_version="1",
+        automation_condition=rerun_condition(optional_deps=("ablations",)),
+        group_name="atlas",
+        partitions_def=layers_def,
+        backfill_policy=BackfillPolicy.single_run(),
+        deps=["top_k_examples", "explanations", "simulations", "scores", "ablations"],
+        required_resource_keys={"warehouse"},
+    )
+    def neuron_viewer(context: AssetExecutionContext) -> MaterializeResult:
+        """Static HTML per layer (open the file, no server): an index sorted by score with search, and
+        per explained neuron its explanations, scores, true vs simulated token heatmaps, top tokens
+        and ablation score (when ablated)."""
+        database = context.resources.warehouse.database
+        root = viewer_root(database)
+        pages, explained, indexes = 0, 0, []
+        for layer in _layers(context):
+            with open_warehouse(database, read_only=True) as conn:
+                data = load_layer(conn, layer)
+            index = write_layer(data, root)
+            indexes.append(index)
+            explained += len(data.neurons)
+            pages += len(data.neurons) + 1
+            context.log.info(f"layer {layer}: {len(data.neurons)} neuron pages -> {index}")
+        metadata = {
+            "index": MetadataValue.path(str(indexes[0])),
+            "open": MetadataValue.url(indexes[0].as_uri()),
+            "pages": pages,
+            "explained_neurons": explained,
+        }
+        if len(indexes) > 1:
+            metadata["layer_indexes"] = MetadataValue.md("\n".join(f"- [{p}]({p.as_uri()})" for p in indexes))
+        return MaterializeResult(metadata=metadata)
+
+    return [neuron_viewer]
