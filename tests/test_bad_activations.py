@@ -1,0 +1,97 @@
+"""Bad activations through the real Dagster assets: a dead neuron becomes NULL rows with a reason at
+every stage (the layer completes), and an fp16 overflow stops the capture with an error that names
+it instead of writing NaN statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import query, run_stages
+from loopback_llm import LoopbackServer, ServerState
+from tiny_models import DIGIT_NEURON, build_digit_model, build_tokenizer
+
+from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+
+DEAD = 9  # reads coordinate 0 like the digit neuron, with a bias so negative GELU is ~0 everywhere
+STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+HOT = 11  # the digit neuron's input times 2e4: ~6e4 to 1.2e5 on digits, past float16's 65504
+
+
+def write_model(directory: Path) -> Path:
+    tokenizer = build_tokenizer()
+    model = build_digit_model(tokenizer)
+    with torch.no_grad():
+        fc = model.transformer.h[0].mlp.c_fc
+        fc.weight[:, DEAD] = 0.0
+        fc.bias[DEAD] = -30.0
+        fc.weight[:, HOT] = 0.0
+        fc.weight[0, HOT] = 1.0e5
+        fc.bias[HOT] = 0.0
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("bad_model"))
+
+
+def _resources(model_dir: Path, corpus: Path, dtype: str) -> dict:
+    return {
+        "subject": SubjectModelResource(model=str(model_dir), dtype=dtype),
+        "corpus": CorpusResource(source=str(corpus), seq_len=16, n_sequences=40, seed=3),
+        "sampling": SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
+    }
+
+
+def test_a_dead_neuron_gets_null_rows_with_reasons_and_the_layer_completes(
+    tmp_path: Path, model_dir: Path, digit_corpus: Path
+) -> None:
+    database = tmp_path / "neuron_atlas.duckdb"
+    state = ServerState(
+        replies=[("the main thing this neuron does is find", " digits.\n")], slot_probs=[{"0": 1.0}, {"10": 1.0}]
+    )
+    with LoopbackServer(state) as server:
+        result = run_stages(
+            database,
+            n_layers=2,
+            layers=(0, 0),
+            **_resources(model_dir, digit_corpus, "float32"),
+            llm=LLMResource(backend="openai", model="loop-model", base_url=server.base_url),
+            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, DEAD]),
+            selection=[*STAGES, "explanations", "simulations", "scores"],
+        )
+    assert result.success
+    q = query(database)
+    stats = q("select max_activation, mean_activation, variance, nonzero_frac from atlas.activation_records "
+              "where layer = 0 and neuron = ?", [DEAD])  # fmt: skip
+    assert stats[0][0] <= 0 and all(v == v for v in stats[0])  # no NaN
+    levels = q("select list_distinct(flatten(list_transform(records, lambda r: r.levels))) from atlas.top_k_examples "
+               "where layer = 0 and neuron = ?", [DEAD])  # fmt: skip
+    assert levels == [([0],)]
+    explained = dict(q("select neuron, failure_reason from atlas.explanations where kind = 'llm' and layer = 0"))
+    assert explained[DIGIT_NEURON] is None and explained[DEAD].startswith("dead neuron")
+    simulated = q("select failure_reason from atlas.simulations where kind = 'llm' and neuron = ?", [DEAD])
+    assert [r[0].startswith("no explanation: dead neuron") for r in simulated] == [True]
+    scored = dict(q("select neuron, corr_all from atlas.scores where kind = 'llm' and layer = 0"))
+    reason = q("select failure_reason from atlas.scores where kind = 'llm' and neuron = ?", [DEAD])
+    assert scored[DEAD] is None and "dead neuron" in reason[0][0] and scored[DIGIT_NEURON] is not None
+
+
+def test_fp16_overflow_is_named_and_nothing_is_written(tmp_path: Path, model_dir: Path, digit_corpus: Path) -> None:
+    database = tmp_path / "neuron_atlas.duckdb"
+    assert run_stages(database, 2, (0, 0), **_resources(model_dir, digit_corpus, "float32")).success
+    good = query(database)("select max_activation from atlas.activation_records where layer = 0 and neuron = ?", [HOT])
+    assert 6.0e4 < good[0][0] < 1.3e5  # finite in float32
+
+    database16 = tmp_path / "fp16.duckdb"
+    result = run_stages(database16, 2, (0, 0), **_resources(model_dir, digit_corpus, "float16"), raise_on_error=False)
+    assert not result.success
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = str(failures[0].event_specific_data.error)
+    assert "NaN/inf activations" in message and "fp16 overflow" in message and "float32" in message
+    tables = query(database16)("select table_name from information_schema.tables where table_schema = 'atlas'")
+    assert "activation_records" not in {t[0] for t in tables}
