@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import query
+from dagster_dev import BIN, ROOT, dagster_dev
 
 from pipeline.models import EMBEDDED, model_layer_count
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PARTITIONED = {
     "activation_records",
     "top_k_examples",
@@ -44,66 +39,18 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphql(port: int, q: str) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": q}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["data"]
-
-
-LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
-  locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 ASSETS = "{ assetNodes { assetKey { path } isPartitioned partitionKeys } }"
 
 
 def test_dagster_dev_loads_the_definitions(tmp_path: Path) -> None:
-    port = _free_port()
-    log = (tmp_path / "dagster_dev.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env=_env(tmp_path),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        entries = None
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
-            try:
-                entries = _graphql(port, LOCATIONS)["workspaceOrError"]["locationEntries"]
-                if entries and entries[0]["loadStatus"] == "LOADED":
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
-        assert entries and entries[0]["loadStatus"] == "LOADED", entries
-        assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation", entries
-        nodes = {"/".join(n["assetKey"]["path"]): n for n in _graphql(port, ASSETS)["assetNodes"]}
-        assert STAGES <= set(nodes)
-        layers = [str(i) for i in range(model_layer_count(EMBEDDED))]
-        for name in STAGES:
-            assert nodes[name]["isPartitioned"] == (name in PARTITIONED)
-        for name in PARTITIONED:
-            assert nodes[name]["partitionKeys"] == layers
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with dagster_dev(_env(tmp_path), tmp_path / "dagster_dev.log") as dev:
+        nodes = {"/".join(n["assetKey"]["path"]): n for n in dev.graphql(ASSETS)["assetNodes"]}
+    assert STAGES <= set(nodes)
+    layers = [str(i) for i in range(model_layer_count(EMBEDDED))]
+    for name in STAGES:
+        assert nodes[name]["isPartitioned"] == (name in PARTITIONED)
+    for name in PARTITIONED:
+        assert nodes[name]["partitionKeys"] == layers
 
 
 @pytest.mark.slow

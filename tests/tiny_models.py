@@ -53,7 +53,8 @@ def build_digit_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2
         model.transformer.h[0].mlp.c_proj.weight.zero_()
         model.transformer.h[0].mlp.c_proj.bias.zero_()
         gen = torch.Generator().manual_seed(seed)
-        for token, idx in tokenizer.get_vocab().items():
+        # By id: get_vocab()'s order differs between processes, and the model must not.
+        for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
             s = digit_strength(int(token)) if token in DIGITS else -1.0
             u = float(torch.rand((), generator=gen)) * 1.2 - 0.6
             r, w = math.sqrt(2 - s * s), math.sqrt(2 - u * u)

@@ -1,0 +1,129 @@
+"""The real `dagster dev` for tests: started on a free loopback port, driven through its GraphQL API,
+and always torn down as a whole process group (webserver, daemon, code servers and run workers), so a
+failed test leaves no server behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
+  locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def graphql(port: int, query: str, variables: Mapping[str, Any] | None = None, timeout: float = 30) -> dict:
+    """The `data` of a GraphQL answer; GraphQL-level errors (a bad query) fail loudly instead of as None."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": dict(variables or {})}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = json.loads(response.read())
+    if answer.get("errors"):
+        raise AssertionError(f"GraphQL errors: {[e.get('message') for e in answer['errors']]}")
+    return answer["data"]
+
+
+@dataclass
+class DagsterDev:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    location: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def graphql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict:
+        return graphql(self.port, query, variables)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+def _default_sigint() -> None:
+    """dagster dev maps SIGTERM to its SIGINT handler; a parent started in the background of a
+    non-interactive shell passes SIGINT on as ignored, and then SIGTERM would be ignored too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _wait_loaded(dev: DagsterDev, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    entries: list[dict] = []
+    while time.monotonic() < deadline:
+        if dev.proc.poll() is not None:
+            raise AssertionError(f"dagster dev exited with {dev.proc.returncode}:\n{dev.log_tail()}")
+        try:
+            entries = graphql(dev.port, LOCATIONS, timeout=10)["workspaceOrError"]["locationEntries"]
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                return entries
+        except OSError:
+            pass  # the webserver is not listening yet
+        time.sleep(1)
+    raise AssertionError(f"code location not loaded after {timeout:.0f}s: {entries}\n{dev.log_tail()}")
+
+
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM to the whole group, then SIGKILL to whatever is left (a run worker, a code server)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@contextmanager
+def dagster_dev(
+    env: Mapping[str, str],
+    log_path: Path,
+    target: Sequence[str] = ("-w", "workspace.yaml"),
+    load_timeout: float = 180,
+) -> Iterator[DagsterDev]:
+    """`dagster dev` with its code location loaded (a load error fails with its message)."""
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", *target, "-h", "127.0.0.1", "-p", str(port)],
+            cwd=ROOT,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
+        )
+        dev = DagsterDev(proc, port, log_path)
+        try:
+            entries = _wait_loaded(dev, load_timeout)
+            load = entries[0]["locationOrLoadError"]
+            assert load["__typename"] == "RepositoryLocation", f"{entries}\n{dev.log_tail()}"
+            dev.location = entries[0]["name"]
+            yield dev
+        finally:
+            stop(proc)
