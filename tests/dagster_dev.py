@@ -20,6 +20,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The code location's assets: the unpartitioned stages and those with one partition per layer.
+PARTITIONED = ("activation_records", "top_k_examples", "explanations", "simulations", "scores", "ablations",
+               "neuron_viewer")  # fmt: skip
+STAGES = ("subject_model", "corpus_tokens", *PARTITIONED)
 
 LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""

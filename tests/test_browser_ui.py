@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from browser import artifacts_dir, chromium
 from conftest import query
-from dagster_dev import DagsterDev, dagster_dev
+from dagster_dev import STAGES, DagsterDev, dagster_dev
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -21,17 +21,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.slow
 
-STAGES = (
-    "subject_model",
-    "corpus_tokens",
-    "activation_records",
-    "top_k_examples",
-    "explanations",
-    "simulations",
-    "scores",
-    "ablations",
-    "neuron_viewer",
-)
 LAYER = "1"
 # Small enough that each run takes seconds on a 2-core CPU box.
 RUN_CONFIG = {

@@ -12,20 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import BIN, ROOT, dagster_dev
+from dagster_dev import BIN, PARTITIONED, ROOT, STAGES, dagster_dev
 
 from pipeline.models import EMBEDDED, model_layer_count
-
-PARTITIONED = {
-    "activation_records",
-    "top_k_examples",
-    "explanations",
-    "simulations",
-    "scores",
-    "ablations",
-    "neuron_viewer",
-}
-STAGES = {"subject_model", "corpus_tokens"} | PARTITIONED
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -45,7 +34,7 @@ ASSETS = "{ assetNodes { assetKey { path } isPartitioned partitionKeys } }"
 def test_dagster_dev_loads_the_definitions(tmp_path: Path) -> None:
     with dagster_dev(_env(tmp_path), tmp_path / "dagster_dev.log") as dev:
         nodes = {"/".join(n["assetKey"]["path"]): n for n in dev.graphql(ASSETS)["assetNodes"]}
-    assert STAGES <= set(nodes)
+    assert set(STAGES) <= set(nodes)
     layers = [str(i) for i in range(model_layer_count(EMBEDDED))]
     for name in STAGES:
         assert nodes[name]["isPartitioned"] == (name in PARTITIONED)
