@@ -177,6 +177,8 @@ def _llm_rows(base: dict, result: Completion | LLMFailure, n: int) -> list[dict]
     rows = []
     for i, completion in enumerate(result.texts):
         text, reason = parse_explanation(completion)
+        if text is not None and i < len(result.truncated) and result.truncated[i]:
+            text, reason = None, f"explanation cut off at max_tokens (raise explain.max_tokens): {text[:80]!r}"
         rows.append(base | spent | {"sample_index": i, "explanation": text, "failure_reason": reason})
     return rows
 

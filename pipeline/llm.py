@@ -27,6 +27,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False
+    # Per text: generation ran into max_tokens before a stop sequence, so the line is cut off.
+    # Empty when unknown (responses cached before this was recorded).
+    truncated: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,19 @@ class LocalBackend(LLMBackend):
                 **kwargs,
             )
         new = generated[:, ids.shape[1] :]
-        texts = [cut_at_stop(t, params.stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        raw = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = [cut_at_stop(t, params.stop) for t in raw]
         pad = self.tokenizer.pad_token_id
         completion_tokens = int((new != pad).sum()) if pad is not None else int(new.numel())
-        return Completion(texts=texts, prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens)
+        # Cut off: every one of max_tokens generated (no EOS/padding) and no stop string reached.
+        ended = {self.tokenizer.eos_token_id, pad} - {None}
+        truncated = tuple(
+            bool(params.stop)
+            and len(row) >= params.max_tokens
+            and not any(int(t) in ended for t in row)
+            and not any(s in text for s in params.stop)
+            for row, text in zip(new, raw, strict=True)
+        )
+        return Completion(
+            texts=texts, prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens, truncated=truncated
+        )

@@ -155,7 +155,9 @@ class OpenAIBackend(LLMBackend):
 
         values = self._cached_batch(prompts, kind, key_params, request, parse)
         return [
-            v if isinstance(v, LLMFailure) else Completion(v["texts"], v["prompt_tokens"], v["completion_tokens"], c)
+            v
+            if isinstance(v, LLMFailure)
+            else Completion(v["texts"], v["prompt_tokens"], v["completion_tokens"], c, tuple(v.get("truncated", ())))
             for v, c in values
         ]
 
@@ -306,11 +308,13 @@ def _parse_completion(resp: Any, n: int, chat: bool) -> dict[str, Any]:
     if not isinstance(choices, list) or not choices:
         raise _Malformed(f"no choices in the response (got {type(resp).__name__})")
     texts: list[str] = []
+    truncated: list[bool] = []
     for choice in sorted(choices, key=lambda c: c.index if isinstance(getattr(c, "index", None), int) else 0):
         text = getattr(getattr(choice, "message", None), "content", None) if chat else getattr(choice, "text", None)
         if not isinstance(text, str):
             raise _Malformed("a choice has no text")
         texts.append(text)
+        truncated.append(getattr(choice, "finish_reason", None) == "length")
     if len(texts) != n:
         raise _Malformed(f"{len(texts)} choices for n={n}")
     usage = getattr(resp, "usage", None)
@@ -318,6 +322,7 @@ def _parse_completion(resp: Any, n: int, chat: bool) -> dict[str, Any]:
     completion_tokens = getattr(usage, "completion_tokens", None)
     return {
         "texts": texts,
+        "truncated": truncated,
         "prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else 0,
         "completion_tokens": completion_tokens if isinstance(completion_tokens, int) else 0,
     }

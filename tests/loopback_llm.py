@@ -177,10 +177,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"id": "x", "object": "text_completion", "choices": []})
         n = int(body.get("n") or 1)
         text = state.reply_for(prompt)
+        # As a real server: "length" when generation ended before any stop sequence appeared.
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        finish = "length" if stops and not any(s in text for s in stops) else "stop"
         usage = {"prompt_tokens": len(simple_tokens(prompt)), "completion_tokens": n, "total_tokens": 0}
         if chat:
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                 for i in range(n)
             ]
             return self._json(200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -189,7 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("echo") and body.get("logprobs") is not None and state.echo_logprobs:
             logprobs = _echo_logprobs(state, prompt, int(body["logprobs"]), int(body.get("max_tokens") or 0))
             text = prompt + "\n" * int(body.get("max_tokens") or 0)
-        choices = [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": "stop"} for i in range(n)]
+        if logprobs is not None:
+            finish = "length"  # the echoed prompt plus max_tokens generated tokens
+        choices = [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish} for i in range(n)]
         self._json(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
                          "choices": choices, "usage": usage})  # fmt: skip
 

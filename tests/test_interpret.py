@@ -15,7 +15,8 @@ from tiny_models import DIGIT_NEURON, DIGITS
 
 from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
 from pipeline.interpret import BASELINE, LLM, neuron_examples, score_layer, simulate_layer
-from pipeline.llm import LLMFailure
+from pipeline.llm import Completion, GenerationParams, LLMFailure
+from pipeline.llm_local import LocalBackend
 from pipeline.models import load_subject_model
 from pipeline.scoring import to_level_scale
 from pipeline.simulate_local import LocalSimulator
@@ -166,6 +167,16 @@ def test_embedded_simulator_prefers_the_true_explanation(local_run: tuple) -> No
     assert true_score > wrong_score + 0.05, (true_score, wrong_score)
 
 
+def test_embedded_explainer_flags_a_line_cut_off_by_max_tokens() -> None:
+    gemma = load_subject_model("embedded")
+    explainer = LocalBackend(gemma.model, gemma.tokenizer, "embedded")
+    prompt = "A list of fruit, one per line:\napple\npear\n"
+    (short,) = explainer.complete([prompt], GenerationParams(max_tokens=1, stop=("\n",)))
+    assert isinstance(short, Completion) and short.truncated == (True,), short  # one token cannot end the line
+    (roomy,) = explainer.complete([prompt], GenerationParams(max_tokens=12, stop=("\n",)))
+    assert isinstance(roomy, Completion) and roomy.texts[0].strip() and roomy.truncated == (False,), roomy
+
+
 def test_openai_backend_on_loopback_records_failures_per_neuron(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,11 +221,12 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
 ) -> None:
     state = ServerState(
-        queued=["  \n", "finds " * 80, " numbers and digits.\n"],  # empty, absurdly long, fine (in request order)
+        # In request order: empty, absurdly long, cut off by max_tokens (no line end), fine.
+        queued=["  \n", "finds " * 80 + "\n", " numbers and dig", " numbers and digits.\n"],
         slot_probs=[{"0": 0.9, "10": 0.1}, {"0": 0.2, "10": 0.8}, {"0": 0.6, "10": 0.4}],
     )
     database = tmp_path / "neuron_atlas.duckdb"
-    neurons = [DIGIT_NEURON, 5, 6]
+    neurons = [DIGIT_NEURON, 5, 6, 7]
     with LoopbackServer(state) as server:
         result = run_stages(
             database,
@@ -237,13 +249,14 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
     assert rows == [
         (neurons[0], None, "empty explanation"),
         (5, None, "explanation longer than 300 characters"),
-        (6, "numbers and digits", None),
+        (6, None, "explanation cut off at max_tokens (raise explain.max_tokens): 'numbers and dig'"),
+        (7, "numbers and digits", None),
     ]
     scores = q("select neuron, corr_all is null, failure_reason from atlas.scores where kind = 'llm' order by neuron")
-    assert [(n, null) for n, null, _ in scores] == [(neurons[0], True), (5, True), (6, False)]
+    assert [(n, null) for n, null, _ in scores] == [(neurons[0], True), (5, True), (6, True), (7, False)]
     assert "no explanation: empty explanation" in scores[0][2]
     meta = result.asset_materializations_for_node("explanations")[0].metadata
-    assert meta["failed"].value == 2
+    assert meta["failed"].value == 3
     reasons = meta["failure_reasons"].value
     assert "| empty explanation | 1 | " in reasons and "| explanation longer than 300 characters | 1 | 5 |" in reasons
     sim_meta = result.asset_materializations_for_node("simulations")[0].metadata

@@ -60,12 +60,12 @@ def test_retries_each_fault_then_succeeds(server: LoopbackServer) -> None:
     state = server.state
     state.plan = {"FLAKY": ["500", "malformed", "empty", "slow", "reset", "truncated"], "LIMITED": ["429"]}
     state.retry_after = "1"
-    state.replies = [("FLAKY", "flaky done"), ("LIMITED", "limited done")]
+    state.replies = [("FLAKY", "flaky done\n"), ("LIMITED", "limited do")]  # the second runs into max_tokens
     start = time.monotonic()
     flaky, limited = backend(server).complete(["FLAKY prompt", "LIMITED prompt"], PARAMS)
     elapsed = time.monotonic() - start
-    assert flaky == Completion(["flaky done"], prompt_tokens=3, completion_tokens=1)
-    assert limited == Completion(["limited done"], prompt_tokens=3, completion_tokens=1)
+    assert flaky == Completion(["flaky done\n"], prompt_tokens=3, completion_tokens=1, truncated=(False,))
+    assert limited == Completion(["limited do"], prompt_tokens=3, completion_tokens=1, truncated=(True,))
     assert state.requests == 7 + 2
     assert elapsed >= 0.9, "Retry-After: 1 was honoured (the jittered backoff alone is milliseconds)"
     body = state.bodies[-1]
@@ -112,7 +112,9 @@ def test_cache_prevents_repeat_requests(server: LoopbackServer, tmp_path: Path) 
 
     again = backend(server, cache=LLMCache(path), max_attempts=2).complete(prompts[:2], PARAMS)  # new instance
     assert server.state.requests == 4, "answered from the cache file, no HTTP request"
-    assert again == [Completion(r.texts, r.prompt_tokens, r.completion_tokens, cached=True) for r in first[:2]]
+    assert again == [
+        Completion(r.texts, r.prompt_tokens, r.completion_tokens, cached=True, truncated=r.truncated) for r in first[:2]
+    ]
 
     fresh = backend(server, cache=LLMCache(path), max_attempts=2)
     fresh.complete(prompts, GenerationParams(max_tokens=8, temperature=0.0, seed=1))  # other params: a new key
@@ -253,7 +255,9 @@ def test_complete_from_inside_a_running_event_loop(server: LoopbackServer) -> No
     async def caller() -> list[Completion | LLMFailure]:
         return backend(server).complete(["inside"], PARAMS)
 
-    assert asyncio.run(caller()) == [Completion(["reply to inside"], prompt_tokens=1, completion_tokens=1)]
+    assert asyncio.run(caller()) == [
+        Completion(["reply to inside"], prompt_tokens=1, completion_tokens=1, truncated=(True,))
+    ]
 
 
 def test_cache_is_shared_safely_by_threads(tmp_path: Path) -> None:
