@@ -1,6 +1,6 @@
 """Slow end to end on the embedded default: the real Gemma 3 270M is the subject, the explainer and
 the simulator; 2 layers x 8 neurons go through explanations, simulations, scores and (the best 4
-per layer) ablations in one run."""
+per layer) ablations and the neuron viewer in one run."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def test_two_layers_eight_neurons_explained_simulated_scored_ablated(
     assert sorted(r[0] for r in ablations) == [0] * 4 + [1] * 4
     assert all(r[1] > 0 and r[2] >= 0 for r in ablations)  # real neurons of a real model move the output
     assert all((r[3] is None) == (r[4] is not None) for r in ablations)
+    for layer in (0, 1):  # the viewer rendered Gemma's tokens too
+        pages = sorted(p.name for p in (tmp_path / "viewer" / f"layer_{layer}").glob("neuron_*.html"))
+        assert len(pages) == 8
+        assert (tmp_path / "viewer" / f"layer_{layer}" / "index.html").read_text().count('href="neuron_') == 8
     report_main(["ablation", "--db", str(database)])
     out = capsys.readouterr().out
     assert "Spearman rank correlation of simulation and ablation scores over 8 neurons" in out
