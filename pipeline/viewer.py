@@ -162,9 +162,10 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
 table { border-collapse: collapse; } td, th { padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; }
 th { background: #f4f4f4; } .num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: #777; } .fail { color: #a33; }
-.record { margin: 4px 0 10px; font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9; }
-.record .label { display: inline-block; width: 7em; color: #666; font-family: system-ui, sans-serif; }
-.tok { white-space: pre; padding: 1px 0; border-right: 1px solid rgba(0, 0, 0, .07); }
+.record { margin: 4px 0 10px; font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9;
+          padding-left: 9em; text-indent: -9em; }
+.record .label { display: inline-block; width: 9em; text-indent: 0; color: #666; font-family: system-ui, sans-serif; }
+.tok { white-space: pre-wrap; padding: 1px 0; border-right: 1px solid rgba(0, 0, 0, .07); }
 .true .tok { --c: 0, 140, 60; } .sim .tok { --c: 40, 90, 220; }
 .tok { background-color: rgba(var(--c), var(--a)); }
 #search { font-size: 1em; padding: 4px 8px; width: 28em; margin-bottom: 1em; }
