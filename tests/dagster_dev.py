@@ -24,6 +24,30 @@ BIN = Path(sys.executable).parent
 PARTITIONED = ("activation_records", "top_k_examples", "explanations", "simulations", "scores", "ablations",
                "neuron_viewer")  # fmt: skip
 STAGES = ("subject_model", "corpus_tokens", *PARTITIONED)
+# Resource run config small enough that a run on the digit model takes seconds on 2 CPU cores.
+SMALL_RESOURCES: dict[str, Any] = {
+    "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
+    "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
+}
+
+
+def project_env(tmp_path: Path, model: Path | str, corpus: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a real `dagster` subprocess: its own instance (telemetry off, the machine
+    is offline), warehouse (tmp_path/neuron_atlas.duckdb) and LLM cache (tmp_path/llm_cache.sqlite)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "NEURON_ATLAS_MODEL": str(model),
+        "NEURON_ATLAS_DB": str(tmp_path / "neuron_atlas.duckdb"),
+        "NEURON_ATLAS_LLM_CACHE": str(tmp_path / "llm_cache.sqlite"),
+    }
+    if corpus is not None:
+        env["NEURON_ATLAS_CORPUS"] = str(corpus)
+    return env | extra
+
 
 LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""

@@ -5,7 +5,6 @@ showing the stage graph and the layer partitions, with screenshots kept as artif
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from browser import artifacts_dir, chromium
 from conftest import query
-from dagster_dev import STAGES, DagsterDev, dagster_dev
+from dagster_dev import SMALL_RESOURCES, STAGES, DagsterDev, dagster_dev, project_env
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -22,13 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 pytestmark = pytest.mark.slow
 
 LAYER = "1"
-# Small enough that each run takes seconds on a 2-core CPU box.
-RUN_CONFIG = {
-    "resources": {
-        "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
-        "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
-    }
-}
+RUN_CONFIG = {"resources": SMALL_RESOURCES}
 RUN_TIMEOUT_S = 600
 PAGE_TIMEOUT_S = 90
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -50,21 +43,6 @@ SCHEDULES = """{ repositoriesOrError { ... on RepositoryConnection { nodes { nam
   schedules { name scheduleState { id status } } } } } }"""
 STOP_SCHEDULE = """mutation($id: String!) { stopRunningSchedule(id: $id) { __typename
   ... on ScheduleStateResult { scheduleState { status } } ... on PythonError { message } } }"""
-
-
-def _env(tmp_path: Path, model: Path, corpus: Path) -> dict[str, str]:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    # The machine is offline: no telemetry attempts from a fresh instance.
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "NEURON_ATLAS_MODEL": str(model),
-        "NEURON_ATLAS_CORPUS": str(corpus),
-        "NEURON_ATLAS_DB": str(tmp_path / "neuron_atlas.duckdb"),
-        "NEURON_ATLAS_LLM_CACHE": str(tmp_path / "cache.sqlite"),
-    }
 
 
 def _quiet_instance(dev: DagsterDev) -> None:
@@ -167,7 +145,7 @@ def test_dagster_ui_shows_stages_and_materialized_layer(
     shows every stage and exactly that layer partition as materialized."""
     config = json.loads((digit_model_dir / "config.json").read_text())
     n_layers, d_mlp = config["n_layer"], config["n_inner"]
-    with dagster_dev(_env(tmp_path, digit_model_dir, digit_corpus), tmp_path / "dagster_dev.log") as dev:
+    with dagster_dev(project_env(tmp_path, digit_model_dir, digit_corpus), tmp_path / "dagster_dev.log") as dev:
         _quiet_instance(dev)
         tokens_run = _launch(dev, ["subject_model", "corpus_tokens"])
         _wait_for_success(dev, tokens_run)

@@ -6,13 +6,13 @@ tables end with every row exactly once."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import query
+from dagster_dev import SMALL_RESOURCES, project_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,24 +23,9 @@ pytestmark = pytest.mark.slow
 def test_concurrent_runs_and_partitions_share_the_warehouse(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
 ) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    database = tmp_path / "neuron_atlas.duckdb"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "NEURON_ATLAS_MODEL": str(digit_model_dir),
-        "NEURON_ATLAS_CORPUS": str(digit_corpus),
-        "NEURON_ATLAS_DB": str(database),
-    }
-    config = json.dumps(
-        {
-            "resources": {
-                "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
-                "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
-            }
-        }
-    )
+    env = project_env(tmp_path, digit_model_dir, digit_corpus)
+    database = Path(env["NEURON_ATLAS_DB"])
+    config = json.dumps({"resources": SMALL_RESOURCES})
     cli = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
     setup = cli + ["--select", "subject_model,corpus_tokens"]
     done = subprocess.run(setup, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

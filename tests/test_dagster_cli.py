@@ -5,34 +5,21 @@ layer of the embedded model in one run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import BIN, PARTITIONED, ROOT, STAGES, dagster_dev
+from dagster_dev import BIN, PARTITIONED, ROOT, STAGES, dagster_dev, project_env
 
 from pipeline.models import EMBEDDED, model_layer_count
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "dagster_home"
-    home.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "NEURON_ATLAS_DB": str(tmp_path / "neuron_atlas.duckdb"),
-        "NEURON_ATLAS_MODEL": EMBEDDED,
-    }
-
 
 ASSETS = "{ assetNodes { assetKey { path } isPartitioned partitionKeys } }"
 
 
 def test_dagster_dev_loads_the_definitions(tmp_path: Path) -> None:
-    with dagster_dev(_env(tmp_path), tmp_path / "dagster_dev.log") as dev:
+    with dagster_dev(project_env(tmp_path, EMBEDDED), tmp_path / "dagster_dev.log") as dev:
         nodes = {"/".join(n["assetKey"]["path"]): n for n in dev.graphql(ASSETS)["assetNodes"]}
     assert set(STAGES) <= set(nodes)
     layers = [str(i) for i in range(model_layer_count(EMBEDDED))]
@@ -44,7 +31,7 @@ def test_dagster_dev_loads_the_definitions(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
-    env = _env(tmp_path)
+    env = project_env(tmp_path, EMBEDDED)
     config = json.dumps(
         {
             "resources": {
@@ -82,7 +69,7 @@ def probe(llm: type(llm), subject: type(subject)) -> None:
 materialize([probe], resources={"llm": llm, "subject": subject}, run_config={
     "resources": {"llm": {"config": {"max_concurrency": 1}}, "subject": {"config": {"revision": "main"}}}})
 """
-    env = _env(tmp_path) | {
+    env = project_env(tmp_path, EMBEDDED) | {
         "NEURON_ATLAS_LLM_BACKEND": "openai",
         "NEURON_ATLAS_LLM_MODEL": "served-model",
         "NEURON_ATLAS_LLM_BASE_URL": "http://127.0.0.1:9/v1",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
+from dagster_dev import SMALL_RESOURCES, project_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,26 +37,9 @@ def cached_completions(cache: Path) -> int:
 def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
 ) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    database, cache = tmp_path / "neuron_atlas.duckdb", tmp_path / "llm_cache.sqlite"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "NEURON_ATLAS_MODEL": str(digit_model_dir),
-        "NEURON_ATLAS_CORPUS": str(digit_corpus),
-        "NEURON_ATLAS_DB": str(database),
-        "NEURON_ATLAS_LLM_CACHE": str(cache),
-    }
-    config = json.dumps(
-        {
-            "resources": {
-                "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
-                "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
-                "explain": {"config": {"neuron_ids": NEURONS}},
-            }
-        }
-    )
+    env = project_env(tmp_path, digit_model_dir, digit_corpus)
+    database, cache = Path(env["NEURON_ATLAS_DB"]), Path(env["NEURON_ATLAS_LLM_CACHE"])
+    config = json.dumps({"resources": SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}}})
     cli = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
     for extra in (
         ["--select", "subject_model,corpus_tokens"],

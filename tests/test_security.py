@@ -8,7 +8,6 @@ command's own output."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import query, run_stages
 from dagster import DagsterInstance, materialize
+from dagster_dev import SMALL_RESOURCES, project_env
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON
 
@@ -85,27 +85,21 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
 ) -> None:
     key = "sk-planted-NEVER-STORE-314159"
-    home, database, cache = tmp_path / "dagster_home", tmp_path / "neuron_atlas.duckdb", tmp_path / "cache.sqlite"
-    home.mkdir()
     state = ServerState(replies=[("the main thing this neuron does is find", " digits.\n")], slot_probs=[{"0": 1.0}])
     state.plan = {"the main thing this neuron does is find": ["401"]}  # one neuron's error body quotes the key
     with LoopbackServer(state) as server:
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(home),
-            "NEURON_ATLAS_MODEL": str(digit_model_dir),
-            "NEURON_ATLAS_CORPUS": str(digit_corpus),
-            "NEURON_ATLAS_DB": str(database),
-            "NEURON_ATLAS_LLM_CACHE": str(cache),
-            "NEURON_ATLAS_LLM_BACKEND": "openai",
-            "NEURON_ATLAS_LLM_MODEL": "loop-model",
-            "NEURON_ATLAS_LLM_BASE_URL": server.base_url,
-            "OPENAI_API_KEY": key,
-        }
+        env = project_env(
+            tmp_path,
+            digit_model_dir,
+            digit_corpus,
+            NEURON_ATLAS_LLM_BACKEND="openai",
+            NEURON_ATLAS_LLM_MODEL="loop-model",
+            NEURON_ATLAS_LLM_BASE_URL=server.base_url,
+            OPENAI_API_KEY=key,
+        )
         config = {
-            "resources": {
-                "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
-                "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
+            "resources": SMALL_RESOURCES
+            | {
                 "explain": {"config": {"neuron_ids": [DIGIT_NEURON, 5, 6]}},
                 "llm": {"config": {"max_concurrency": 1}},
             }
@@ -120,7 +114,9 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             outputs.append(done.stdout + done.stderr)
     assert any(key in h for h in state.auth_headers)  # it was sent
-    failures = query(database)("select failure_reason from atlas.explanations where failure_reason is not null")
+    failures = query(Path(env["NEURON_ATLAS_DB"]))(
+        "select failure_reason from atlas.explanations where failure_reason is not null"
+    )
     assert failures and "HTTP 401" in failures[0][0]  # the quoting error was recorded, redacted
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".db" for p in files) and any("compute_logs" in str(p) or p.suffix in {".out", ".err"}
