@@ -19,8 +19,7 @@ from typing import Any
 import duckdb
 
 from pipeline.errors import AtlasInputError
-
-LLM, BASELINE = "llm", "token_lookup"
+from pipeline.interpret import BASELINE, LLM
 
 
 @dataclass
@@ -123,6 +122,19 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
             "select seq_id, tokens from atlas.current_corpus_tokens where list_contains(?, seq_id)", [seq_ids]
         ).fetchall()
     )
+    # Every held-out record of the layer's simulations in one query; each page keeps its best
+    # explanation's. Held-out sequences are records of top_k_examples, so `tokens` has them.
+    simulated: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+    if "current_simulations" in tables:
+        for row in _dicts(
+            conn,
+            "select neuron, kind, sample_index, record_kind, split_rank, seq_id, true_acts, simulated "
+            "from atlas.current_simulations where layer = ? and list_contains(?, neuron) and simulated is not null "
+            "order by neuron, kind, sample_index, record_kind desc, split_rank",
+            [layer, neurons],
+        ):
+            key = (row["neuron"], row["kind"], row["sample_index"])
+            simulated.setdefault(key, []).append(row | {"tokens": tokens.get(row["seq_id"], [])})
     ablations: dict[int, dict[str, Any]] = {}
     if "current_ablations" in tables:
         for row in _dicts(
@@ -137,19 +149,11 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
         if ex is None:
             continue
         records = [rec | {"tokens": tokens.get(rec["seq_id"], [])} for rec in ex["records"] or []]
-        page = NeuronPage(neuron, ex["max_activation"], ex["top_tokens"] or [], records, by_neuron[neuron], [], None)
-        page.ablation = ablations.get(neuron)
-        best = page.best
-        if best is not None and "current_simulations" in tables:
-            page.simulations = _dicts(
-                conn,
-                "select s.record_kind, s.split_rank, s.seq_id, s.true_acts, s.simulated, c.tokens "
-                "from atlas.current_simulations s join atlas.current_corpus_tokens c "
-                "using (model_id, model_revision, seq_id) "
-                "where s.layer = ? and s.neuron = ? and s.kind = ? and s.sample_index = ? and s.simulated is not null "
-                "order by s.record_kind desc, s.split_rank",
-                [layer, neuron, best["kind"], best["sample_index"]],
-            )
+        page = NeuronPage(
+            neuron, ex["max_activation"], ex["top_tokens"] or [], records, by_neuron[neuron], [], ablations.get(neuron)
+        )
+        if (best := page.best) is not None:
+            page.simulations = simulated.get((neuron, best["kind"], best["sample_index"]), [])
         data.neurons.append(page)
     return data
 
