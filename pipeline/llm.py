@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,23 @@ class Completion:
     # Per text: generation ran into max_tokens before a stop sequence, so the line is cut off.
     # Empty when unknown (responses cached before this was recorded).
     truncated: tuple[bool, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """What a response cache keeps of it: all but `cached`, as JSON-ready values."""
+        return {
+            "texts": self.texts,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "truncated": list(self.truncated),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], cached: bool) -> Completion:
+        """Back from `record()`; entries stored before `truncated` was kept read as unknown."""
+        return cls(
+            record["texts"], record["prompt_tokens"], record["completion_tokens"], cached,
+            tuple(record.get("truncated", ())),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -95,12 +95,6 @@ class LLMCache:
             return int(conn.execute("SELECT count(*) FROM responses").fetchone()[0])
 
 
-def _completion(hit: dict) -> Completion:
-    return Completion(
-        hit["texts"], hit["prompt_tokens"], hit["completion_tokens"], True, tuple(hit.get("truncated", ()))
-    )
-
-
 class CachedBackend(LLMBackend):
     """Any backend, with every finished prompt stored as soon as it is answered: a run killed
     mid-layer resumes without redoing the neurons it finished."""
@@ -114,13 +108,11 @@ class CachedBackend(LLMBackend):
         out: list[Completion | LLMFailure | None] = []
         for prompt in prompts:
             hit = self.cache.get(self.backend, self.model, "complete", prompt, key)
-            out.append(_completion(hit) if hit is not None else None)
+            out.append(Completion.from_record(hit, cached=True) if hit is not None else None)
         todo = [i for i, r in enumerate(out) if r is None]
         for i, result in zip(todo, self.inner.complete([prompts[i] for i in todo], params), strict=True):
             if isinstance(result, Completion):
-                value = {"texts": result.texts, "prompt_tokens": result.prompt_tokens}
-                value |= {"completion_tokens": result.completion_tokens, "truncated": list(result.truncated)}
-                self.cache.put(self.backend, self.model, "complete", prompts[i], key, value)
+                self.cache.put(self.backend, self.model, "complete", prompts[i], key, result.record())
             out[i] = result
         return [r for r in out if r is not None]
 

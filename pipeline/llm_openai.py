@@ -154,12 +154,7 @@ class OpenAIBackend(LLMBackend):
             return _parse_completion(resp, params.n, chat=self.chat)
 
         values = self._cached_batch(prompts, kind, key_params, request, parse)
-        return [
-            v
-            if isinstance(v, LLMFailure)
-            else Completion(v["texts"], v["prompt_tokens"], v["completion_tokens"], c, tuple(v.get("truncated", ())))
-            for v, c in values
-        ]
+        return [v if isinstance(v, LLMFailure) else Completion.from_record(v, cached=c) for v, c in values]
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
         if self.chat:
