@@ -100,6 +100,11 @@ def run_stages(
     )
 
 
+def loopback_llm(server: Any, **settings: Any) -> LLMResource:
+    """The openai backend pointed at a `loopback_llm.LoopbackServer`."""
+    return LLMResource(backend="openai", model="loop-model", base_url=server.base_url, **settings)
+
+
 def query(database: Path) -> Callable[..., list[tuple]]:
     def run(sql: str, params: list | None = None) -> list[tuple]:
         with duckdb.connect(str(database), read_only=True) as conn:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import query, run_stages
+from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, build_digit_model, build_tokenizer
 
-from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 
 DEAD = 9  # reads coordinate 0 like the digit neuron, with a bias so negative GELU is ~0 everywhere
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
@@ -60,7 +60,7 @@ def test_a_dead_neuron_gets_null_rows_with_reasons_and_the_layer_completes(
             n_layers=2,
             layers=(0, 0),
             **_resources(model_dir, digit_corpus, "float32"),
-            llm=LLMResource(backend="openai", model="loop-model", base_url=server.base_url),
+            llm=loopback_llm(server),
             explain=ExplainResource(neuron_ids=[DIGIT_NEURON, DEAD]),
             selection=[*STAGES, "explanations", "simulations", "scores"],
         )

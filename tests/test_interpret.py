@@ -9,7 +9,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from conftest import query, run_stages
+from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
@@ -193,10 +193,8 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
             n_layers=2,
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
-            llm=LLMResource(
-                backend="openai",
-                model="loop-model",
-                base_url=server.base_url,
+            llm=loopback_llm(
+                server,
                 api_key_env="LOOP_KEY",
                 max_attempts=1,
                 cache_path=str(tmp_path / "cache.sqlite"),
@@ -233,10 +231,8 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
             n_layers=2,
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
-            llm=LLMResource(
-                backend="openai",
-                model="loop-model",
-                base_url=server.base_url,
+            llm=loopback_llm(
+                server,
                 max_concurrency=1,
                 max_attempts=3,
                 cache_path=str(tmp_path / "cache.sqlite"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from browser import artifacts_dir, chromium
-from conftest import query, run_stages
+from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, write_digit_corpus, write_digit_model
 
@@ -17,7 +17,6 @@ from assets.resources import (
     AblationResource,
     CorpusResource,
     ExplainResource,
-    LLMResource,
     SamplingResource,
     SubjectModelResource,
 )
@@ -54,7 +53,7 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             subject=SubjectModelResource(model=str(model)),
             corpus=CorpusResource(source=str(corpus), seq_len=16, n_sequences=48, seed=3),
             sampling=SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
-            llm=LLMResource(backend="openai", model="loop-model", base_url=server.base_url, max_concurrency=2),
+            llm=loopback_llm(server, max_concurrency=2),
             explain=ExplainResource(neuron_ids=NEURONS),
             ablation=AblationResource(top_n=len(NEURONS), random_n=0),
         )
