@@ -49,6 +49,13 @@ def project_env(tmp_path: Path, model: Path | str, corpus: Path | None = None, *
     return env | extra
 
 
+def materialize_command(resources: Mapping[str, Any]) -> list[str]:
+    """`dagster asset materialize` on the project's code location with this resource run config;
+    append --select and partition options."""
+    config = json.dumps({"resources": dict(resources)})
+    return [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
+
+
 LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 

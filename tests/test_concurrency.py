@@ -5,17 +5,12 @@ tables end with every row exactly once."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import SMALL_RESOURCES, project_env
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +20,7 @@ def test_concurrent_runs_and_partitions_share_the_warehouse(
 ) -> None:
     env = project_env(tmp_path, digit_model_dir, digit_corpus)
     database = Path(env["NEURON_ATLAS_DB"])
-    config = json.dumps({"resources": SMALL_RESOURCES})
-    cli = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
+    cli = materialize_command(SMALL_RESOURCES)
     setup = cli + ["--select", "subject_model,corpus_tokens"]
     done = subprocess.run(setup, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

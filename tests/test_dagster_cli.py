@@ -4,14 +4,13 @@ layer of the embedded model in one run."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import BIN, PARTITIONED, ROOT, STAGES, dagster_dev, project_env
+from dagster_dev import PARTITIONED, ROOT, STAGES, dagster_dev, materialize_command, project_env
 
 from pipeline.models import EMBEDDED, model_layer_count
 
@@ -32,16 +31,10 @@ def test_dagster_dev_loads_the_definitions(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
     env = project_env(tmp_path, EMBEDDED)
-    config = json.dumps(
-        {
-            "resources": {
-                "corpus": {"config": {"n_sequences": 16, "seq_len": 32}},
-                "sampling": {"config": {"top_k": 8, "random_k": 8}},
-            }
-        }
+    dagster = materialize_command(
+        {"corpus": {"config": {"n_sequences": 16, "seq_len": 32}}, "sampling": {"config": {"top_k": 8, "random_k": 8}}}
     )
     last = model_layer_count(EMBEDDED) - 1
-    dagster = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition-range", f"0...{last}"],

@@ -4,21 +4,17 @@ once (the killed run wrote nothing: a partition is written in one transaction at
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import SMALL_RESOURCES, project_env
+from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 NEURONS = list(range(8))
 
 pytestmark = pytest.mark.slow
@@ -39,8 +35,7 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
 ) -> None:
     env = project_env(tmp_path, digit_model_dir, digit_corpus)
     database, cache = Path(env["NEURON_ATLAS_DB"]), Path(env["NEURON_ATLAS_LLM_CACHE"])
-    config = json.dumps({"resources": SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}}})
-    cli = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
+    cli = materialize_command(SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}})
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition", "0"],

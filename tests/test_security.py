@@ -7,16 +7,14 @@ command's own output."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import query, run_stages
 from dagster import DagsterInstance, materialize
-from dagster_dev import SMALL_RESOURCES, project_env
+from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON
 
@@ -25,8 +23,6 @@ from assets.resources import CorpusResource, SamplingResource, SubjectModelResou
 from assets.stages import build_stage_assets
 from pipeline.warehouse import SCHEMA
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 HOSTILE = """it's "odd"'); drop table atlas.corpus_tokens; --"""
 TABLES = ["activation_records", "corpus_tokens", "subject_model", "top_k_examples"]
 
@@ -97,20 +93,14 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
             NEURON_ATLAS_LLM_BASE_URL=server.base_url,
             OPENAI_API_KEY=key,
         )
-        config = {
-            "resources": SMALL_RESOURCES
-            | {
-                "explain": {"config": {"neuron_ids": [DIGIT_NEURON, 5, 6]}},
-                "llm": {"config": {"max_concurrency": 1}},
-            }
-        }
-        cli = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json"]
+        cli = materialize_command(
+            SMALL_RESOURCES
+            | {"explain": {"config": {"neuron_ids": [DIGIT_NEURON, 5, 6]}}, "llm": {"config": {"max_concurrency": 1}}}
+        )
         outputs = []
         for select in ("subject_model,corpus_tokens", "activation_records,top_k_examples,explanations,simulations"):
             extra = ["--select", select] + (["--partition", "0"] if "explanations" in select else [])
-            done = subprocess.run(
-                cli + [json.dumps(config)] + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-            )
+            done = subprocess.run(cli + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             outputs.append(done.stdout + done.stderr)
     assert any(key in h for h in state.auth_headers)  # it was sent
