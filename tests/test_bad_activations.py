@@ -14,7 +14,7 @@ from tiny_models import DIGIT_NEURON, build_digit_model, build_tokenizer
 
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 
-DEAD = 9  # reads coordinate 0 like the digit neuron, with a bias so negative GELU is ~0 everywhere
+DEAD = 9  # no input weights and a bias of -30: GELU(-30) is ~0 (never above 0) on every token
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
 HOT = 11  # the digit neuron's input times 2e4: ~6e4 to 1.2e5 on digits, past float16's 65504
 
