@@ -14,17 +14,17 @@ from dagster import (
 
 from assets.automation import RERUN
 from assets.interpret import _identity, _strip
-from assets.resources import AblationResource, LLMResource, SubjectModelResource
+from assets.resources import AblationResource, SubjectModelResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model
-from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_neurons
+from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
 from pipeline.ablation import LayerAblator
 from pipeline.corpus import prefix_ids
-from pipeline.interpret import neuron_examples
+from pipeline.units import units_from_frames
 
 
 def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
-        code_version="1",
+        code_version="2",
         automation_condition=RERUN,
         io_manager_key=WAREHOUSE,
         group_name="atlas",
@@ -42,23 +42,22 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         subject: SubjectModelResource,
-        llm: LLMResource,
         ablation: AblationResource,
     ) -> pl.DataFrame:
-        """Per ablated neuron: KL of the next-token distribution when the neuron is replaced by its
-        mean vs by its calibrated simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
+        """Per ablated unit (the best by test score, and optionally random others): KL of the
+        next-token distribution when the neuron is replaced by its mean vs by its calibrated test
+        simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
         identity = _identity(top_k_examples)
         loaded = subject.load()
         _require_same_model(identity, loaded.identity)
-        examples = neuron_examples(_strip(top_k_examples), corpus_tokens)
-        simulator = None
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens)
         frames = []
         for layer in _layers(context):
-            chosen = choose_neurons(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)
-            context.log.info(f"layer {layer}: ablating neurons {chosen['neuron'].to_list()}")
+            chosen = choose_units(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)
+            picked = [f"{n}{p}" for n, p in chosen.select("neuron", "polarity").iter_rows()]
+            context.log.info(f"layer {layer}: ablating units {picked}")
             if chosen.height == 0:
                 continue
-            simulator = simulator or llm.simulator_client()
             means = {
                 r["neuron"]: float(r["mean_activation"])
                 for r in activation_records.filter(pl.col("layer") == layer).iter_rows(named=True)
@@ -68,12 +67,11 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
                     LayerAblator(loaded.model, layer, ablation.batch_size),
                     prefix_ids(loaded.tokenizer),
                     chosen,
-                    examples,
+                    units,
                     explanations.filter(pl.col("layer") == layer),
                     simulations.filter(pl.col("layer") == layer),
                     means,
-                    simulator,
-                    progress=context.log.info,
+                    log=context.log.info,
                 )
             )
         frame = pl.concat(frames) if frames else pl.DataFrame(schema=ABLATION_SCHEMA)
@@ -84,7 +82,9 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
                 "scored": scored.height,
                 "mean_ablation_score": float(scored["ablation_score"].mean()) if scored.height else None,
                 "preview": _preview(
-                    frame, ["layer", "neuron", "corr_all", "kl_mean", "kl_simulated", "ablation_score"], 10
+                    frame,
+                    ["layer", "neuron", "polarity", "test_score", "kl_mean", "kl_simulated", "ablation_score"],
+                    10,
                 ),
             }
             | ({} if scored.height else {"note": MetadataValue.text("no neuron could be scored")})

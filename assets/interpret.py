@@ -1,12 +1,18 @@
 """Explanations, simulations and scores: per layer, thin wrappers over `pipeline.interpret`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
+from collections.abc import Iterator
+
 import polars as pl
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetsDefinition,
     BackfillPolicy,
     MetadataValue,
+    Output,
     StaticPartitionsDefinition,
     asset,
 )
@@ -15,17 +21,18 @@ from assets.automation import RERUN
 from assets.resources import ExplainResource, LLMResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview
 from pipeline.interpret import (
-    BASELINE,
+    CANDIDATE_KINDS,
     LLM,
+    TOKEN_LOOKUP,
     explain_layer,
-    neuron_examples,
+    layer_discrimination,
     score_layer,
-    select_neurons,
     simulate_layer,
 )
 from pipeline.models import ModelIdentity
+from pipeline.units import select_units, units_from_frames
 
-SCORE_COLUMNS = ("corr_all", "corr_top", "corr_random", "r2_all", "absdev_all")
+DISCRIMINATES = "simulator_discriminates"
 
 
 def _identity(frame: pl.DataFrame) -> ModelIdentity:
@@ -58,7 +65,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         metadata=LAYER_METADATA,
     )
 
-    @asset(code_version="1", automation_condition=RERUN, **common)
+    @asset(code_version="2", automation_condition=RERUN, **common)
     def explanations(
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
@@ -66,31 +73,41 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         llm: LLMResource,
         explain: ExplainResource,
     ) -> pl.DataFrame:
-        """Per neuron: the LLM's explanation(s) of its train top records, and the token-lookup baseline's."""
+        """Per unit: the LLM's explanations of its train top records, its token-space explanation and
+        the token-lookup reference; copies of few-shot text and explanations shared by many units are
+        flagged degenerate."""
         identity = _identity(top_k_examples)
-        examples = neuron_examples(_strip(top_k_examples), corpus_tokens)
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens)
         selected = []
         for layer in _layers(context):
-            n = top_k_examples.filter(pl.col("layer") == layer).height
-            selected += [examples[(layer, i)] for i in select_neurons(n, explain.n_neurons, explain.neuron_ids)]
+            n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
+            selected += select_units(units, layer, n, explain.n_neurons, explain.neuron_ids)
         backend = llm.backend_client()
-        context.log.info(f"explaining {len(selected)} neurons with {backend.backend}:{backend.model}")
-        frame = explain_layer(selected, backend, explain.params(), progress=context.log.info)
-        ok = frame.filter(pl.col("explanation").is_not_null())
+        context.log.info(f"explaining {len(selected)} units with {backend.backend}:{backend.model}")
+        frame = explain_layer(selected, backend, explain.params(), log=context.log.info)
+        llm_rows = frame.filter(pl.col("kind") == LLM)
+        ok = llm_rows.filter(pl.col("explanation").is_not_null())
         context.add_output_metadata(
             {
                 "explanations": frame.height,
-                "failed": frame.height - ok.height,
+                "llm_explanations": llm_rows.height,
+                "llm_failed": llm_rows.height - ok.height,
+                "llm_distinct": ok["explanation"].n_unique(),
+                "degenerate": frame.filter(pl.col("degenerate_reason").is_not_null()).height,
                 "tokens_spent": int(
                     frame["prompt_tokens"].fill_null(0).sum() + frame["completion_tokens"].fill_null(0).sum()
                 ),
-                "preview": _preview(frame, ["layer", "neuron", "kind", "explanation", "failure_reason"], 16),
+                "preview": _preview(
+                    frame.filter(pl.col("kind") != TOKEN_LOOKUP),
+                    ["layer", "neuron", "polarity", "kind", "explanation", "degenerate_reason"],
+                    16,
+                ),
                 "failure_reasons": _failure_reasons(frame),
             }
         )
         return _lineage(frame, identity, context)
 
-    @asset(code_version="1", automation_condition=RERUN, **common)
+    @asset(code_version="2", automation_condition=RERUN, **common)
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
@@ -98,29 +115,61 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         corpus_tokens: pl.DataFrame,
         llm: LLMResource,
     ) -> pl.DataFrame:
-        """Per explanation and held-out sequence (valid top + valid random): the simulated level per token."""
+        """Per explanation: simulated levels on the valid split (every candidate), on calibration and
+        test (each kind's chosen one), and the control on test (another unit's explanation)."""
         identity = _identity(top_k_examples)
-        examples = neuron_examples(_strip(top_k_examples), corpus_tokens)
-        simulator = llm.simulator_client() if (explanations["kind"] == LLM).any() else None
-        frame = simulate_layer(_strip(explanations), examples, simulator, progress=context.log.info)
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens)
+        needs_llm = explanations.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
+        simulator = llm.simulator_client() if needs_llm.height else None
+        frame = simulate_layer(_strip(explanations), units, simulator, log=context.log.info)
         context.add_output_metadata(
             {
                 "rows": frame.height,
-                "failed_explanations": frame.filter(pl.col("simulated").is_null()).height,
-                "simulator": f"{simulator.backend}:{simulator.model}" if simulator else "baseline only",
+                "failed": frame.filter(pl.col("simulated").is_null()).height,
+                "simulator": f"{simulator.backend}:{simulator.model}" if simulator else "lookup reference only",
                 "failure_reasons": _failure_reasons(frame),
             }
         )
         return _lineage(frame, identity, context)
 
-    @asset(code_version="1", automation_condition=RERUN, **common)
-    def scores(context: AssetExecutionContext, simulations: pl.DataFrame, top_k_examples: pl.DataFrame) -> pl.DataFrame:
-        """Per explanation: correlation (top+random, top, random), r² and absolute deviation explained."""
+    @asset(
+        code_version="2",
+        automation_condition=RERUN,
+        check_specs=[
+            AssetCheckSpec(
+                DISCRIMINATES,
+                asset="scores",
+                description="Each unit's reported score beats its control (another unit's explanation on the "
+                "same sequences) clearly enough, over the layers just written: a paired sign-flip test.",
+            )
+        ],
+        **common,
+    )
+    def scores(context: AssetExecutionContext, simulations: pl.DataFrame, top_k_examples: pl.DataFrame) -> Iterator:
+        """Per explanation and split (valid, test): correlation (top+random, top, random), calibrated r²
+        and absolute deviation explained, the control's correlation and the gap; `best` marks each
+        unit's chosen explanation, whose test row is its score."""
         identity = _identity(top_k_examples)
-        maxes = {(r["layer"], r["neuron"]): r["max_activation"] for r in top_k_examples.iter_rows(named=True)}
-        frame = score_layer(_strip(simulations), maxes)
-        context.add_output_metadata(_score_metadata(frame))
-        return _lineage(frame, identity, context)
+        frame = score_layer(_strip(simulations))
+        layers = _layers(context)
+        verdicts = {layer: layer_discrimination(frame, layer) for layer in layers}
+        yield Output(_lineage(frame, identity, context), metadata=_score_metadata(frame, verdicts))
+        failing = [layer for layer, v in verdicts.items() if not v.passed]
+        yield AssetCheckResult(
+            check_name=DISCRIMINATES,
+            passed=not failing,
+            severity=AssetCheckSeverity.WARN,
+            description=" ".join(f"Layer {layer}: {v.verdict}" for layer, v in verdicts.items()),
+            metadata={
+                "layers_failing": MetadataValue.text(", ".join(map(str, failing)) or "none"),
+                **{
+                    f"layer_{layer}_{k}": v
+                    for layer, d in verdicts.items()
+                    for k, v in d.as_metadata().items()
+                    if v is not None
+                },
+            },
+        )
 
     return [explanations, simulations, scores]
 
@@ -138,14 +187,22 @@ def _failure_reasons(frame: pl.DataFrame) -> MetadataValue:
     return _preview(counts.rename({"neuron": "neurons"}), ["failure_reason", "rows", "neurons"], 20)
 
 
-def _score_metadata(frame: pl.DataFrame) -> dict:
-    meta: dict = {"explanations_scored": frame.filter(pl.col("corr_all").is_not_null()).height}
-    for kind in (LLM, BASELINE):
-        values = frame.filter((pl.col("kind") == kind) & pl.col("corr_all").is_not_null())["corr_all"]
-        meta[f"mean_corr_{kind}"] = float(values.mean()) if len(values) else None
-        meta[f"histogram_{kind}"] = MetadataValue.md(_histogram(values.to_list()))
-    llm = frame.filter((pl.col("kind") == LLM) & pl.col("corr_all").is_not_null()).sort("corr_all", descending=True)
-    columns = ["layer", "neuron", "sample_index", "corr_all", "r2_all"]
-    meta["best"] = _preview(llm, columns, 5)
-    meta["worst"] = _preview(llm.reverse(), columns, 5)
+def _score_metadata(frame: pl.DataFrame, verdicts: dict) -> dict:
+    test = frame.filter(pl.col("split") == "test")
+    best = test.filter(pl.col("best") & pl.col("corr_all").is_not_null())
+    meta: dict = {
+        "units_scored": best.height,
+        "mean_test_score": float(best["corr_all"].mean()) if best.height else None,
+        "mean_control": float(best["control_corr_all"].mean()) if best["control_corr_all"].count() else None,
+        "mean_gap": float(best["gap"].mean()) if best["gap"].count() else None,
+        "signal": MetadataValue.md("\n".join(f"- layer {layer}: {v.verdict}" for layer, v in verdicts.items())),
+        "histogram_best_test": MetadataValue.md(_histogram(best["corr_all"].to_list())),
+    }
+    for kind in (*CANDIDATE_KINDS, TOKEN_LOOKUP):
+        values = test.filter(pl.col("selected") & (pl.col("kind") == kind))["corr_all"].drop_nulls()
+        meta[f"mean_test_{kind}"] = float(values.mean()) if len(values) else None
+    columns = ["layer", "neuron", "polarity", "kind", "corr_all", "control_corr_all", "gap", "r2_all"]
+    ranked = best.sort("corr_all", descending=True)
+    meta["best"] = _preview(ranked, columns, 5)
+    meta["worst"] = _preview(ranked.reverse(), columns, 5)
     return {k: v for k, v in meta.items() if v is not None}

@@ -75,6 +75,9 @@ class SamplingResource(ConfigurableResource):
     per_quantile: int = Field(5, description="quantile samples per bin")
     batch_size: int = Field(16, description="sequences per forward pass")
     n_top_tokens: int = Field(10, description="top tokens kept per neuron")
+    min_token_count: int = Field(
+        2, description="a top token must occur this often in the train+calibration records (one-offs say little)"
+    )
     seed: int = Field(0, description="seed of the random samples")
 
     def spec(self) -> SamplingSpec:

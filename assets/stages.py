@@ -219,7 +219,9 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         identity = ModelIdentity(activation_records["model_id"][0], activation_records["model_revision"][0])
         records = activation_records.drop("model_id", "model_revision", "run_id", "code_version", strict=False)
         tokens = corpus_tokens.select("seq_id", "token_ids", "tokens")
-        frame = build_top_k_examples(records, tokens, n_top_tokens=sampling.n_top_tokens)
+        frame = build_top_k_examples(
+            records, tokens, n_top_tokens=sampling.n_top_tokens, min_token_count=sampling.min_token_count
+        )
         with_tokens = frame.filter(pl.col("top_tokens").list.len() > 0).height
         context.add_output_metadata(
             {

@@ -65,7 +65,7 @@ def main() -> None:
     own = {n: list(range(n * args.sequences, (n + 1) * args.sequences)) for n in range(args.neurons)}
     sequences = {s: pool[s] for s in range(len(pool))}
     replacements = {
-        n: {
+        (n, "+"): {
             "mean": {s: np.full(args.seq_len, 0.1) for s in own[n]},
             "simulated": {s: rng.normal(size=args.seq_len) for s in own[n]},
         }
@@ -89,7 +89,7 @@ def main() -> None:
         for n in own:
             for s in own[n]:
                 ids = torch.tensor([*prefix, *pool[s].tolist()])
-                naive(subject.model, layer, ids, n, [replacements[n][m][s] for m in ("mean", "simulated")])
+                naive(subject.model, layer, ids, n, [replacements[(n, "+")][m][s] for m in ("mean", "simulated")])
         naive_s.append((time.perf_counter() - start) / args.neurons)
     o, nv = statistics.median(opt_s), statistics.median(naive_s)
     print("\nseconds per neuron (median)   all runs")

@@ -1,34 +1,35 @@
-"""Ablation scores for one layer: choose neurons, calibrate their simulations, ablate, tabulate.
+"""Ablation scores for one layer: choose units, take their calibrated test simulations, ablate, tabulate.
 
-Neurons are the layer's best LLM explanations by `corr_all` (each neuron's best sample), plus an
-optional seeded random sample of the other scored neurons, so that the ablation score can be
-compared across the range of simulation scores.
+Units are the layer's best by reported (test-split) score, plus an optional seeded random sample
+of the other scored units, so that the ablation score can be compared across the range of
+simulation scores. Each unit's chosen explanation is ablated on its test sequences: the neuron's
+signed activation is replaced by the calibrated simulation of that direction (negated back for
+'-'), or by the neuron's mean activation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 
 import numpy as np
 import polars as pl
 
-from pipeline.ablation import LayerAblator, ablate_neurons, fit_calibration
-from pipeline.interpret import LLM, NeuronExamples
-from pipeline.llm import LLMFailure
-from pipeline.simulator import Simulator
+from pipeline.ablation import LayerAblator, ablate_neurons
+from pipeline.scoring import Calibration
+from pipeline.units import Unit, UnitKey
 
 ABLATION_SCHEMA = {
     "layer": pl.Int32,
     "neuron": pl.Int32,
+    "polarity": pl.String,
     "selection": pl.String,
+    "kind": pl.String,
     "sample_index": pl.Int16,
     "explanation": pl.String,
-    "corr_all": pl.Float64,
+    "test_score": pl.Float64,
     "calibration_slope": pl.Float64,
     "calibration_intercept": pl.Float64,
-    "calibration_r": pl.Float64,
-    "calibration_reason": pl.String,
     "mean_activation": pl.Float64,
     "kl_mean": pl.Float64,
     "kl_simulated": pl.Float64,
@@ -46,16 +47,21 @@ ABLATION_SCHEMA = {
 }
 
 
-def choose_neurons(scores: pl.DataFrame, layer: int, top_n: int, random_n: int, seed: int) -> pl.DataFrame:
-    """(neuron, sample_index, corr_all, selection) for the best `top_n` and `random_n` random others."""
+def choose_units(scores: pl.DataFrame, layer: int, top_n: int, random_n: int, seed: int) -> pl.DataFrame:
+    """The best `top_n` units by reported (test) score, and `random_n` random others, with the
+    explanation each is scored by: (neuron, polarity, kind, sample_index, test_score, calibration, selection)."""
     if top_n < 0 or random_n < 0:
-        raise ValueError("the numbers of neurons to ablate must not be negative")
+        raise ValueError("the numbers of units to ablate must not be negative")
     best = (
-        scores.filter((pl.col("layer") == layer) & (pl.col("kind") == LLM) & pl.col("corr_all").is_not_null())
-        .sort("corr_all", "sample_index", descending=[True, False])
-        .unique("neuron", keep="first", maintain_order=True)
-        .select("neuron", "sample_index", "corr_all")
-    )
+        scores.filter(
+            (pl.col("layer") == layer) & (pl.col("split") == "test") & pl.col("best") & pl.col("corr_all").is_not_null()
+        )
+        .sort("corr_all", "neuron", "polarity", descending=[True, False, False])
+        .select(
+            "neuron", "polarity", "kind", "sample_index", pl.col("corr_all").alias("test_score"),
+            "calibration_slope", "calibration_intercept", "calibration_reason", "simulator_backend", "simulator_model",
+        )
+    )  # fmt: skip
     top = best.head(top_n).with_columns(pl.lit("top").alias("selection"))
     rest = best.slice(top_n)
     picked = rest.sample(min(random_n, rest.height), seed=seed) if rest.height and random_n else rest.head(0)
@@ -66,70 +72,70 @@ def ablate_layer(
     ablator: LayerAblator,
     prefix: Sequence[int],
     chosen: pl.DataFrame,
-    examples: dict[tuple[int, int], NeuronExamples],
+    units: Mapping[UnitKey, Unit],
     explanations: pl.DataFrame,
     simulations: pl.DataFrame,
-    means: dict[int, float],
-    simulator: Simulator,
-    progress: Callable[[str], None] | None = None,
+    means: Mapping[int, float],
+    log: Callable[[str], None] | None = None,
 ) -> pl.DataFrame:
     layer = ablator.layer
-    lineage = {"simulator_backend": simulator.backend, "simulator_model": simulator.model}
     rows: list[dict] = []
-    replacements: dict[int, dict[str, dict[int, np.ndarray]]] = {}
-    info: dict[int, dict] = {}
+    replacements: dict[tuple[int, str], dict[str, dict[int, np.ndarray]]] = {}
+    info: dict[tuple[int, str], dict] = {}
     sequences: dict[int, np.ndarray] = {}
     for pick in chosen.iter_rows(named=True):
-        neuron, sample = pick["neuron"], pick["sample_index"]
-        ex = examples[(layer, neuron)]
-        text = explanations.filter(
-            (pl.col("neuron") == neuron) & (pl.col("kind") == LLM) & (pl.col("sample_index") == sample)
-        )["explanation"][0]
-        base = {"layer": layer, "neuron": neuron, "selection": pick["selection"], "sample_index": sample}
-        base |= {"explanation": text, "corr_all": pick["corr_all"], "mean_activation": means[neuron]} | lineage
-        sims = {
-            (r["record_kind"], r["seq_id"]): np.asarray(r["simulated"], dtype=np.float64)
-            for r in simulations.filter(
-                (pl.col("neuron") == neuron)
-                & (pl.col("kind") == LLM)
-                & (pl.col("sample_index") == sample)
-                & pl.col("simulated").is_not_null()
-            ).iter_rows(named=True)
-        }
-        missing = [h.seq_id for h in ex.held_out if (h.record_kind, h.seq_id) not in sims]
-        calibration = simulator.simulate(text, [h.tokens for h in ex.calibration]) if ex.calibration else []
-        if missing or isinstance(calibration, LLMFailure):
-            why = f"no simulation of held-out sequences {missing}" if missing else calibration.reason  # type: ignore[union-attr]
-            rows.append(base | {"failure_reason": why})
-            continue
-        cal = fit_calibration(calibration, [h.acts for h in ex.calibration])
+        neuron, polarity = pick["neuron"], pick["polarity"]
+        unit = units[(layer, neuron, polarity)]
+        explanation = explanations.filter(
+            (pl.col("neuron") == neuron) & (pl.col("polarity") == polarity)
+            & (pl.col("kind") == pick["kind"]) & (pl.col("sample_index") == pick["sample_index"])
+        )["explanation"]  # fmt: skip
+        base = {k: pick[k] for k in ("neuron", "polarity", "selection", "kind", "sample_index", "test_score")}
         base |= {
-            "calibration_slope": cal.slope,
-            "calibration_intercept": cal.intercept,
-            "calibration_r": cal.r,
-            "calibration_reason": cal.reason,
+            "layer": layer,
+            "explanation": explanation[0] if len(explanation) else None,
+            "mean_activation": means[neuron],
+            "simulator_backend": pick["simulator_backend"],
+            "simulator_model": pick["simulator_model"],
         }
-        for h in ex.held_out:
-            sequences[h.seq_id] = np.asarray(h.token_ids, dtype=np.int64)
-        replacements[neuron] = {
-            "mean": {h.seq_id: np.full(len(h.token_ids), means[neuron]) for h in ex.held_out},
-            "simulated": {h.seq_id: cal.apply(sims[(h.record_kind, h.seq_id)]) for h in ex.held_out},
+        if pick["calibration_slope"] is None or pick["calibration_reason"] is not None:
+            rows.append(base | {"failure_reason": f"no calibration: {pick['calibration_reason']}"})
+            continue
+        calibration = Calibration(pick["calibration_slope"], pick["calibration_intercept"], None)
+        base |= {"calibration_slope": calibration.slope, "calibration_intercept": calibration.intercept}
+        sims = {
+            r["seq_id"]: np.asarray(r["simulated"], dtype=np.float64)
+            for r in simulations.filter(
+                (pl.col("neuron") == neuron) & (pl.col("polarity") == polarity) & (pl.col("kind") == pick["kind"])
+                & (pl.col("sample_index") == pick["sample_index"]) & (pl.col("split") == "test")
+                & ~pl.col("control") & pl.col("simulated").is_not_null()
+            ).iter_rows(named=True)
+        }  # fmt: skip
+        test = unit.split("test")
+        missing = [e.seq_id for e in test if e.seq_id not in sims]
+        if missing or not test:
+            rows.append(base | {"failure_reason": f"no test simulation of sequences {missing}"})
+            continue
+        for e in test:
+            sequences[e.seq_id] = np.asarray(e.token_ids, dtype=np.int64)
+        # The calibrated simulation is in the unit's direction; the neuron gets it back with its sign.
+        replacements[(neuron, polarity)] = {
+            "mean": {e.seq_id: np.full(len(e.token_ids), means[neuron]) for e in test},
+            "simulated": {e.seq_id: unit.sign * calibration.apply(sims[e.seq_id]) for e in test},
         }
-        info[neuron] = base | {"n_sequences": len(ex.held_out)}
-        if progress is not None:
-            progress(f"calibrated layer {layer} neuron {neuron}: slope {cal.slope:.3g}, intercept {cal.intercept:.3g}")
+        info[(neuron, polarity)] = base | {"n_sequences": len(test)}
     if replacements:
-        # All neurons' rows (each on its own held-out sequences) share the batches of one run.
+        # All units' rows (each on its own test sequences) share the batches of one run.
         results = ablate_neurons(ablator, sequences, prefix, replacements)
-        for n, res in results.items():
+        for key, res in results.items():
             rows.append(
-                info[n]
+                info[key]
                 | asdict(res)
                 | {
                     "loss_delta_mean": res.loss_mean - res.loss_unablated,
                     "loss_delta_simulated": res.loss_simulated - res.loss_unablated,
                 }
             )
-        if progress is not None:
-            progress(f"ablated layer {layer} neurons {sorted(results)}")
-    return pl.DataFrame(rows, schema=ABLATION_SCHEMA).sort("neuron")
+        if log is not None:
+            log(f"ablated layer {layer} units {sorted(results)}")
+    return pl.DataFrame(rows, schema=ABLATION_SCHEMA).sort("neuron", "polarity")

@@ -26,35 +26,6 @@ from pipeline.mlp import _decoder_blocks, check_layers, mlp_projections
 KL_FLOOR = 1e-9  # KL(mean) below this: the neuron does not move the output, the ratio is undefined
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """activation ≈ slope · level + intercept, fitted on the calibration split."""
-
-    slope: float
-    intercept: float
-    r: float | None  # correlation of the fit's inputs; None when undefined
-    reason: str | None = None
-
-    def apply(self, levels: np.ndarray) -> np.ndarray:
-        return self.slope * np.asarray(levels, dtype=np.float64) + self.intercept
-
-
-def fit_calibration(levels: Sequence[np.ndarray], acts: Sequence[np.ndarray]) -> Calibration:
-    """Least squares over all calibration tokens; a constant simulation maps to the mean activation."""
-    x = np.concatenate([np.asarray(v, dtype=np.float64) for v in levels]) if levels else np.zeros(0)
-    y = np.concatenate([np.asarray(a, dtype=np.float64) for a in acts]) if acts else np.zeros(0)
-    if x.size == 0 or x.size != y.size:
-        return Calibration(0.0, 0.0, None, "no calibration tokens")
-    xc, yc = x - x.mean(), y - y.mean()
-    sxx = float((xc * xc).sum())
-    if sxx <= 1e-12:
-        return Calibration(0.0, float(y.mean()), None, "constant simulation on the calibration split")
-    slope = float((xc * yc).sum() / sxx)
-    syy = float((yc * yc).sum())
-    r = float((xc * yc).sum() / np.sqrt(sxx * syy)) if syy > 0 else None
-    return Calibration(slope, float(y.mean() - slope * x.mean()), r)
-
-
 class _PassThrough(nn.Module):
     """Stands in for a skipped block: returns its input in the shape the real block returns."""
 
@@ -209,12 +180,13 @@ def ablate_neurons(
     ablator: LayerAblator,
     sequences: dict[int, np.ndarray],
     prefix: Sequence[int],
-    replacements: dict[int, dict[str, dict[int, np.ndarray]]],
-) -> dict[int, NeuronAblation]:
-    """sequences: seq_id -> token ids (equal lengths); replacements[neuron]["mean" | "simulated"]
-    [seq_id]: the activations to put in for that sequence's tokens. Neurons may use different
-    sequences; all their rows share batches. KL is averaged over token positions, losses over
-    next-token targets, of each neuron's own sequences."""
+    replacements: dict[tuple[int, str], dict[str, dict[int, np.ndarray]]],
+) -> dict[tuple[int, str], NeuronAblation]:
+    """sequences: seq_id -> token ids (equal lengths); replacements[(neuron, polarity)]["mean" |
+    "simulated"][seq_id]: the activations to put in the neuron for that sequence's tokens. Units may
+    use different sequences (and a neuron's two directions are ablated separately); all their rows
+    share batches. KL is averaged over token positions, losses over next-token targets, of each
+    unit's own sequences."""
     device = next(ablator.model.parameters()).device
     seq_ids = sorted(sequences)
     index = {sid: i for i, sid in enumerate(seq_ids)}
@@ -225,7 +197,7 @@ def ablate_neurons(
     for n in sorted(replacements):
         for m in modes:
             for sid, values in replacements[n][m].items():
-                rows.append(Row(index[sid], n, np.asarray(values, dtype=np.float32)))
+                rows.append(Row(index[sid], n[0], np.asarray(values, dtype=np.float32)))
                 keys.append((n, m, sid))
     eff = ablator.run(ids, len(prefix), rows)
     out = {}

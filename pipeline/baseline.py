@@ -1,9 +1,12 @@
-"""The paper's token-lookup baseline: explain a neuron by the tokens that most activate it, and
-simulate by looking each token up.
+"""The paper's token-space baseline: explain a unit by the tokens that most activate it.
 
-The lookup table is `top_k_examples.top_tokens`, built from the train and calibration splits only,
-so the held-out scoring sequences stay unseen. The simulator ignores the explanation text: the
-table is the explanation, which is what makes it a baseline for what an LLM adds.
+Two uses of the same top tokens (`top_k_examples.top_tokens`, built from the train and calibration
+splits only, so held-out sequences stay unseen):
+- `token_space_explanation`: the tokens as text, an explanation like any other, judged by the SAME
+  simulator as the LLM's explanations (as in the paper), so "LLM vs token space" compares
+  explanations, not simulators;
+- `TokenLookupSimulator`: a separately named reference that ignores text and looks each token up in
+  the table, exactly. It shows what the top tokens alone could score with a perfect simulator.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 from pipeline.llm import LLMFailure
 from pipeline.simulator import Simulator
 
+TOKEN_SPACE_VERSION = "token-space-v1"
 
-def token_lookup_explanation(top_tokens: Sequence[Mapping], n: int = 5) -> str | None:
-    """'tokens "7", "9", ...' (escaped so whitespace tokens stay visible); None for a dead neuron."""
+
+def token_space_explanation(top_tokens: Sequence[Mapping], n: int | None = None) -> str | None:
+    """'tokens "7", "9", ...' (escaped so whitespace tokens stay visible); None for a dead unit."""
     shown = [t["token"] for t in top_tokens[:n]]
     if not shown:
         return None

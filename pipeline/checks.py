@@ -4,7 +4,6 @@ would poison the next stage); they also run on their own against any warehouse f
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +57,11 @@ def levels_in_range(conn: Any) -> CheckOutcome:
 def one_explanation_per_key(conn: Any) -> CheckOutcome:
     bad = _count(
         conn,
-        "select count(*) from (select model_id, layer, neuron, kind, sample_index from {s}.explanations"
+        "select count(*) from (select model_id, layer, neuron, polarity, kind, sample_index from {s}.explanations"
         " group by all having count(*) > 1)",
     )
     return _outcome(
-        bad, "duplicated (model, layer, neuron, kind, sample) keys", "one explanation per neuron, kind, sample"
+        bad, "duplicated (model, layer, neuron, polarity, kind, sample) keys", "one explanation per unit, kind, sample"
     )
 
 
@@ -78,11 +77,26 @@ def simulations_in_range(conn: Any) -> CheckOutcome:
 
 
 def scores_in_range(conn: Any) -> CheckOutcome:
-    cols = ("corr_all", "corr_top", "corr_random")
+    """Correlations in [-1, 1], NULL only with a reason; the gap is score − control; every unit has
+    at most one best explanation."""
+    cols = ("corr_all", "corr_top", "corr_random", "control_corr_all")
     cond = " or ".join(f"({c} is not null and (isnan({c}) or {c} < -1 or {c} > 1))" for c in cols)
-    nulls = " or ".join(f"({c} is null and {c}_reason is null and failure_reason is null)" for c in cols)
-    bad = _count(conn, f"select count(*) from {{s}}.scores where {cond} or {nulls}")
-    return _outcome(bad, "scores outside [-1, 1], NaN, or NULL without a reason", "all scores within [-1, 1]")
+    nulls = " or ".join(
+        f"({c} is null and {c}_reason is null and failure_reason is null)"
+        for c in ("corr_all", "corr_top", "corr_random")
+    )
+    gap = "(gap is not null and abs(gap - (corr_all - control_corr_all)) > 1e-9)"
+    bad = _count(conn, f"select count(*) from {{s}}.scores where {cond} or {nulls} or {gap}")
+    bad += _count(
+        conn,
+        "select count(*) from (select model_id, layer, neuron, polarity, split from {s}.scores where best"
+        " group by all having count(*) > 1)",
+    )
+    return _outcome(
+        bad,
+        "scores outside [-1, 1], NaN, NULL without a reason, a wrong gap, or two best explanations",
+        "all scores within [-1, 1]",
+    )
 
 
 def ablations_sane(conn: Any) -> CheckOutcome:
@@ -92,13 +106,3 @@ def ablations_sane(conn: Any) -> CheckOutcome:
         " or (ablation_score is null and ablation_score_reason is null))",
     )
     return _outcome(bad, "ablations with negative KL or a NULL score without a reason", "all ablations sane")
-
-
-CHECKS: dict[str, Callable[..., CheckOutcome]] = {
-    "activation_records": activation_records_complete,
-    "top_k_examples": levels_in_range,
-    "explanations": one_explanation_per_key,
-    "simulations": simulations_in_range,
-    "scores": scores_in_range,
-    "ablations": ablations_sane,
-}

@@ -2,7 +2,12 @@
 
 Splits are strided slices, as in the paper's code: record i of a ranked list goes to split
 i mod 4 (train, calibration, valid, test), so every split sees the whole activation range.
-The explainer is shown train top records; scoring uses valid top + valid random.
+The explainer is shown train top records; candidates are chosen on valid, calibrated on
+calibration and reported on test (see `pipeline.interpret`).
+
+Held-out data is disjoint from what the explainer could have seen: a random record whose sequence
+is one of the unit's top records is dropped before the random records are split, so no held-out
+sequence of any split or kind is a top record's sequence.
 """
 
 from __future__ import annotations
@@ -10,19 +15,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-SPLITS = ("train", "calibration", "valid", "test")
-MAX_LEVEL = 10
+from pipeline.units import MAX_LEVEL, SPLITS, normalize
 
-
-def normalize(acts: np.ndarray, max_activation: np.ndarray | float) -> np.ndarray:
-    """min(10, floor(10 * relu(a) / max)); all zeros where the max is not positive (dead neuron)."""
-    acts = np.asarray(acts, dtype=np.float64)
-    m = np.asarray(max_activation, dtype=np.float64)
-    m = m.reshape(m.shape + (1,) * (acts.ndim - m.ndim))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        levels = np.floor(MAX_LEVEL * np.maximum(acts, 0.0) / m)
-    levels = np.where(m > 0, levels, 0.0)
-    return np.clip(levels, 0, MAX_LEVEL).astype(np.uint8)
+__all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
 
 
 def _records_long(activation_records: pl.DataFrame, kind: str) -> pl.DataFrame:
@@ -46,18 +41,32 @@ def _acts_matrix(frame: pl.DataFrame) -> np.ndarray:
     return frame["acts"].cast(pl.Array(pl.Float32, width)).to_numpy()
 
 
+def _disjoint_random(top: pl.DataFrame, random: pl.DataFrame) -> pl.DataFrame:
+    """Random records whose sequence is not one of the unit's top records, re-ranked in sample order
+    (a uniform sample of the remaining sequences)."""
+    return (
+        random.join(top.select("layer", "neuron", "seq_id"), on=["layer", "neuron", "seq_id"], how="anti")
+        .sort("layer", "neuron", "rank")
+        .with_columns((pl.col("rank").cum_count().over("layer", "neuron") - 1).cast(pl.Int16).alias("rank"))
+    )
+
+
 def top_k_examples(
-    activation_records: pl.DataFrame, corpus_tokens: pl.DataFrame, n_top_tokens: int = 10
+    activation_records: pl.DataFrame, corpus_tokens: pl.DataFrame, n_top_tokens: int = 10, min_token_count: int = 2
 ) -> pl.DataFrame:
     """One row per (layer, neuron): normalization max, split records with 0-10 levels, top tokens.
 
     Top tokens are the token ids with the highest mean activation over the train and calibration
-    records (top and random, each sequence once), keeping those whose mean reaches level 1; held-
-    out splits are never looked at, so a token-lookup baseline is scored fairly.
+    records (top and random, each sequence once) that occur at least `min_token_count` times there
+    (a token seen once is an anecdote, not a pattern) and whose mean reaches level 1; held-out
+    splits are never looked at, so the token-space baseline is scored fairly.
     """
     if activation_records.height == 0:
         raise ValueError("no activation records to build examples from")
-    records = pl.concat([_records_long(activation_records, "top"), _records_long(activation_records, "random")])
+    if min_token_count < 1:
+        raise ValueError(f"min_token_count must be at least 1, got {min_token_count}")
+    top = _records_long(activation_records, "top")
+    records = pl.concat([top, _disjoint_random(top, _records_long(activation_records, "random"))])
     norm_max = activation_records.select(
         "layer",
         "neuron",
@@ -81,7 +90,7 @@ def top_k_examples(
     return (
         norm_max.join(nested, on=["layer", "neuron"], how="left", maintain_order="left")
         .join(
-            _top_tokens(records, acts, corpus_tokens, n_top_tokens),
+            _top_tokens(records, acts, corpus_tokens, n_top_tokens, min_token_count),
             on=["layer", "neuron"],
             how="left",
             maintain_order="left",
@@ -90,7 +99,9 @@ def top_k_examples(
     )
 
 
-def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataFrame, n: int) -> pl.DataFrame:
+def _top_tokens(
+    records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataFrame, n: int, min_count: int
+) -> pl.DataFrame:
     """Per neuron, the n token ids with the highest mean activation over its train+calibration records."""
     width = acts.shape[1]
     corpus = corpus_tokens.sort("seq_id")
@@ -118,7 +129,11 @@ def _top_tokens(records: pl.DataFrame, acts: np.ndarray, corpus_tokens: pl.DataF
             pl.len().cast(pl.UInt32).alias("count"),
             pl.col("max_activation").first(),
         )
-        .filter((pl.col("max_activation") > 0) & (pl.col("mean_activation") >= pl.col("max_activation") / MAX_LEVEL))
+        .filter(
+            (pl.col("max_activation") > 0)
+            & (pl.col("mean_activation") >= pl.col("max_activation") / MAX_LEVEL)
+            & (pl.col("count") >= min_count)
+        )
         .sort(["layer", "neuron", "mean_activation", "count", "token_id"], descending=[False, False, True, True, False])
         .group_by("layer", "neuron", maintain_order=True)
         .head(n)

@@ -1,115 +1,66 @@
-"""Explain, simulate and score one layer's neurons: the paper's core loop, free of Dagster.
+"""Explain, simulate and score one layer's units: the paper's core loop with its controls, free of Dagster.
 
-Inputs are the `top_k_examples` rows of a layer and the corpus tokens; outputs are plain frames,
-one row per explanation (explanations, scores) or per held-out sequence (simulations). Nothing
-raises for one neuron's trouble: a dead neuron, a failed request or an unusable completion
-becomes a row with NULL values and a `failure_reason`, and the layer completes.
+Per unit the candidates are the LLM's samples and the token-space explanation (the unit's top
+tokens as text), both judged by the same simulator, plus the exact token-lookup table as a
+separately named reference. Then, as in the paper:
+1. every usable candidate is simulated on the VALID split, and each kind's best is chosen there;
+2. the chosen ones are simulated on the CALIBRATION split (to fit the linear calibration) and on
+   the TEST split, whose score is the one reported;
+3. the CONTROL: each chosen explanation of a unit is replaced by the chosen explanation of another
+   unit of the layer (a fixed derangement) and simulated on the unit's own test sequences. A score
+   means something only where it beats its control.
+
+Explanations that copy a few-shot example, or that many units of the layer got verbatim, are
+flagged degenerate and never chosen. Nothing raises for one unit's trouble: a dead unit, a failed
+request or an unusable completion becomes a row with NULL values and a `failure_reason`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import polars as pl
 
-from pipeline.baseline import TokenLookupSimulator, token_lookup_explanation
+from pipeline.baseline import TOKEN_SPACE_VERSION, TokenLookupSimulator, token_space_explanation
 from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
-from pipeline.prompts import EXPLAIN_VERSION, explanation_prompt, parse_explanation
-from pipeline.scoring import NeuronScores, score_neuron
+from pipeline.progress import Progress
+from pipeline.prompts import EXPLAIN_VERSION, explanation_prompt, few_shot_explanations, parse_explanation
+from pipeline.scoring import (
+    Discrimination,
+    SplitScores,
+    correlation,
+    discrimination,
+    fit_calibration,
+    score_split,
+)
 from pipeline.simulator import Simulator
+from pipeline.units import Example, Unit, UnitKey, derangement
 
-LLM = "llm"
-BASELINE = "token_lookup"
-Progress = Callable[[str], None]
+LLM = "llm"  # explanations written by the explainer model
+TOKEN_SPACE = "token_space"  # the unit's top tokens as text, judged by the same simulator (the paper's baseline)
+TOKEN_LOOKUP = "token_lookup"  # reference: the top-token table as an exact lookup simulator
+KINDS = (LLM, TOKEN_SPACE, TOKEN_LOOKUP)
+CANDIDATE_KINDS = (LLM, TOKEN_SPACE)  # simulated by the simulator under test; a unit's best is one of these
+DEAD = "dead unit: no activation in this direction in the corpus"
 
+Log = Callable[[str], None]
 
-@dataclass(frozen=True)
-class HeldOut:
-    record_kind: str  # "top" or "random"
-    split_rank: int
-    seq_id: int
-    tokens: list[str]
-    token_ids: list[int]
-    acts: np.ndarray
-
-
-@dataclass(frozen=True)
-class NeuronExamples:
-    layer: int
-    neuron: int
-    max_activation: float
-    train: list[list[tuple[str, int]]]  # top train records as (token, level)
-    held_out: list[HeldOut]  # valid top, then valid random
-    top_tokens: list[dict]
-    calibration: list[HeldOut] = field(default_factory=list)  # calibration top, then random
-
-    @property
-    def dead(self) -> bool:
-        return not self.max_activation > 0
+UNIT_SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "polarity": pl.String}
+EXPLANATION_KEY = ["layer", "neuron", "polarity", "kind", "sample_index"]
 
 
-def neuron_examples(
-    examples: pl.DataFrame, corpus_tokens: pl.DataFrame, train_records: int = 5
-) -> dict[tuple[int, int], NeuronExamples]:
-    """The explainer's records and the held-out scoring sequences of each (layer, neuron)."""
-    tokens = {row["seq_id"]: row for row in corpus_tokens.select("seq_id", "tokens", "token_ids").iter_rows(named=True)}
-    out: dict[tuple[int, int], NeuronExamples] = {}
-    for row in examples.iter_rows(named=True):
-        records = sorted(row["records"], key=lambda r: (r["kind"] != "top", r["split_rank"]))
-        train = [
-            list(zip(tokens[r["seq_id"]]["tokens"], r["levels"], strict=True))
-            for r in records
-            if r["kind"] == "top" and r["split"] == "train"
-        ][:train_records]
-
-        def split(name: str, records: list[dict] = records) -> list[HeldOut]:
-            return [
-                HeldOut(
-                    r["kind"],
-                    r["split_rank"],
-                    r["seq_id"],
-                    tokens[r["seq_id"]]["tokens"],
-                    tokens[r["seq_id"]]["token_ids"],
-                    np.asarray(r["acts"], dtype=np.float64),
-                )
-                for r in records
-                if r["split"] == name
-            ]
-
-        key = (row["layer"], row["neuron"])
-        out[key] = NeuronExamples(
-            row["layer"],
-            row["neuron"],
-            float(row["max_activation"]),
-            train,
-            split("valid"),
-            row["top_tokens"] or [],
-            split("calibration"),
-        )
-    return out
-
-
-def select_neurons(n_neurons: int, limit: int | None, ids: Sequence[int] | None) -> list[int]:
-    """Explicit ids (checked), else the first `limit` neurons (all when limit is None)."""
-    if ids:
-        bad = [i for i in ids if not 0 <= i < n_neurons]
-        if bad:
-            raise ValueError(f"neuron ids {bad} out of range: the layer has {n_neurons} neurons")
-        return sorted(set(ids))
-    if limit is not None and limit < 1:
-        raise ValueError(f"the number of neurons to explain must be at least 1, got {limit}")
-    return list(range(n_neurons if limit is None else min(limit, n_neurons)))
-
+# ---------------------------------------------------------------- explanations
 
 EXPLANATION_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **UNIT_SCHEMA,
     "kind": pl.String,
     "sample_index": pl.Int16,
     "explanation": pl.String,
     "failure_reason": pl.String,
+    "degenerate_reason": pl.String,
     "explainer_backend": pl.String,
     "explainer_model": pl.String,
     "prompt_version": pl.String,
@@ -120,55 +71,55 @@ EXPLANATION_SCHEMA = {
 
 
 def explain_layer(
-    examples: Sequence[NeuronExamples],
-    backend: LLMBackend,
-    params: GenerationParams,
-    progress: Progress | None = None,
+    units: Sequence[Unit], backend: LLMBackend, params: GenerationParams, log: Log | None = None
 ) -> pl.DataFrame:
-    """`params.n` LLM explanations per neuron, plus the token-lookup baseline's one."""
+    """`params.n` LLM explanations per unit, its token-space explanation and the lookup reference."""
     rows: list[dict] = []
     llm_lineage = {"explainer_backend": backend.backend, "explainer_model": backend.model}
-    alive = [ex for ex in examples if not ex.dead]
-    results: dict[tuple[int, int], Completion | LLMFailure] = {}
+    alive = [u for u in units if not u.dead]
+    results: dict[UnitKey, Completion | LLMFailure] = {}
     step = max(1, backend.batch_hint)
+    progress = Progress("explained units", len(alive), log)
     for lo in range(0, len(alive), step):
         chunk = alive[lo : lo + step]
-        for ex, result in zip(
-            chunk, backend.complete([explanation_prompt(e.train) for e in chunk], params), strict=True
-        ):
-            results[(ex.layer, ex.neuron)] = result
-        if progress is not None:
-            progress(f"explained {min(lo + step, len(alive))}/{len(alive)} neurons")
-    for ex in examples:
-        base = {"layer": ex.layer, "neuron": ex.neuron}
-        if ex.dead:
-            rows.append(base | llm_lineage | {"kind": LLM, "sample_index": 0, "failure_reason": _DEAD})
+        completions = backend.complete([explanation_prompt(u.train_records()) for u in chunk], params)
+        for unit, result in zip(chunk, completions, strict=True):
+            results[unit.key] = result
+        progress.step(len(chunk))
+    for unit in units:
+        base = {"layer": unit.layer, "neuron": unit.neuron, "polarity": unit.polarity}
+        if unit.dead:
+            rows.append(base | llm_lineage | {"kind": LLM, "sample_index": 0, "failure_reason": DEAD})
         else:
-            rows += _llm_rows(base | llm_lineage, results[(ex.layer, ex.neuron)], params.n)
-        text = token_lookup_explanation(ex.top_tokens)
+            rows += _llm_rows(base | llm_lineage, results[unit.key])
+        text = token_space_explanation(unit.top_tokens)
+        common = base | {"sample_index": 0, "explanation": text, "failure_reason": None if text else DEAD}
         rows.append(
-            base
+            common
             | {
-                "kind": BASELINE,
-                "sample_index": 0,
-                "explanation": text,
-                "failure_reason": None if text is not None else _DEAD,
+                "kind": TOKEN_SPACE,
+                "explainer_backend": "baseline",
+                "explainer_model": "top-tokens",
+                "prompt_version": TOKEN_SPACE_VERSION,
+            }
+        )
+        rows.append(
+            common
+            | {
+                "kind": TOKEN_LOOKUP,
                 "explainer_backend": "baseline",
                 "explainer_model": "token-lookup",
                 "prompt_version": TokenLookupSimulator.prompt_version,
             }
         )
-    return pl.DataFrame(rows, schema=EXPLANATION_SCHEMA)
+    return flag_degenerate(pl.DataFrame(rows, schema=EXPLANATION_SCHEMA))
 
 
-_DEAD = "dead neuron: no activation above 0 in the corpus"
-
-
-def _llm_rows(base: dict, result: Completion | LLMFailure, n: int) -> list[dict]:
+def _llm_rows(base: dict, result: Completion | LLMFailure) -> list[dict]:
     base = base | {"kind": LLM, "prompt_version": EXPLAIN_VERSION}
     if isinstance(result, LLMFailure):
         reason = f"explainer request failed after {result.attempts} attempt(s): {result.reason}"
-        return [base | {"sample_index": i, "failure_reason": reason} for i in range(n)]
+        return [base | {"sample_index": 0, "failure_reason": reason}]
     spent = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
@@ -183,16 +134,63 @@ def _llm_rows(base: dict, result: Completion | LLMFailure, n: int) -> list[dict]
     return rows
 
 
+def normalized(text: str) -> str:
+    """Lowercase words only: how two explanations are compared for copying."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+SHARED_SHARE = 0.25  # an explanation this share of a layer's units got verbatim (and at least 3) says nothing
+SHARED_MIN_UNITS = 3
+
+
+def flag_degenerate(frame: pl.DataFrame, few_shot: Iterable[str] | None = None) -> pl.DataFrame:
+    """Sets `degenerate_reason` on candidate explanations that repeat a few-shot explanation, or that
+    a large share of their layer's units got verbatim: such text describes the prompt, not the unit."""
+    shots = {normalized(s) for s in (few_shot if few_shot is not None else few_shot_explanations())} - {""}
+    reasons: list[str | None] = []
+    counts: dict[tuple[int, str, str], int] = {}
+    units_per_layer: dict[tuple[int, str], int] = {}
+    candidates = frame.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
+    for (layer, kind), group in candidates.group_by("layer", "kind"):
+        units_per_layer[(layer, kind)] = group.select("neuron", "polarity").n_unique()
+        for text, n in (
+            group.with_columns(pl.col("explanation").map_elements(normalized, return_dtype=pl.String).alias("norm"))
+            .group_by("norm")
+            .agg(pl.struct("neuron", "polarity").n_unique().alias("n"))
+            .iter_rows()
+        ):
+            counts[(layer, kind, text)] = n
+    for row in frame.iter_rows(named=True):
+        reason = None
+        if row["kind"] in CANDIDATE_KINDS and row["explanation"] is not None:
+            norm = normalized(row["explanation"])
+            copied = next((s for s in shots if s in norm), None)
+            shared = counts.get((row["layer"], row["kind"], norm), 0)
+            total = units_per_layer.get((row["layer"], row["kind"]), 0)
+            if copied is not None:
+                reason = f"repeats the few-shot explanation {copied!r}"
+            elif shared >= max(SHARED_MIN_UNITS, SHARED_SHARE * total):
+                reason = f"the same explanation as {shared} of the layer's {total} units"
+        reasons.append(reason)
+    return frame.with_columns(pl.Series("degenerate_reason", reasons, dtype=pl.String))
+
+
+# ---------------------------------------------------------------- simulations
+
 SIMULATION_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **UNIT_SCHEMA,
     "kind": pl.String,
     "sample_index": pl.Int16,
+    "split": pl.String,
+    "control": pl.Boolean,  # simulated from another unit's explanation (the control) on this unit's sequences
+    "control_neuron": pl.Int32,
+    "control_polarity": pl.String,
+    "control_sample_index": pl.Int16,
     "record_kind": pl.String,
     "split_rank": pl.Int16,
     "seq_id": pl.Int32,
-    "true_acts": pl.List(pl.Float32),
-    "simulated": pl.List(pl.Float32),
+    "true_acts": pl.List(pl.Float32),  # in the unit's direction (negated for '-')
+    "simulated": pl.List(pl.Float32),  # expected level 0-10 per token
     "failure_reason": pl.String,
     "simulator_backend": pl.String,
     "simulator_model": pl.String,
@@ -200,90 +198,267 @@ SIMULATION_SCHEMA = {
 }
 
 
-def simulate_layer(
-    explanations: pl.DataFrame,
-    examples: dict[tuple[int, int], NeuronExamples],
-    simulator: Simulator,
-    progress: Progress | None = None,
-) -> pl.DataFrame:
-    """One row per (explanation, held-out sequence); an explanation that cannot be simulated gets
-    one row with NULL sequence fields and the reason."""
-    rows: list[dict] = []
-    for exp in explanations.sort("layer", "neuron", "kind", "sample_index").iter_rows(named=True):
-        ex = examples[(exp["layer"], exp["neuron"])]
-        base = {k: exp[k] for k in ("layer", "neuron", "kind", "sample_index")}
-        sim: Simulator = (
-            TokenLookupSimulator(ex.top_tokens, ex.max_activation) if exp["kind"] == BASELINE else simulator
-        )
-        lineage = {
+@dataclass(frozen=True)
+class Candidate:
+    unit: Unit
+    kind: str
+    sample_index: int
+    text: str
+
+
+def candidates(explanations: pl.DataFrame, units: Mapping[UnitKey, Unit]) -> tuple[list[Candidate], list[dict]]:
+    """(explanations to simulate, rows saying why the others are not simulated)."""
+    usable: list[Candidate] = []
+    skipped: list[dict] = []
+    for exp in explanations.sort(EXPLANATION_KEY).iter_rows(named=True):
+        unit = units[(exp["layer"], exp["neuron"], exp["polarity"])]
+        key = {k: exp[k] for k in EXPLANATION_KEY}
+        if exp["explanation"] is None:
+            skipped.append(key | {"split": "valid", "failure_reason": f"no explanation: {exp['failure_reason']}"})
+        elif exp.get("degenerate_reason"):
+            skipped.append(key | {"split": "valid", "failure_reason": f"not simulated: {exp['degenerate_reason']}"})
+        else:
+            usable.append(Candidate(unit, exp["kind"], exp["sample_index"], exp["explanation"]))
+    return usable, skipped
+
+
+class _Runner:
+    """Simulates candidates on splits of a unit and turns the results into rows."""
+
+    def __init__(self, simulator: Simulator | None, log: Log | None):
+        self.simulator = simulator
+        self.log = log
+        self.rows: list[dict] = []
+
+    def _simulator(self, candidate: Candidate) -> Simulator:
+        if candidate.kind == TOKEN_LOOKUP:
+            return TokenLookupSimulator(candidate.unit.top_tokens, candidate.unit.max_activation)
+        if self.simulator is None:
+            raise ValueError(f"a {candidate.kind} explanation needs a simulator")
+        return self.simulator
+
+    def run(self, candidate: Candidate, target: Unit, splits: Sequence[str], control: Candidate | None = None) -> None:
+        """Simulate `control`'s text (else the candidate's) on `target`'s examples of `splits`."""
+        source = control or candidate
+        sim = self._simulator(source)  # a lookup control uses the other unit's table
+        examples = [e for s in splits for e in target.split(s)]
+        base = {
+            "layer": target.layer,
+            "neuron": target.neuron,
+            "polarity": target.polarity,
+            "kind": candidate.kind,
+            "sample_index": candidate.sample_index,
+            "control": control is not None,
             "simulator_backend": sim.backend,
             "simulator_model": sim.model,
             "prompt_version": sim.prompt_version,
         }
-        if exp["explanation"] is None:
-            rows.append(base | lineage | {"failure_reason": f"no explanation: {exp['failure_reason']}"})
-            continue
+        if control is not None:
+            base |= {
+                "control_neuron": control.unit.neuron,
+                "control_polarity": control.unit.polarity,
+                "control_sample_index": control.sample_index,
+            }
+        if not examples:
+            self.rows += [base | {"split": s, "failure_reason": f"no {s} examples"} for s in splits]
+            return
         if isinstance(sim, TokenLookupSimulator):
-            result: list[np.ndarray] | LLMFailure = sim.simulate_ids([h.token_ids for h in ex.held_out])
+            result: list[np.ndarray] | LLMFailure = sim.simulate_ids([e.token_ids for e in examples])
         else:
-            result = sim.simulate(exp["explanation"], [h.tokens for h in ex.held_out])
+            result = sim.simulate(source.text, [list(e.tokens) for e in examples])
         if isinstance(result, LLMFailure):
-            rows.append(base | lineage | {"failure_reason": f"simulation failed: {result.reason}"})
+            reason = f"simulation failed: {result.reason}"
+            self.rows += [base | {"split": s, "failure_reason": reason} for s in splits]
+            return
+        for example, simulated in zip(examples, result, strict=True):
+            self.rows.append(base | _example_fields(target, example) | {"simulated": np.asarray(simulated).tolist()})
+
+
+def _example_fields(unit: Unit, example: Example) -> dict:
+    return {
+        "split": example.split,
+        "record_kind": example.kind,
+        "split_rank": example.split_rank,
+        "seq_id": example.seq_id,
+        "true_acts": unit.true(example).tolist(),
+    }
+
+
+def simulate_layer(
+    explanations: pl.DataFrame,
+    units: Mapping[UnitKey, Unit],
+    simulator: Simulator | None,
+    log: Log | None = None,
+) -> pl.DataFrame:
+    """Valid split for every candidate; calibration + test for each kind's chosen one; the control
+    on test. One row per (explanation, split, control, sequence); a failure is one NULL row per split."""
+    usable, skipped = candidates(explanations, units)
+    runner = _Runner(simulator, log)
+    runner.rows += skipped
+    progress = Progress("simulated explanations on the valid split", len(usable), log)
+    for cand in usable:
+        runner.run(cand, cand.unit, ["valid"])
+        progress.step()
+    valid = {
+        (r["layer"], r["neuron"], r["polarity"], r["kind"], r["sample_index"]): r
+        for r in _scores(pl.DataFrame(runner.rows, schema=SIMULATION_SCHEMA)).iter_rows(named=True)
+    }
+    chosen = choose(usable, valid)
+    controls = {kind: derangement(key for (key, k) in chosen if k == kind) for kind in KINDS}
+    jobs = [(c, None) for c in chosen.values()]
+    jobs += [(c, chosen[(controls[c.kind][key], c.kind)]) for (key, kind), c in chosen.items() if key in controls[kind]]
+    progress = Progress("simulated chosen explanations and controls", len(jobs), log)
+    for cand, control in jobs:
+        splits = ["test"] if control is not None else ["calibration", "test"]
+        runner.run(cand, cand.unit, splits, control)
+        progress.step()
+    order = [*EXPLANATION_KEY, "control", "split", "record_kind", "split_rank"]
+    return pl.DataFrame(runner.rows, schema=SIMULATION_SCHEMA).sort(
+        order, descending=[c == "record_kind" for c in order], nulls_last=True
+    )
+
+
+def choose(usable: Sequence[Candidate], valid: Mapping[tuple, Mapping]) -> dict[tuple[UnitKey, str], Candidate]:
+    """Per (unit, kind): the candidate with the best valid-split correlation; where none has one,
+    the first simulated without failure."""
+    best: dict[tuple[UnitKey, str], tuple[tuple, Candidate]] = {}
+    for cand in usable:
+        score = valid.get((*cand.unit.key, cand.kind, cand.sample_index), {})
+        if score.get("failure_reason") is not None:
             continue
-        for held, simulated in zip(ex.held_out, result, strict=True):
-            rows.append(
-                base
-                | lineage
-                | {
-                    "record_kind": held.record_kind,
-                    "split_rank": held.split_rank,
-                    "seq_id": held.seq_id,
-                    "true_acts": held.acts.tolist(),
-                    "simulated": np.asarray(simulated, dtype=np.float64).tolist(),
-                }
-            )
-        if progress is not None:
-            progress(f"simulated layer {exp['layer']} neuron {exp['neuron']} ({exp['kind']} #{exp['sample_index']})")
-    return pl.DataFrame(rows, schema=SIMULATION_SCHEMA)
+        corr = score.get("corr_all")
+        rank = (0 if corr is not None else 1, -(corr or 0.0), cand.sample_index)
+        slot = (cand.unit.key, cand.kind)
+        if slot not in best or rank < best[slot][0]:
+            best[slot] = (rank, cand)
+    return {slot: cand for slot, (_, cand) in best.items()}
 
 
-def score_layer(simulations: pl.DataFrame, max_activation: dict[tuple[int, int], float]) -> pl.DataFrame:
-    """One row per explanation: the paper's scores over its held-out sequences, NULL + reason where
-    a score is undefined or the explanation never got simulated."""
-    rows: list[dict] = []
-    keys = ["layer", "neuron", "kind", "sample_index"]
-    for key, group in simulations.sort(*keys, "record_kind", "split_rank").group_by(keys, maintain_order=True):
-        layer, neuron, kind, sample = key
-        base = {"layer": layer, "neuron": neuron, "kind": kind, "sample_index": sample}
-        lineage = {c: group[c][0] for c in ("simulator_backend", "simulator_model", "prompt_version")}
-        done = group.filter(pl.col("simulated").is_not_null())
-        if done.height == 0:
-            rows.append(base | lineage | {"failure_reason": group["failure_reason"][0]})
-            continue
-        parts = {
-            kind_: (
-                [np.asarray(a) for a in part["true_acts"].to_list()],
-                [np.asarray(s) for s in part["simulated"].to_list()],
-            )
-            for kind_ in ("top", "random")
-            for part in [done.filter(pl.col("record_kind") == kind_)]
-        }
-        scores = score_neuron(*parts["top"], *parts["random"], max_activation[(layer, neuron)])
-        rows.append(base | lineage | asdict(scores) | {"failure_reason": None})
-    return pl.DataFrame(rows, schema=SCORE_SCHEMA)
-
+# ---------------------------------------------------------------- scores
 
 SCORE_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **UNIT_SCHEMA,
     "kind": pl.String,
     "sample_index": pl.Int16,
+    "split": pl.String,  # 'valid' (where candidates are chosen) or 'test' (what is reported)
+    "selected": pl.Boolean,  # the candidate chosen for its kind on the valid split
+    "best": pl.Boolean,  # the unit's chosen explanation across kinds: its test row is THE score
+    **{
+        f.name: (pl.Float64 if "float" in str(f.type) else pl.String if "str" in str(f.type) else pl.Int32)
+        for f in fields(SplitScores)
+    },
+    "calibration_slope": pl.Float64,
+    "calibration_intercept": pl.Float64,
+    "calibration_reason": pl.String,
+    "control_neuron": pl.Int32,
+    "control_polarity": pl.String,
+    "control_corr_all": pl.Float64,
+    "control_reason": pl.String,
+    "gap": pl.Float64,  # corr_all - control_corr_all: what the explanation adds over another unit's
+    "failure_reason": pl.String,
     "simulator_backend": pl.String,
     "simulator_model": pl.String,
     "prompt_version": pl.String,
-    **{
-        f.name: (pl.Float64 if f.type.startswith("float") else pl.String if f.type.startswith("str") else pl.Int32)
-        for f in fields(NeuronScores)
-    },
-    "failure_reason": pl.String,
 }
+SCORE_KEY = [*EXPLANATION_KEY, "split"]
+NOT_CALIBRATED = "not calibrated: only each kind's chosen explanation is simulated on the calibration split"
+
+
+def _arrays(frame: pl.DataFrame, column: str) -> list[np.ndarray]:
+    return [np.asarray(v, dtype=np.float64) for v in frame[column].to_list()]
+
+
+def _scores(simulations: pl.DataFrame) -> pl.DataFrame:
+    """Scores of each (explanation, split) from its own simulations, with calibration and control."""
+    rows: list[dict] = []
+    order = [*EXPLANATION_KEY, "split", "record_kind", "split_rank"]
+    sims = simulations.sort(order, descending=[c == "record_kind" for c in order], nulls_last=True)
+    for key, group in sims.group_by(EXPLANATION_KEY, maintain_order=True):
+        base = dict(zip(EXPLANATION_KEY, key, strict=True))
+        own, ctrl = group.filter(~pl.col("control").fill_null(False)), group.filter(pl.col("control").fill_null(False))
+        selected = own.filter(pl.col("split").is_in(["calibration", "test"])).height > 0
+        cal_rows = own.filter((pl.col("split") == "calibration") & pl.col("simulated").is_not_null())
+        if cal_rows.height:
+            calibration = fit_calibration(_arrays(cal_rows, "simulated"), _arrays(cal_rows, "true_acts"))
+        else:
+            failed = own.filter(pl.col("split") == "calibration")["failure_reason"].drop_nulls()
+            calibration = failed[0] if len(failed) else NOT_CALIBRATED
+        for split in ("valid", "test"):
+            part = own.filter(pl.col("split") == split)
+            if part.height == 0:
+                continue
+            lineage = {c: part[c][0] for c in ("simulator_backend", "simulator_model", "prompt_version")}
+            row = base | lineage | {"split": split, "selected": selected}
+            if not isinstance(calibration, str):
+                row |= {
+                    "calibration_slope": calibration.slope,
+                    "calibration_intercept": calibration.intercept,
+                    "calibration_reason": calibration.reason,
+                }
+            else:
+                row["calibration_reason"] = calibration
+            done = part.filter(pl.col("simulated").is_not_null())
+            if done.height == 0:
+                rows.append(row | {"failure_reason": part["failure_reason"][0]})
+                continue
+            top, rnd = (done.filter(pl.col("record_kind") == k) for k in ("top", "random"))
+            scores = score_split(
+                _arrays(top, "true_acts"), _arrays(top, "simulated"),
+                _arrays(rnd, "true_acts"), _arrays(rnd, "simulated"), calibration,
+            )  # fmt: skip
+            row |= asdict(scores)
+            control = ctrl.filter(pl.col("split") == split)
+            if control.height:
+                row |= {
+                    "control_neuron": control["control_neuron"][0],
+                    "control_polarity": control["control_polarity"][0],
+                }
+                cdone = control.filter(pl.col("simulated").is_not_null())
+                if cdone.height:
+                    c = correlation(_arrays(cdone, "true_acts"), _arrays(cdone, "simulated"))
+                    row |= {"control_corr_all": c.value, "control_reason": c.reason}
+                else:
+                    row["control_reason"] = control["failure_reason"][0]
+            elif split == "test":
+                row["control_reason"] = "no other unit of the layer has an explanation of this kind to swap in"
+            else:
+                row["control_reason"] = "controls are simulated on the test split"
+            if row.get("corr_all") is not None and row.get("control_corr_all") is not None:
+                row["gap"] = row["corr_all"] - row["control_corr_all"]
+            rows.append(row)
+    return pl.DataFrame(rows, schema=SCORE_SCHEMA)
+
+
+def score_layer(simulations: pl.DataFrame) -> pl.DataFrame:
+    """One row per (explanation, split): the paper's scores, the calibration, the control and the
+    gap; `best` marks each unit's chosen explanation (best valid correlation among the kinds'
+    chosen candidates), whose TEST row is the unit's reported score."""
+    frame = _scores(simulations)
+    valid = frame.filter(
+        (pl.col("split") == "valid") & pl.col("selected") & pl.col("kind").is_in(CANDIDATE_KINDS)
+    ).with_columns(pl.col("kind").replace_strict({k: i for i, k in enumerate(KINDS)}, return_dtype=pl.Int8).alias("k"))
+    winners = (
+        valid.sort(["corr_all", "k", "sample_index"], descending=[True, False, False], nulls_last=True)
+        .unique(["layer", "neuron", "polarity"], keep="first", maintain_order=True)
+        .select(*EXPLANATION_KEY, pl.lit(True).alias("best_"))
+    )
+    return (
+        frame.join(winners, on=EXPLANATION_KEY, how="left", nulls_equal=True)
+        .with_columns(pl.col("best_").fill_null(False).alias("best"))
+        .drop("best_")
+        .select(SCORE_SCHEMA.keys())
+        .sort(SCORE_KEY, descending=[c == "split" for c in SCORE_KEY], nulls_last=True)
+    )
+
+
+def layer_discrimination(scores: pl.DataFrame, layer: int, kind: str | None = None) -> Discrimination:
+    """The control check over a layer's units: each unit's reported (best) test score against its
+    control; with `kind`, over that kind's chosen explanations instead."""
+    rows = scores.filter(
+        (pl.col("layer") == layer)
+        & (pl.col("split") == "test")
+        & (pl.col("best") if kind is None else (pl.col("selected") & (pl.col("kind") == kind)))
+        & pl.col("corr_all").is_not_null()
+        & pl.col("control_corr_all").is_not_null()
+    )
+    return discrimination(rows["corr_all"].to_list(), rows["control_corr_all"].to_list())

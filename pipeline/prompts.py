@@ -156,3 +156,9 @@ def simulation_pieces(tokens: Sequence[str]) -> list[tuple[str, bool]]:
 
 def simulation_prompt(explanation: str, tokens: Sequence[str]) -> str:
     return simulation_prefix(explanation) + "".join(text for text, _ in simulation_pieces(tokens))
+
+
+def few_shot_explanations() -> list[str]:
+    """Every explanation the prompts show as an example: an explanation repeating one of these
+    describes the prompt, not the unit."""
+    return [shot.explanation for shot in (*FEW_SHOT, *SIMULATE_FEW_SHOT)]

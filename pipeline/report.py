@@ -1,6 +1,13 @@
-"""Command-line reports over the warehouse: `python -m pipeline.report ablation [--db FILE]`.
+"""Command-line reports over the warehouse.
 
-`ablation` prints each ablated neuron's simulation and ablation scores and their Spearman rank
+    python -m pipeline.report signal   [--db FILE]   does any score mean something? (per layer)
+    python -m pipeline.report ablation [--db FILE]   simulation vs ablation scores
+
+`signal` prints, per layer of the current model: how many distinct LLM explanations there are and
+how many copy few-shot text or were shared by many units (degenerate); the reported (test-split)
+score of each unit's best explanation beside its control and the paired test's verdict; and the LLM
+against the token-space explanation under the same simulator, with the exact lookup reference.
+`ablation` prints each ablated unit's simulation and ablation scores and their Spearman rank
 correlation (does a better simulation also carry more of what the neuron does for the output?).
 """
 
@@ -12,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipeline.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, layer_discrimination
 from pipeline.warehouse import default_database, open_warehouse
 
 QUERIES = Path(__file__).resolve().parents[1] / "warehouse" / "queries"
@@ -36,17 +44,100 @@ def ablation_report(database: str | Path) -> tuple[pl.DataFrame, float | None]:
     return frame, rank_correlation(both["simulation_score"].to_numpy(), both["ablation_score"].to_numpy())
 
 
+def _mean(series: pl.Series) -> float | None:
+    values = series.drop_nulls()
+    return float(values.mean()) if len(values) else None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:+.{digits}f}"
+
+
+def signal_report(database: str | Path) -> list[dict]:
+    """One dict per layer with every number `signal` prints (also what the README quotes)."""
+    with open_warehouse(str(database), read_only=True) as conn:
+        explanations = conn.sql(
+            "select layer, neuron, polarity, kind, sample_index, explanation, degenerate_reason "
+            "from atlas.current_explanations"
+        ).pl()
+        scores = conn.sql("select * from atlas.current_scores").pl()
+    out = []
+    for layer in sorted(explanations["layer"].unique().to_list()):
+        exp = explanations.filter((pl.col("layer") == layer) & (pl.col("kind") == LLM))
+        written = exp.filter(pl.col("explanation").is_not_null())
+        degenerate = written["degenerate_reason"].drop_nulls()
+        sc = scores.filter(pl.col("layer") == layer)
+        test = sc.filter(pl.col("split") == "test")
+        best = test.filter(pl.col("best"))
+        verdict = layer_discrimination(sc, layer)
+        kinds = {k: test.filter(pl.col("selected") & (pl.col("kind") == k)) for k in (LLM, TOKEN_SPACE, TOKEN_LOOKUP)}
+        paired = (
+            kinds[LLM]
+            .join(kinds[TOKEN_SPACE], on=["neuron", "polarity"], suffix="_ts")
+            .drop_nulls(["corr_all", "corr_all_ts"])
+        )
+        out.append(
+            {
+                "layer": layer,
+                "units": exp.select("neuron", "polarity").n_unique(),
+                "llm_explanations": written.height,
+                "llm_distinct": written["explanation"].n_unique(),
+                "llm_copies_of_few_shot": int(degenerate.str.starts_with("repeats the few-shot").sum()),
+                "llm_shared_by_many": int(degenerate.str.starts_with("the same explanation").sum()),
+                "best_kinds": dict(best.group_by("kind").len().iter_rows()),
+                "mean_score": _mean(best["corr_all"]),
+                "mean_control": _mean(best["control_corr_all"]),
+                "mean_gap": verdict.mean_gap,
+                "p_value": verdict.p_value,
+                "discriminates": verdict.passed,
+                "verdict": verdict.verdict,
+                **{f"mean_{k}": _mean(v["corr_all"]) for k, v in kinds.items()},
+                **{f"gap_{k}": _mean(v["gap"]) for k, v in kinds.items()},
+                "llm_beats_token_space": int((paired["corr_all"] > paired["corr_all_ts"]).sum()),
+                "llm_vs_token_space_pairs": paired.height,
+            }
+        )
+    return out
+
+
+def print_signal(rows: list[dict]) -> None:
+    if not rows:
+        print("no explanations in the warehouse yet")
+    for r in rows:
+        print(f"Layer {r['layer']}: {r['units']} units")
+        print(
+            f"  LLM explanations: {r['llm_explanations']} written, {r['llm_distinct']} distinct, "
+            f"{r['llm_copies_of_few_shot']} copy few-shot text, {r['llm_shared_by_many']} shared by many units"
+        )
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(r["best_kinds"].items())) or "none"
+        print(f"  best explanation per unit (chosen on valid): {kinds}")
+        print(
+            f"  reported test score {_fmt(r['mean_score'])}, control {_fmt(r['mean_control'])}, "
+            f"gap {_fmt(r['mean_gap'])}, p = {r['p_value'] if r['p_value'] is None else format(r['p_value'], '.3g')}"
+        )
+        print(
+            f"  same simulator, test split: LLM {_fmt(r['mean_llm'])} (gap {_fmt(r['gap_llm'])}), token space "
+            f"{_fmt(r['mean_token_space'])} (gap {_fmt(r['gap_token_space'])}); LLM better on "
+            f"{r['llm_beats_token_space']}/{r['llm_vs_token_space_pairs']} units"
+        )
+        print(f"  exact token-lookup reference: {_fmt(r['mean_token_lookup'])} (gap {_fmt(r['gap_token_lookup'])})")
+        print(f"  verdict: {r['verdict']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("report", choices=["ablation"])
+    parser.add_argument("report", choices=["signal", "ablation"])
     parser.add_argument("--db", default=str(default_database()), help="warehouse file")
     args = parser.parse_args(argv)
+    if args.report == "signal":
+        print_signal(signal_report(args.db))
+        return
     frame, rho = ablation_report(args.db)
     with pl.Config(tbl_rows=100, tbl_cols=12, fmt_str_lengths=60):
         print(frame.drop("explanation"))
     n = frame.drop_nulls(["simulation_score", "ablation_score"]).height
-    shown = f"{rho:.3f}" if rho is not None else "undefined (fewer than 3 scored neurons, or constant scores)"
-    print(f"Spearman rank correlation of simulation and ablation scores over {n} neurons: {shown}")
+    shown = f"{rho:.3f}" if rho is not None else "undefined (fewer than 3 scored units, or constant scores)"
+    print(f"Spearman rank correlation of simulation (test) and ablation scores over {n} units: {shown}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny_models import DIGIT_NEURON, build_digit_model, build_tokenizer
 
-from pipeline.ablation import LayerAblator, Row, ablate_neurons, ablation_score, fit_calibration
+from pipeline.ablation import LayerAblator, Row, ablate_neurons, ablation_score
 from pipeline.mlp import mlp_capture, mlp_projections, run_until_captured
+from pipeline.scoring import fit_calibration
 
 TEXTS = ["the 3 of 7 and 9", "was 1 2 in the 8", "they were at it no so", "5 5 5 for 0 and"]  # equal lengths
 
@@ -62,9 +63,12 @@ def test_true_activations_give_kl_zero_and_mean_gives_kl_above_zero(model_and_id
         dict(enumerate(ids)),
         prefix=[],
         replacements={
-            neuron: {"mean": {i: np.full_like(a, mean) for i, a in enumerate(acts)}, "simulated": dict(enumerate(acts))}
+            (neuron, "+"): {
+                "mean": {i: np.full_like(a, mean) for i, a in enumerate(acts)},
+                "simulated": dict(enumerate(acts)),
+            }
         },
-    )[neuron]
+    )[(neuron, "+")]
     assert result.kl_simulated == pytest.approx(0.0, abs=1e-7)
     assert result.kl_mean > 1e-4
     assert result.ablation_score == pytest.approx(1.0, abs=1e-4)

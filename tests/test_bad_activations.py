@@ -73,12 +73,14 @@ def test_a_dead_neuron_gets_null_rows_with_reasons_and_the_layer_completes(
                "where layer = 0 and neuron = ?", [DEAD])  # fmt: skip
     assert levels == [([0],)]
     explained = dict(q("select neuron, failure_reason from atlas.explanations where kind = 'llm' and layer = 0"))
-    assert explained[DIGIT_NEURON] is None and explained[DEAD].startswith("dead neuron")
+    assert explained[DIGIT_NEURON] is None and explained[DEAD].startswith("dead unit")
     simulated = q("select failure_reason from atlas.simulations where kind = 'llm' and neuron = ?", [DEAD])
-    assert [r[0].startswith("no explanation: dead neuron") for r in simulated] == [True]
-    scored = dict(q("select neuron, corr_all from atlas.scores where kind = 'llm' and layer = 0"))
+    assert [r[0].startswith("no explanation: dead unit") for r in simulated] == [True]
+    scored = dict(q("select neuron, corr_all from atlas.scores where kind = 'llm' and layer = 0 and split = 'valid'"))
     reason = q("select failure_reason from atlas.scores where kind = 'llm' and neuron = ?", [DEAD])
-    assert scored[DEAD] is None and "dead neuron" in reason[0][0] and scored[DIGIT_NEURON] is not None
+    assert scored[DEAD] is None and "dead unit" in reason[0][0] and scored[DIGIT_NEURON] is not None
+    space = q("select failure_reason from atlas.explanations where kind = 'token_space' and neuron = ?", [DEAD])
+    assert space[0][0].startswith("dead unit")
 
 
 def test_fp16_overflow_is_named_and_nothing_is_written(tmp_path: Path, model_dir: Path, digit_corpus: Path) -> None:

@@ -50,3 +50,32 @@ def test_top_tokens_use_train_and_calibration_only() -> None:
     # token 7 appears in train+calibration top records 0, 1, 4, 5 (acts 8, 7, 4, 3) and in 4 random
     # records with activation 0: mean = 22 / 8
     assert row["top_tokens"] == [{"token_id": 7, "token": "x", "mean_activation": 22 / 8, "count": 8}]
+
+
+def test_random_records_that_are_top_records_are_dropped_before_splitting() -> None:
+    records = _records(8)
+    # Make random records 1 and 4 the same sequences as top records 6 and 0.
+    rand = records["random"][0].to_list()
+    rand[1]["seq_id"], rand[4]["seq_id"] = 6, 0
+    records = records.with_columns(pl.Series("random", [rand], dtype=records.schema["random"]))
+    row = top_k_examples(records, _corpus(16)).row(0, named=True)
+    random = [r for r in row["records"] if r["kind"] == "random"]
+    top_ids = {r["seq_id"] for r in row["records"] if r["kind"] == "top"}
+    assert [r["seq_id"] for r in random] == [8, 10, 11, 13, 14, 15]  # sample order kept, 9 and 12 gone
+    assert [r["rank"] for r in random] == list(range(6))  # re-ranked, then strided
+    assert [r["split"] for r in random] == ["train", "calibration", "valid", "test", "train", "calibration"]
+    assert not top_ids & {r["seq_id"] for r in random}
+
+
+def test_a_top_token_needs_the_minimum_count() -> None:
+    corpus = _corpus(16)
+    # Token 9 appears once (in top record 0, the strongest): a one-off, dropped at min count 2.
+    ids = corpus["token_ids"].to_list()
+    ids[0] = [9, 1, 1]
+    corpus = corpus.with_columns(
+        pl.Series("token_ids", ids), pl.Series("tokens", [["z", "y", "y"]] + [["x", "y", "y"]] * 15)
+    )
+    row = top_k_examples(_records(8), corpus, n_top_tokens=5).row(0, named=True)
+    assert [t["token_id"] for t in row["top_tokens"]] == [7]
+    once = top_k_examples(_records(8), corpus, n_top_tokens=5, min_token_count=1).row(0, named=True)
+    assert [t["token_id"] for t in once["top_tokens"]] == [9, 7]  # mean 8 beats 7's (7 + 4 + 3) / 7

@@ -14,13 +14,13 @@ from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
 from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
-from pipeline.interpret import BASELINE, LLM, neuron_examples, score_layer, simulate_layer
+from pipeline.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
 from pipeline.llm import Completion, GenerationParams, LLMFailure
 from pipeline.llm_local import LocalBackend
 from pipeline.models import load_subject_model
-from pipeline.scoring import to_level_scale
 from pipeline.simulate_local import LocalSimulator
 from pipeline.simulator import Simulator
+from pipeline.units import units_from_frames
 
 NEURONS = [DIGIT_NEURON, 5]
 
@@ -48,121 +48,146 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
     return database, result
 
 
-def test_explanations_hold_llm_and_baseline_rows_with_lineage(local_run: tuple) -> None:
+def test_explanations_hold_llm_token_space_and_lookup_rows_with_lineage(local_run: tuple) -> None:
     q = query(local_run[0])
     rows = q(
-        "select neuron, kind, explanation, failure_reason, explainer_model, prompt_version, prompt_tokens,"
+        "select neuron, polarity, kind, explanation, failure_reason, explainer_model, prompt_version, prompt_tokens,"
         " model_id, run_id from atlas.explanations order by neuron, kind"
     )
-    assert [(r[0], r[1]) for r in rows] == [(n, k) for n in NEURONS for k in (LLM, BASELINE)]
-    for _neuron, kind, text, reason, explainer, version, prompt_tokens, model_id, run_id in rows:
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (n, "+", k) for n in NEURONS for k in sorted((LLM, TOKEN_LOOKUP, TOKEN_SPACE))
+    ]
+    for _neuron, _pol, kind, text, reason, explainer, version, prompt_tokens, model_id, run_id in rows:
         assert text and reason is None and model_id and run_id == local_run[1].run_id
         if kind == LLM:
-            assert "gemma-3-270m" in explainer and version == "explain-v1" and prompt_tokens > 100
-    baseline = dict(q("select neuron, explanation from atlas.explanations where kind = ?", [BASELINE]))
-    quoted = [part for part in baseline[DIGIT_NEURON].split('"')[1::2]]
+            assert "gemma-3-270m" in explainer and version.startswith("explain-") and prompt_tokens > 100
+    space = dict(q("select neuron, explanation from atlas.explanations where kind = ?", [TOKEN_SPACE]))
+    quoted = [part for part in space[DIGIT_NEURON].split('"')[1::2]]
     assert quoted and set(quoted) <= set(DIGITS)
-
-
-def test_simulations_cover_the_held_out_split(local_run: tuple) -> None:
-    q = query(local_run[0])
-    rows = q(
-        "select neuron, kind, record_kind, seq_id, true_acts, simulated from atlas.simulations"
-        " order by neuron, kind, record_kind, split_rank"
+    assert q(
+        "select count(*) from atlas.explanations where kind = ? and explanation <> ?",
+        [TOKEN_LOOKUP, space[DIGIT_NEURON]],
     )
-    per_explanation: dict = {}
-    for neuron, kind, record_kind, _seq_id, true_acts, simulated in rows:
-        per_explanation.setdefault((neuron, kind), []).append(record_kind)
-        assert len(true_acts) == len(simulated) == 16
-        assert all(0.0 <= s <= 10.0 for s in simulated)
-    # top_k = random_k = 20, strided over 4 splits: 5 valid top + 5 valid random per explanation.
-    assert {k: sorted(v) for k, v in per_explanation.items()} == {
-        (n, k): ["random"] * 5 + ["top"] * 5 for n in NEURONS for k in (LLM, BASELINE)
+
+
+def test_simulations_cover_valid_for_candidates_and_calibration_test_and_control_for_the_chosen(
+    local_run: tuple,
+) -> None:
+    q = query(local_run[0])
+    examples = {
+        (neuron, split): n
+        for neuron, split, n in q("select neuron, split, count(*) from atlas.examples_long group by all")
     }
+    rows = q(
+        "select neuron, kind, sample_index, split, control, count(*), count(simulated), min(len(simulated)),"
+        " max(len(true_acts)) from atlas.simulations group by all order by all"
+    )
+    per: dict = {}
+    for neuron, kind, sample, split, control, n, done, min_len, max_len in rows:
+        per[(neuron, kind, sample, split, control)] = n
+        if done:
+            assert n == done == examples[(neuron, split)] and min_len == max_len == 16, (neuron, kind, split)
+    chosen = q("select neuron, kind, sample_index from atlas.scores where selected and split = 'valid'")
+    assert {(n, k) for n, k, _ in chosen} >= {(n, k) for n in NEURONS for k in (TOKEN_SPACE, TOKEN_LOOKUP)}
+    for neuron, kind, sample in chosen:
+        for split, control in (("valid", False), ("calibration", False), ("test", False), ("test", True)):
+            assert (neuron, kind, sample, split, control) in per, (neuron, kind, split, control)
+    # No unchosen candidate is simulated past the valid split, and controls come from the other unit.
+    assert {k[3] for k in per if (k[0], k[1], k[2]) not in set(chosen)} <= {"valid"}
+    controls = q("select distinct neuron, control_neuron from atlas.simulations where control")
+    assert sorted(controls) == [(DIGIT_NEURON, 5), (5, DIGIT_NEURON)]
     held = q(
         "select r.acts, s.true_acts from atlas.simulations s join atlas.examples_long r using (layer, neuron, seq_id)"
-        " where r.split = 'valid' and r.kind = s.record_kind"
+        " where r.split = s.split and r.kind = s.record_kind"
     )
     assert held and all(np.allclose(a, b, atol=1e-6) for a, b in held)
 
 
-def test_scores_find_the_digit_neuron_with_the_token_lookup_baseline(local_run: tuple) -> None:
+def test_the_lookup_reference_finds_the_digit_neuron_on_the_test_split(local_run: tuple) -> None:
     q = query(local_run[0])
     rows = {
-        (n, k): (c, ct, cr, r2, ad)
-        for n, k, c, ct, cr, r2, ad in q(
-            "select neuron, kind, corr_all, corr_top, corr_random, r2_all, absdev_all from atlas.scores"
+        (n, k, split): (c, ct, cr, r2, ad)
+        for n, k, split, c, ct, cr, r2, ad in q(
+            "select neuron, kind, split, corr_all, corr_top, corr_random, r2_all, absdev_all from atlas.scores"
         )
     }
-    assert set(rows) == {(n, k) for n in NEURONS for k in (LLM, BASELINE)}
+    assert {(n, k) for n, k, _ in rows} >= {(n, k) for n in NEURONS for k in (TOKEN_SPACE, TOKEN_LOOKUP)}
     # The digit neuron's activation is a function of the token alone: a token lookup predicts it.
-    assert rows[(DIGIT_NEURON, BASELINE)][0] > 0.99
-    assert rows[(DIGIT_NEURON, BASELINE)][3] > 0.9
+    digit = rows[(DIGIT_NEURON, TOKEN_LOOKUP, "test")]
+    assert digit[0] > 0.99 and digit[3] > 0.9  # correlation, and r² of the calibrated lookup in activation space
     for values in rows.values():
         assert all(v is None or -1.0 <= v <= 1.0 for v in values[:3])
 
 
-def test_scores_metadata_has_histograms_and_best_neurons(local_run: tuple) -> None:
+def test_scores_metadata_has_the_control_verdict_histograms_and_best_units(local_run: tuple) -> None:
     (mat,) = [
         e.materialization
         for e in local_run[1].get_asset_materialization_events()
         if e.materialization.asset_key.path == ["scores"]
     ]
-    assert {"histogram_llm", "histogram_token_lookup", "best", "worst"} <= set(mat.metadata)
+    assert {"histogram_best_test", "best", "worst", "signal"} <= set(mat.metadata)
+    assert "layer 0:" in mat.metadata["signal"].value
 
 
 class TruePattern(Simulator):
-    """A stub simulator that returns each held-out sequence's true levels."""
+    """Simulates the unit its explanation names: its true activations, on another scale and offset."""
 
     backend, model, prompt_version = "stub", "truth", "stub-v1"
 
-    def __init__(self, truth: dict[tuple[str, ...], np.ndarray]):
+    def __init__(self, truth: dict[tuple[str, tuple[str, ...]], np.ndarray]):
         self.truth = truth
 
     def simulate(self, explanation: str, sequences) -> list[np.ndarray] | LLMFailure:
-        return [self.truth[tuple(s)] for s in sequences]
+        return [self.truth.get((explanation, tuple(s)), np.zeros(len(s))) for s in sequences]
 
 
-def _digit_examples(database: Path) -> tuple:
+def _digit_units(database: Path) -> dict:
     with duckdb.connect(str(database), read_only=True) as conn:
         examples = conn.sql(
             "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
-    return neuron_examples(examples, corpus)
+    return units_from_frames(examples, corpus)
 
 
-def _explanations(*texts: str) -> pl.DataFrame:
+def _explanations(neuron: int, *texts: str, kind: str = LLM) -> pl.DataFrame:
     return pl.DataFrame(
         {
             "layer": [0] * len(texts),
-            "neuron": [DIGIT_NEURON] * len(texts),
-            "kind": [LLM] * len(texts),
+            "neuron": [neuron] * len(texts),
+            "polarity": ["+"] * len(texts),
+            "kind": [kind] * len(texts),
             "sample_index": list(range(len(texts))),
             "explanation": list(texts),
             "failure_reason": [None] * len(texts),
-        }
+        },
+        schema_overrides={"layer": pl.Int32, "neuron": pl.Int32, "sample_index": pl.Int16},
     )
 
 
-def test_a_simulator_returning_the_true_pattern_scores_one(local_run: tuple) -> None:
-    examples = _digit_examples(local_run[0])
-    ex = examples[(0, DIGIT_NEURON)]
-    truth = {tuple(h.tokens): to_level_scale(h.acts, ex.max_activation) for h in ex.held_out}
-    sims = simulate_layer(_explanations("digits"), examples, TruePattern(truth))
-    (row,) = score_layer(sims, {(0, DIGIT_NEURON): ex.max_activation}).iter_rows(named=True)
-    for score in ("corr_all", "corr_top", "corr_random", "r2_all", "absdev_all"):
-        assert row[score] == pytest.approx(1.0, abs=1e-6), score  # float32 storage
+def test_a_simulator_returning_the_true_pattern_scores_one_after_calibration(local_run: tuple) -> None:
+    units = _digit_units(local_run[0])
+    truth = {}
+    for neuron in NEURONS:
+        unit = units[(0, neuron, "+")]
+        for e in unit.examples:
+            truth[(f"unit {neuron}", e.tokens)] = 2.5 * unit.true(e) + 4.0  # any scale and offset
+    explanations = pl.concat([_explanations(n, f"unit {n}") for n in NEURONS])
+    scores = score_layer(simulate_layer(explanations, units, TruePattern(truth)))
+    (row,) = scores.filter((pl.col("neuron") == DIGIT_NEURON) & (pl.col("split") == "test")).iter_rows(named=True)
+    for score in ("corr_all", "corr_top", "r2_all", "absdev_all"):
+        assert row[score] == pytest.approx(1.0, abs=1e-5), score  # float32 storage
+    assert row["calibration_slope"] == pytest.approx(1 / 2.5, rel=1e-5) and row["best"]
+    # The control simulates unit 5's text: its truth where a sequence is also one of unit 5's, else zeros.
+    assert row["control_neuron"] == 5 and (row["control_corr_all"] is None or row["control_corr_all"] < 0.5)
 
 
 def test_embedded_simulator_prefers_the_true_explanation(local_run: tuple) -> None:
-    examples = _digit_examples(local_run[0])
+    units = _digit_units(local_run[0])
     gemma = load_subject_model("embedded")
     simulator = LocalSimulator(gemma.model, gemma.tokenizer, "embedded")
-    sims = simulate_layer(
-        _explanations("numbers written with digits", "words about food and cooking"), examples, simulator
-    )
-    scores = score_layer(sims, {(0, DIGIT_NEURON): examples[(0, DIGIT_NEURON)].max_activation})
+    explanations = _explanations(DIGIT_NEURON, "numbers written with digits", "words about food and cooking")
+    scores = score_layer(simulate_layer(explanations, units, simulator)).filter(pl.col("split") == "valid")
     true_score, wrong_score = scores.sort("sample_index")["corr_all"].to_list()
     assert true_score > wrong_score + 0.05, (true_score, wrong_score)
 
@@ -206,11 +231,11 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
     llm = q("select explanation, failure_reason, explainer_backend from atlas.explanations where kind = 'llm'")
     assert sorted(r[0] is None for r in llm) == [False, True, True]
     assert all("500" in r[1] for r in llm if r[0] is None) and {r[2] for r in llm} == {"openai"}
-    scores = q("select corr_all, failure_reason from atlas.scores where kind = 'llm' order by neuron")
+    scores = q("select corr_all, failure_reason from atlas.scores where kind = 'llm' and split = 'valid'")
     failed = [r for r in scores if r[1] is not None]
     assert len(failed) == 2 and all(r[0] is None and "no explanation" in r[1] for r in failed)
     # Every slot got (0 * .5 + 10 * .25 + 5 * .25) = 3.75 from the echoed logprobs.
-    sims = q("select simulated from atlas.simulations where kind = 'llm' and simulated is not null")
+    sims = q("select simulated from atlas.simulations where kind in ('llm', 'token_space') and simulated is not null")
     assert sims and all(v == pytest.approx(3.75) for (s,) in sims for v in s)
     assert "sk-test-PLANTED-777" not in database.read_bytes().decode("latin-1")
 
@@ -248,11 +273,14 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
         (6, None, "explanation cut off at max_tokens (raise explain.max_tokens): 'numbers and dig'"),
         (7, "numbers and digits", None),
     ]
-    scores = q("select neuron, corr_all is null, failure_reason from atlas.scores where kind = 'llm' order by neuron")
+    scores = q(
+        "select neuron, corr_all is null, failure_reason from atlas.scores where kind = 'llm' and split = 'valid'"
+        " order by neuron"
+    )
     assert [(n, null) for n, null, _ in scores] == [(neurons[0], True), (5, True), (6, True), (7, False)]
     assert "no explanation: empty explanation" in scores[0][2]
     meta = result.asset_materializations_for_node("explanations")[0].metadata
-    assert meta["failed"].value == 3
+    assert meta["llm_failed"].value == 3
     reasons = meta["failure_reasons"].value
     assert "| empty explanation | 1 | " in reasons and "| explanation longer than 300 characters | 1 | 5 |" in reasons
     sim_meta = result.asset_materializations_for_node("simulations")[0].metadata
@@ -264,7 +292,7 @@ def test_every_shipped_query_runs(local_run: tuple) -> None:
     for path in sorted((Path(__file__).parents[1] / "warehouse" / "queries").glob("*.sql")):
         assert q(path.read_text()), path.name
     best = q((Path(__file__).parents[1] / "warehouse" / "queries" / "best_explained_neurons.sql").read_text())
-    assert [r[2] for r in best] == sorted((r[2] for r in best), reverse=True)
+    assert [r[4] for r in best] == sorted((r[4] for r in best), reverse=True)
 
 
 def test_ablations_record_an_undefined_score_with_its_reason(local_run: tuple) -> None:
@@ -276,10 +304,11 @@ def test_ablations_record_an_undefined_score_with_its_reason(local_run: tuple) -
         "select neuron, selection, kl_mean, kl_simulated, ablation_score, ablation_score_reason, calibration_slope,"
         " n_sequences from atlas.ablations order by neuron"
     )
+    tests = dict(q("select neuron, count(*) from atlas.examples_long where split = 'test' group by all"))
     assert [r[0] for r in rows] == sorted(NEURONS) and {r[1] for r in rows} == {"top"}
-    for _, _, kl_mean, kl_sim, score, reason, slope, n_seq in rows:
+    for neuron, _, kl_mean, kl_sim, score, reason, slope, n_seq in rows:
         assert kl_mean == pytest.approx(0.0, abs=1e-12) and kl_sim == pytest.approx(0.0, abs=1e-12)
-        assert score is None and "~0" in reason and slope is not None and n_seq == 10
+        assert score is None and "~0" in reason and slope is not None and n_seq == tests[neuron]
 
 
 def test_ablation_report_command_runs_on_the_warehouse(local_run: tuple, capsys: pytest.CaptureFixture[str]) -> None:
@@ -287,7 +316,7 @@ def test_ablation_report_command_runs_on_the_warehouse(local_run: tuple, capsys:
 
     main(["ablation", "--db", str(local_run[0])])
     out = capsys.readouterr().out
-    assert "over 0 neurons: undefined" in out  # the digit model's layer 0 moves nothing (see above)
+    assert "over 0 units: undefined" in out  # the digit model's layer 0 moves nothing (see above)
 
 
 def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
@@ -295,7 +324,11 @@ def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
     names = {e.check_name for e in evaluations}
     assert {"activation_records_complete", "levels_in_range", "one_explanation_per_key"} <= names
     assert {"simulations_in_range", "scores_in_range", "ablations_sane"} <= names
-    assert all(e.passed for e in evaluations), [(e.check_name, e.description) for e in evaluations if not e.passed]
+    assert "simulator_discriminates" in names  # a warning about the simulator model, not the data
+    bad = [
+        (e.check_name, e.description) for e in evaluations if not e.passed and e.check_name != "simulator_discriminates"
+    ]
+    assert not bad
 
 
 CORRUPTIONS = {
@@ -353,24 +386,26 @@ def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_ru
         bad = q(f"select count(*) from atlas.{table} where model_id is null or run_id is null or code_version is null")
         assert bad == [(0,)], table
     rows = q(
-        "select layer, neuron, explanation, score, baseline_score, ablation_score, top_tokens"
-        " from atlas.neuron_summary order by neuron"
+        "select layer, neuron, polarity, explanation, score, gap, token_space_score, token_lookup_score,"
+        " ablation_score, top_tokens from atlas.neuron_summary order by neuron"
     )
     assert [r[1] for r in rows] == sorted(NEURONS)
-    for layer, neuron, explanation, score, baseline, ablation, top_tokens in rows:
+    for layer, neuron, polarity, explanation, score, gap, space, lookup, ablation, top_tokens in rows:
         want = q(
-            "select e.explanation, s.corr_all from atlas.scores s join atlas.explanations e"
-            " using (layer, neuron, kind, sample_index) where s.kind = 'llm' and layer = ? and neuron = ?",
-            [layer, neuron],
+            "select e.explanation, s.corr_all, s.gap from atlas.scores s join atlas.explanations e"
+            " using (layer, neuron, polarity, kind, sample_index) where s.best and s.split = 'test'"
+            " and layer = ? and neuron = ? and polarity = ?",
+            [layer, neuron, polarity],
         )
-        assert (explanation, score) == want[0]
-        assert (
-            baseline
-            == q(
-                "select corr_all from atlas.scores where kind = 'token_lookup' and layer = ? and neuron = ?",
+        assert (explanation, score, gap) == want[0]
+        test = dict(
+            q(
+                "select kind, corr_all from atlas.scores where split = 'test' and selected"
+                " and layer = ? and neuron = ?",
                 [layer, neuron],
-            )[0][0]
+            )
         )
+        assert (space, lookup) == (test[TOKEN_SPACE], test[TOKEN_LOOKUP])
         assert ablation is None  # the digit model's layer 0 moves nothing (see the ablation test)
         if neuron == DIGIT_NEURON:
             assert top_tokens and set(top_tokens) <= set(DIGITS)

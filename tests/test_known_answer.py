@@ -24,7 +24,9 @@ def digit_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
         layers=(0, 1),
         subject=SubjectModelResource(model=str(digit_model_dir)),
         corpus=CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=64, seed=3),
-        sampling=SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2, batch_size=5, n_top_tokens=20),
+        sampling=SamplingResource(
+            top_k=8, random_k=8, quantile_bins=2, per_quantile=2, batch_size=5, n_top_tokens=20, min_token_count=1
+        ),
     )
     assert result.success
     return database

@@ -1,20 +1,24 @@
-"""Score formulas against hand-computed values, the concatenation rule, and the undefined cases;
-the token-lookup baseline against a hand-made table."""
+"""Score formulas against hand-computed values, the concatenation rule, calibration, the control's
+paired test, and the undefined cases; the token-space baseline against a hand-made table."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.baseline import TokenLookupSimulator, token_lookup_explanation
+from pipeline.baseline import TokenLookupSimulator, token_space_explanation
 from pipeline.scoring import (
+    MIN_GAP,
     ZERO_PRED,
     ZERO_TRUE,
+    Calibration,
     absolute_dev_explained,
     correlation,
+    discrimination,
+    fit_calibration,
     r_squared,
-    score_neuron,
-    to_level_scale,
+    score_split,
+    sign_flip_p_value,
 )
 
 
@@ -53,21 +57,55 @@ def test_undefined_scores_are_none_with_a_reason() -> None:
         correlation([arr(1, 2)], [arr(1)])
 
 
-def test_level_scale_is_unfloored_and_clipped() -> None:
-    np.testing.assert_allclose(to_level_scale(arr(-1, 0.25, 1, 2), 1.0), [0, 2.5, 10, 10])
-    np.testing.assert_array_equal(to_level_scale(arr(1, 2), 0.0), [0, 0])
-
-
-def test_score_neuron_splits_top_and_random() -> None:
-    top_t, top_p = [arr(0, 4)], [arr(0, 10)]  # level scale with max 4: [0, 10] -> exact
+def test_score_split_splits_top_and_random_and_calibrates_r2() -> None:
+    top_t, top_p = [arr(0, 4)], [arr(0, 10)]
     rnd_t, rnd_p = [arr(2, 0)], [arr(0, 5)]  # anti-correlated
-    s = score_neuron(top_t, top_p, rnd_t, rnd_p, max_activation=4.0)
+    cal = Calibration(slope=0.4, intercept=0.0, r=None)  # levels 0..10 -> activations 0..4
+    s = score_split(top_t, top_p, rnd_t, rnd_p, cal)
     assert s.corr_top == pytest.approx(1.0) and s.corr_random == pytest.approx(-1.0)
     # all: t = [0, 4, 2, 0], p = [0, 10, 0, 5]
     assert s.corr_all == pytest.approx(np.corrcoef([0, 4, 2, 0], [0, 10, 0, 5])[0, 1])
-    # levels [0, 10, 5, 0] vs [0, 10, 0, 5]: mse 50/4, mean sq 125/4 -> 1 - 50/125; abs: 10/4 vs 15/4
-    assert s.r2_all == pytest.approx(1 - 50 / 125) and s.absdev_all == pytest.approx(1 - 10 / 15)
+    # calibrated p = [0, 4, 0, 2] vs t = [0, 4, 2, 0]: mse 8/4, mean t² 20/4 -> 1 - 8/20; abs: 4/4 vs 6/4
+    assert s.r2_all == pytest.approx(1 - 8 / 20) and s.absdev_all == pytest.approx(1 - 4 / 6)
     assert (s.n_sequences, s.n_tokens) == (2, 4)
+    uncalibrated = score_split(top_t, top_p, rnd_t, rnd_p, "no calibration split")
+    assert uncalibrated.r2_all is None and uncalibrated.r2_all_reason == "no calibration split"
+    assert uncalibrated.corr_all == s.corr_all
+
+
+def test_calibration_recovers_a_scaled_and_shifted_simulation() -> None:
+    rng = np.random.default_rng(0)
+    true = [rng.gamma(1.0, 2.0, size=16) for _ in range(4)]
+    pred = [3.0 * t + 1.5 for t in true]  # a perfect simulation on another scale and offset
+    cal = fit_calibration(pred, true)
+    assert cal.slope == pytest.approx(1 / 3) and cal.intercept == pytest.approx(-0.5) and cal.r == pytest.approx(1.0)
+    held_t = [rng.gamma(1.0, 2.0, size=16) for _ in range(3)]
+    s = score_split(held_t[:2], [3.0 * t + 1.5 for t in held_t[:2]], held_t[2:], [3.0 * held_t[2] + 1.5], cal)
+    assert s.r2_all == pytest.approx(1.0) and s.absdev_all == pytest.approx(1.0) and s.corr_all == pytest.approx(1.0)
+    # Without calibration the same simulation is far off in activation space: r² is what calibration buys.
+    assert r_squared(held_t, [3.0 * t + 1.5 for t in held_t]).value < 0
+    flat = fit_calibration([arr(2, 2, 2)], [arr(1, 2, 3)])
+    assert flat.reason and flat.intercept == pytest.approx(2.0)
+
+
+def test_sign_flip_p_value_is_exact_for_small_samples() -> None:
+    # 4 positive gaps: of the 16 sign patterns only all-positive reaches the observed mean.
+    assert sign_flip_p_value(arr(0.1, 0.2, 0.3, 0.4)) == pytest.approx(1 / 16)
+    assert sign_flip_p_value(arr(0.0, 0.0, 0.0)) == pytest.approx(1.0)
+    # Symmetric gaps: exactly half the patterns reach a mean >= 0.
+    assert sign_flip_p_value(arr(0.5, -0.5)) == pytest.approx(3 / 4)
+
+
+def test_discrimination_passes_only_a_clear_gap_and_warns_otherwise() -> None:
+    scores = [0.8, 0.7, 0.9, 0.6, 0.75, 0.85]
+    good = discrimination(scores, [0.1, 0.0, 0.2, -0.1, 0.05, 0.1])
+    assert good.passed and good.p_value == pytest.approx(1 / 64) and good.mean_gap > 0.5
+    same = discrimination(scores, scores)
+    assert not same.passed and "does NOT" in same.verdict
+    tiny = discrimination(scores, [s - MIN_GAP / 2 for s in scores])  # consistent but negligible
+    assert not tiny.passed and tiny.p_value < 0.05
+    few = discrimination([0.9, 0.8], [0.0, 0.1])
+    assert not few.passed and few.p_value is None and "not tested" in few.verdict
 
 
 TABLE = [
@@ -84,9 +122,9 @@ def test_token_lookup_simulator_predicts_from_the_table() -> None:
     np.testing.assert_allclose(by_string, [5.0, 0.0, 10.0])
 
 
-def test_token_lookup_explanation() -> None:
-    assert token_lookup_explanation(TABLE) == 'tokens " 7", "\\n"'
-    assert token_lookup_explanation([]) is None
+def test_token_space_explanation() -> None:
+    assert token_space_explanation(TABLE) == 'tokens " 7", "\\n"'
+    assert token_space_explanation([]) is None
 
 
 def test_rank_correlation() -> None:

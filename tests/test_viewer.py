@@ -21,7 +21,7 @@ from assets.resources import (
     SubjectModelResource,
 )
 from pipeline.errors import AtlasInputError
-from pipeline.viewer import LayerData, NeuronPage, load_layer, write_layer
+from pipeline.viewer import LayerData, NeuronPage, UnitView, load_layer, write_layer
 from pipeline.warehouse import open_warehouse
 
 # Tokens a page must show as text: each would change the page title if it ever ran.
@@ -80,9 +80,9 @@ def test_the_asset_writes_an_index_and_a_page_per_explained_neuron(viewer_run: t
 def test_the_index_is_sorted_by_score_and_links_every_neuron(viewer_run: tuple) -> None:
     database, _ = viewer_run
     index = _html(database.parent / "viewer" / "layer_0" / "index.html")
-    linked = [int(n) for n in re.findall(r'href="neuron_(\d+)\.html"', index)]
+    linked = [int(n) for n in re.findall(r'href="neuron_(\d+)\.html#pos"', index)]
     scores = dict(
-        query(database)("select neuron, corr_all from atlas.scores where kind = 'llm' and layer = 0 order by neuron")
+        query(database)("select neuron, corr_all from atlas.scores where best and split = 'test' and layer = 0")
     )
     assert sorted(linked) == sorted(NEURONS)
     expected = sorted(NEURONS, key=lambda n: (-(scores[n] if scores[n] is not None else float("-inf")), n))
@@ -96,8 +96,10 @@ def test_a_neuron_page_shows_every_record_as_a_heatmap_beside_its_simulation(vie
     q = query(database)
     n_records = q("select len(records) from atlas.top_k_examples where layer = 0 and neuron = ?", [DIGIT_NEURON])
     n_simulated = q(
-        "select count(*) from atlas.simulations s join atlas.scores c using (layer, neuron, kind, sample_index) "
-        "where s.layer = 0 and s.neuron = ? and s.kind = 'llm' and s.simulated is not null",
+        "select count(*) from atlas.simulations s join atlas.scores c"
+        " using (layer, neuron, polarity, kind, sample_index)"
+        " where c.best and c.split = 'test' and s.split = 'test' and not s.control and s.layer = 0 and s.neuron = ?"
+        " and s.simulated is not null",
         [DIGIT_NEURON],
     )
     true_rows = page.count('<div class="record true">')
@@ -106,7 +108,7 @@ def test_a_neuron_page_shows_every_record_as_a_heatmap_beside_its_simulation(vie
     assert true_rows == n_records[0][0] + sim_rows
     assert page.count('<span class="tok"') >= 16 * (true_rows + sim_rows)  # seq_len tokens per row
     ablation = q("select ablation_score from atlas.ablations where layer = 0 and neuron = ?", [DIGIT_NEURON])
-    assert ablation and "id=ablation-score" in page
+    assert ablation and "class=ablation-score" in page
     top = q("select top_tokens[1].token from atlas.top_k_examples where layer = 0 and neuron = ?", [DIGIT_NEURON])
     assert top[0][0].isdigit() and f"<span class=tok>{top[0][0]}</span>" in page
 
@@ -143,7 +145,7 @@ def test_the_pages_render_in_chromium_with_search_and_no_injected_script(viewer_
         assert driver.find_element(By.ID, "shown").text == "0"
         assert all(not r.is_displayed() for r in rows)
         box.clear()
-        box.send_keys("digits")
+        box.send_keys("tokens")  # every unit's best explanation: the LLM's one reply is degenerate
         assert driver.find_element(By.ID, "shown").text == str(len(NEURONS))
 
         driver.get((layer_dir / f"neuron_{DIGIT_NEURON}.html").as_uri())
@@ -164,10 +166,10 @@ def test_the_pages_render_in_chromium_with_search_and_no_injected_script(viewer_
 
 
 def test_a_failed_render_leaves_the_previous_pages(tmp_path: Path) -> None:
-    good = LayerData("m", "r", 2, 1, [NeuronPage(7, 1.0, [], [], [], [], None)])
+    good = LayerData("m", "r", 2, 1, [NeuronPage(7, [UnitView("+", 1.0, [], [], [], [])])])
     index = write_layer(good, tmp_path)
     before = _html(index)
-    broken = LayerData("m", "r", 2, 1, [NeuronPage(7, 1.0, [{"no token": 1}], [], [], [], None)])
+    broken = LayerData("m", "r", 2, 1, [NeuronPage(7, [UnitView("+", 1.0, [{"no token": 1}], [], [], [])])])
     with pytest.raises(KeyError):
         write_layer(broken, tmp_path)
     assert _html(index) == before

@@ -93,3 +93,91 @@ def write_digit_corpus(path: Path, n_docs: int = 60, seed: int = 1, extra_words:
         docs.append(" ".join(words))
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
     return path
+
+
+# ---------------------------------------------------------------- several planted neurons
+
+# Each planted neuron of the sets model fires on exactly one set of tokens (and nowhere else), so
+# every unit has a known right explanation and every other unit's explanation is known wrong.
+TOKEN_SETS = {
+    0: ("1", "2", "3", "4"),
+    1: ("the", "a", "an"),
+    2: ("of", "to", "in", "into"),
+    3: ("and", "or", "but"),
+    4: ("was", "were", "is", "are", "be"),
+    5: ("his", "her", "they", "them", "we"),
+}
+SET_GAIN = 4.0
+
+
+def build_sets_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 whose layer-0 MLP sees LayerNorm(token embedding) exactly (attention, position
+    embeddings and the layer-0 output zeroed). Embedding pairs (f_i, -f_i) with f_i = +1 for tokens of
+    set i and -1 otherwise keep every embedding at zero mean and unit variance, so LayerNorm leaves
+    it unchanged; neuron i reads coordinate 2i: GELU(SET_GAIN) on its set, GELU(-SET_GAIN) ~ 0 elsewhere."""
+    torch.manual_seed(seed)
+    n_sets = len(TOKEN_SETS)
+    n_embd = 2 * n_sets + 4
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=n_embd, n_head=2, n_layer=2, n_inner=16)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+        for block in model.transformer.h:
+            for p in (
+                block.attn.c_attn.weight,
+                block.attn.c_attn.bias,
+                block.attn.c_proj.weight,
+                block.attn.c_proj.bias,
+            ):
+                p.zero_()
+        model.transformer.h[0].mlp.c_proj.weight.zero_()
+        model.transformer.h[0].mlp.c_proj.bias.zero_()
+        # Each embedding: n_sets (f, -f) pairs, then (r, -r, u, -u) with r² + u² = n_embd/2 - n_sets.
+        rest = n_embd / 2 - n_sets
+        gen = torch.Generator().manual_seed(seed)
+        for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            features = []
+            for i in range(n_sets):
+                f = 1.0 if token in TOKEN_SETS[i] else -1.0
+                features += [f, -f]
+            u = float(torch.rand((), generator=gen)) * math.sqrt(rest)
+            r = math.sqrt(rest - u * u)
+            model.transformer.wte.weight[idx] = torch.tensor(features + [r, -r, u, -u])
+        fc = model.transformer.h[0].mlp.c_fc  # Conv1D: weight [n_embd, n_inner]
+        for i in range(n_sets):
+            fc.weight[:, i] = 0.0
+            fc.weight[2 * i, i] = SET_GAIN
+            fc.bias[i] = 0.0
+    return model
+
+
+def set_activation(neuron: int, token: str) -> float:
+    """The exact activation planted neuron `neuron` of the sets model shows on a token."""
+    f = 1.0 if token in TOKEN_SETS[neuron] else -1.0
+    return float(torch.nn.functional.gelu(torch.tensor(SET_GAIN * f), approximate="tanh"))
+
+
+def write_sets_model(directory: Path) -> Path:
+    tokenizer = build_tokenizer(("but",))
+    model = build_sets_model(tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_sets_corpus(path: Path, n_docs: int = 60, seed: int = 2) -> Path:
+    """JSONL documents where every set's tokens appear, each document leaning on a few of the sets."""
+    rng = random.Random(seed)
+    vocabulary = WORDS + ["but"]
+    docs = []
+    for _ in range(n_docs):
+        favoured = rng.sample(sorted(TOKEN_SETS), 2)
+        words = []
+        for _ in range(rng.randint(24, 60)):
+            if rng.random() < 0.3:
+                words.append(rng.choice(TOKEN_SETS[rng.choice(favoured)]))
+            else:
+                words.append(rng.choice(vocabulary))
+        docs.append(" ".join(words))
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return path

@@ -1,0 +1,38 @@
+"""Bounded progress reports for long loops: a line every few seconds (and at the end), with an ETA,
+instead of one event per neuron flooding the Dagster event log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+Log = Callable[[str], None]
+
+
+class Progress:
+    def __init__(self, what: str, total: int, log: Log | None, every_s: float = 10.0):
+        self.what, self.total, self.log, self.every_s = what, total, log, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def step(self, n: int = 1, note: str = "") -> None:
+        """Count n finished items; report when `every_s` passed since the last report, or at the end."""
+        self.done += n
+        now = time.monotonic()
+        if self.log is None or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        tail = f", about {_duration(eta)} left" if self.done < self.total else f" in {_duration(elapsed)}"
+        self.log(f"{self.what}: {self.done}/{self.total}{tail}" + (f" ({note})" if note else ""))
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: nothing done yet
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

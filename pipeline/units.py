@@ -1,0 +1,166 @@
+"""The unit of interpretation and the examples it is explained and scored on.
+
+A unit is one direction of one neuron: (layer, neuron, polarity). Polarity '+' reads the neuron
+as it is; '-' reads its negation, for MLPs whose neurons fire both ways. Every example keeps the
+neuron's raw (signed) activations; `Unit.true` turns them into the unit's direction, which is what
+levels, explanations and scores see.
+
+A unit's examples are its top records and a random sample, each strided over the splits: the
+explainer sees train top records, candidates are chosen on valid, the chosen one is calibrated on
+calibration and reported on test. Held-out splits never contain a top record's sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+POSITIVE, NEGATIVE = "+", "-"
+SPLITS = ("train", "calibration", "valid", "test")
+HELD_OUT = ("calibration", "valid", "test")
+MAX_LEVEL = 10
+UnitKey = tuple[int, int, str]  # (layer, neuron, polarity)
+
+
+def normalize(acts: np.ndarray, max_activation: np.ndarray | float) -> np.ndarray:
+    """The paper's 0-10 levels: min(10, floor(10 * relu(a) / max)); all zeros where max <= 0."""
+    acts = np.asarray(acts, dtype=np.float64)
+    m = np.asarray(max_activation, dtype=np.float64)
+    m = m.reshape(m.shape + (1,) * (acts.ndim - m.ndim))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.floor(MAX_LEVEL * np.maximum(acts, 0.0) / m)
+    levels = np.where(m > 0, levels, 0.0)
+    return np.clip(levels, 0, MAX_LEVEL).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sequence of a unit: its tokens and the neuron's raw activation at each."""
+
+    kind: str  # 'top' (among the unit's strongest sequences) or 'random'
+    split: str
+    split_rank: int
+    seq_id: int
+    tokens: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    acts: np.ndarray  # float32, signed, one per token
+
+
+@dataclass(frozen=True)
+class Unit:
+    layer: int
+    neuron: int
+    polarity: str
+    max_activation: float  # strongest activation in the unit's direction: the 0-10 scale's top
+    examples: tuple[Example, ...]
+    top_tokens: tuple[Mapping[str, Any], ...]
+
+    @property
+    def key(self) -> UnitKey:
+        return (self.layer, self.neuron, self.polarity)
+
+    @property
+    def sign(self) -> float:
+        return -1.0 if self.polarity == NEGATIVE else 1.0
+
+    @property
+    def dead(self) -> bool:
+        """Never active in this direction: nothing to explain."""
+        return not self.max_activation > 0
+
+    def split(self, name: str, kind: str | None = None) -> list[Example]:
+        """The split's examples, top records first, each kind in split-rank order."""
+        return [e for e in self.examples if e.split == name and (kind is None or e.kind == kind)]
+
+    def true(self, example: Example) -> np.ndarray:
+        """Activations in the unit's direction (what is explained and scored)."""
+        return self.sign * np.asarray(example.acts, dtype=np.float64)
+
+    def levels(self, example: Example) -> np.ndarray:
+        return normalize(self.true(example), self.max_activation)
+
+    def train_records(self, n: int = 5) -> list[list[tuple[str, int]]]:
+        """What the explainer is shown: up to n train top records as (token, level) pairs."""
+        return [
+            list(zip(e.tokens, (int(v) for v in self.levels(e)), strict=True)) for e in self.split("train", "top")[:n]
+        ]
+
+
+def units_from_frames(examples: pl.DataFrame, corpus_tokens: pl.DataFrame) -> dict[UnitKey, Unit]:
+    """One `Unit` per row of `top_k_examples` (rows without a polarity column read as '+')."""
+    wanted = {int(s) for recs in examples["records"].to_list() for r in recs or [] for s in [r["seq_id"]]}
+    tokens = {
+        row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))
+        for row in corpus_tokens.select("seq_id", "tokens", "token_ids")
+        .filter(pl.col("seq_id").is_in(sorted(wanted)))
+        .iter_rows(named=True)
+    }
+    has_polarity = "polarity" in examples.columns
+    out: dict[UnitKey, Unit] = {}
+    for row in examples.iter_rows(named=True):
+        records = sorted(row["records"] or [], key=lambda r: (r["kind"] != "top", SPLITS.index(r["split"]), r["rank"]))
+        unit = Unit(
+            layer=int(row["layer"]),
+            neuron=int(row["neuron"]),
+            polarity=row["polarity"] if has_polarity else POSITIVE,
+            max_activation=float(row["max_activation"]),
+            examples=tuple(
+                Example(
+                    r["kind"],
+                    r["split"],
+                    int(r["split_rank"]),
+                    int(r["seq_id"]),
+                    *tokens[r["seq_id"]],
+                    np.asarray(r["acts"], dtype=np.float32),
+                )
+                for r in records
+            ),
+            top_tokens=tuple(row["top_tokens"] or ()),
+        )
+        out[unit.key] = unit
+    return out
+
+
+def select_units(
+    units: Mapping[UnitKey, Unit], layer: int, n_neurons: int, limit: int | None, ids: Sequence[int] | None
+) -> list[Unit]:
+    """Every direction of the chosen neurons of a layer: explicit ids (checked), else the first `limit`."""
+    neurons = select_neurons(n_neurons, limit, ids)
+    chosen = set(neurons)
+    return sorted((u for u in units.values() if u.layer == layer and u.neuron in chosen), key=_order)
+
+
+def select_neurons(n_neurons: int, limit: int | None, ids: Sequence[int] | None) -> list[int]:
+    """Explicit ids (checked), else the first `limit` neurons (all when limit is None)."""
+    if ids:
+        bad = [i for i in ids if not 0 <= i < n_neurons]
+        if bad:
+            raise ValueError(f"neuron ids {bad} out of range: the layer has {n_neurons} neurons")
+        return sorted(set(ids))
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of neurons to explain must be at least 1, got {limit}")
+    return list(range(n_neurons if limit is None else min(limit, n_neurons)))
+
+
+def _order(unit: Unit) -> tuple[int, str, int]:
+    return (unit.layer, unit.polarity, unit.neuron)
+
+
+def derangement(keys: Iterable[UnitKey]) -> dict[UnitKey, UnitKey]:
+    """A fixed derangement of a layer's units, for the mismatched-explanation control: each unit
+    is paired with the next one of the same layer in (polarity, neuron) order, cyclically, so a
+    neuron's two directions are never each other's control unless the layer has only them."""
+    by_layer: dict[int, list[UnitKey]] = {}
+    for key in sorted(set(keys), key=lambda k: (k[0], k[2], k[1])):
+        by_layer.setdefault(key[0], []).append(key)
+    out: dict[UnitKey, UnitKey] = {}
+    for members in by_layer.values():
+        if len(members) < 2:
+            continue
+        for i, key in enumerate(members):
+            out[key] = members[(i + 1) % len(members)]
+    return out
