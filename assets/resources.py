@@ -14,6 +14,7 @@ from pipeline.llm_cache import CachedBackend, CachedSimulator, LLMCache, default
 from pipeline.llm_local import LocalBackend
 from pipeline.llm_openai import OpenAIBackend
 from pipeline.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
+from pipeline.prompts import explainer_few_shot_explanations
 from pipeline.records import SamplingSpec
 from pipeline.simulate_local import LocalSimulator
 from pipeline.simulate_remote import EchoSimulator, JsonSimulator
@@ -168,14 +169,20 @@ class LLMResource(ConfigurableResource):
 
 
 class ExplainResource(ConfigurableResource):
-    """Which neurons to explain and how to sample explanations."""
+    """Which neurons to explain and how to sample explanations (each is a candidate, chosen on the
+    valid split beside the token-space explanation)."""
 
     n_neurons: int | None = Field(8, description="explain the first N neurons of each layer (null: all)")
     neuron_ids: list[int] | None = Field(None, description="explicit neuron ids (overrides n_neurons)")
-    samples: int = Field(1, description="explanations sampled per neuron (several need temperature > 0)")
-    temperature: float = Field(0.0, description="0 = greedy")
+    samples: int = Field(2, description="explanations sampled per unit, best-of-N on the valid split")
+    temperature: float = Field(0.8, description="sampling temperature (0 = greedy, which needs samples = 1)")
     max_tokens: int = Field(40, description="longest explanation, in tokens")
     seed: int = Field(0, description="sampling seed")
+    avoid_few_shot_copies: bool = Field(
+        True,
+        description="in-process explainers may not reproduce three consecutive tokens of a few-shot explanation "
+        "(small models copy them)",
+    )
 
     def params(self) -> GenerationParams:
         if self.samples < 1:
@@ -183,7 +190,12 @@ class ExplainResource(ConfigurableResource):
         if self.samples > 1 and self.temperature <= 0:
             raise AtlasInputError("several samples per neuron need a temperature above 0")
         return GenerationParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, n=self.samples, stop=("\n",), seed=self.seed
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            n=self.samples,
+            stop=("\n",),
+            seed=self.seed,
+            avoid=tuple(explainer_few_shot_explanations()) if self.avoid_few_shot_copies else (),
         )
 
 

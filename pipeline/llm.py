@@ -20,6 +20,9 @@ class GenerationParams:
     n: int = 1
     stop: tuple[str, ...] = ("\n",)
     seed: int = 0
+    # Texts the completion must not reproduce (no three consecutive tokens of any), e.g. the prompt's
+    # few-shot explanations that a small model would otherwise copy. In-process backends only.
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,15 @@ class LocalBackend(LLMBackend):
                 out.append(LLMFailure(f"out of memory while generating: {exc}"))
         return out
 
+    def _windows(self, texts: Sequence[str], width: int = 3) -> list[list[int]]:
+        """Every `width`-token window of each text (as it would follow a space): generating the last
+        token of a window after the others is forbidden, so no text is reproduced."""
+        out: list[list[int]] = []
+        for text in texts:
+            ids = list(self.tokenizer.encode(" " + text.strip(), add_special_tokens=False))
+            out += [ids[i : i + width] for i in range(max(1, len(ids) - width + 1))]
+        return out
+
     @torch.inference_mode()
     def _one(self, prompt: str, params: GenerationParams) -> Completion:
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
@@ -52,6 +61,8 @@ class LocalBackend(LLMBackend):
             kwargs |= {"temperature": None, "top_p": None, "top_k": None}
         if params.stop:
             kwargs |= {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        if params.avoid:
+            kwargs["bad_words_ids"] = self._windows(params.avoid)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(params.seed)
             generated = self.lm.generate(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-EXPLAIN_VERSION = "explain-v1"
+EXPLAIN_VERSION = "explain-v2"
 SIMULATE_VERSION = "simulate-v1"
 EXPLANATION_ENDING = "the main thing this neuron does is find"
 SLOT = "unknown"
@@ -44,21 +44,38 @@ def _rec(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+# The explainer's few-shot neurons differ from each other (years, food, negation, weather) and
+# from the code and documentation tokens that typical targets fire on, and each explanation names
+# its strongest tokens in quotes: what a small model can learn to do for the target in context.
 FEW_SHOT = (
     FewShotNeuron(
-        "years written as numbers",
+        'the digits "19" and "20" that begin a year',
         (
-            _rec("The _bridge _opened _in _19|4 32|10 _and _closed _in _19|3 87|9 _after _a _storm ."),
-            _rec("Records _from _18|2 60|7 _show _that _the _town _grew _quickly ."),
-            _rec("She _was _born _on _a _Tuesday _in _April , _20|3 01|8 ."),
+            _rec("The _bridge _opened _in _19|10 32|4 _and _closed _in _19|9 87|3 _after _a _storm ."),
+            _rec("Records _from _18|7 60|2 _show _that _the _town _grew _quickly ."),
+            _rec("She _was _born _on _a _Tuesday _in _April , _20|8 01|3 ."),
         ),
     ),
     FewShotNeuron(
-        "words about food and cooking",
+        'cooking words like " soup", " onions" and " flour"',
         (
             _rec("He _chopped|3 _the _onions|9 _and _stirred|4 _them _into _the _soup|10 ."),
             _rec("The _meeting _ran _late , _so _we _skipped _lunch|8 _entirely ."),
             _rec("Add _two _cups _of _flour|9 _and _a _pinch _of _salt|7 _to _the _bowl|2 ."),
+        ),
+    ),
+    FewShotNeuron(
+        'the word " not" and other negations such as " never"',
+        (
+            _rec("It _was _not|10 _what _she _expected , _but _it _never|8 _failed ."),
+            _rec("Do _not|10 _open _the _door _unless _you _have _no|6 _choice ."),
+        ),
+    ),
+    FewShotNeuron(
+        'weather words, strongest on " rain" and " storm"',
+        (
+            _rec("After _three _days _of _rain|10 _the _river _rose _and _the _wind|6 _grew ."),
+            _rec("A _storm|9 _is _coming , _so _bring _a _coat _and _watch _the _clouds|5 ."),
         ),
     ),
 )
@@ -156,6 +173,11 @@ def simulation_pieces(tokens: Sequence[str]) -> list[tuple[str, bool]]:
 
 def simulation_prompt(explanation: str, tokens: Sequence[str]) -> str:
     return simulation_prefix(explanation) + "".join(text for text, _ in simulation_pieces(tokens))
+
+
+def explainer_few_shot_explanations() -> list[str]:
+    """The explanations the explainer prompt shows: what a small explainer copies."""
+    return [shot.explanation for shot in FEW_SHOT]
 
 
 def few_shot_explanations() -> list[str]:

@@ -3,6 +3,7 @@ embedded Gemma as explainer and simulator, and with an OpenAI-compatible server 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import duckdb
@@ -14,7 +15,7 @@ from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
 from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
-from pipeline.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
+from pipeline.interpret import KINDS, LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
 from pipeline.llm import Completion, GenerationParams, LLMFailure
 from pipeline.llm_local import LocalBackend
 from pipeline.models import load_subject_model
@@ -54,11 +55,13 @@ def test_explanations_hold_llm_token_space_and_lookup_rows_with_lineage(local_ru
         "select neuron, polarity, kind, explanation, failure_reason, explainer_model, prompt_version, prompt_tokens,"
         " model_id, run_id from atlas.explanations order by neuron, kind"
     )
+    samples = ExplainResource().samples
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        (n, "+", k) for n in NEURONS for k in sorted((LLM, TOKEN_LOOKUP, TOKEN_SPACE))
+        (n, "+", k) for n in NEURONS for k in sorted(KINDS) for _ in range(samples if k == LLM else 1)
     ]
     for _neuron, _pol, kind, text, reason, explainer, version, prompt_tokens, model_id, run_id in rows:
-        assert text and reason is None and model_id and run_id == local_run[1].run_id
+        assert (text and reason is None) or (kind == LLM and reason), (text, reason)  # a sample may be cut off
+        assert model_id and run_id == local_run[1].run_id
         if kind == LLM:
             assert "gemma-3-270m" in explainer and version.startswith("explain-") and prompt_tokens > 100
     space = dict(q("select neuron, explanation from atlas.explanations where kind = ?", [TOKEN_SPACE]))
@@ -89,9 +92,12 @@ def test_simulations_cover_valid_for_candidates_and_calibration_test_and_control
             assert n == done == examples[(neuron, split)] and min_len == max_len == 16, (neuron, kind, split)
     chosen = q("select neuron, kind, sample_index from atlas.scores where selected and split = 'valid'")
     assert {(n, k) for n, k, _ in chosen} >= {(n, k) for n in NEURONS for k in (TOKEN_SPACE, TOKEN_LOOKUP)}
+    units_per_kind = {k: sum(1 for _, kind, _ in chosen if kind == k) for _, k, _ in chosen}
     for neuron, kind, sample in chosen:
-        for split, control in (("valid", False), ("calibration", False), ("test", False), ("test", True)):
-            assert (neuron, kind, sample, split, control) in per, (neuron, kind, split, control)
+        # A control needs another unit with a chosen explanation of the kind (an LLM sample may be unusable).
+        control = [("test", True)] if units_per_kind[kind] > 1 else []
+        for split, is_control in (("valid", False), ("calibration", False), ("test", False), *control):
+            assert (neuron, kind, sample, split, is_control) in per, (neuron, kind, split, is_control)
     # No unchosen candidate is simulated past the valid split, and controls come from the other unit.
     assert {k[3] for k in per if (k[0], k[1], k[2]) not in set(chosen)} <= {"valid"}
     controls = q("select distinct neuron, control_neuron from atlas.simulations where control")
@@ -202,6 +208,17 @@ def test_embedded_explainer_flags_a_line_cut_off_by_max_tokens() -> None:
     assert isinstance(roomy, Completion) and roomy.texts[0].strip() and roomy.truncated == (False,), roomy
 
 
+def test_the_embedded_explainer_can_be_kept_from_copying_its_examples() -> None:
+    gemma = load_subject_model("embedded")
+    explainer = LocalBackend(gemma.model, gemma.tokenizer, "embedded")
+    prompt = "Favourite food: apple pie and cream.\nFavourite food: apple pie and cream.\nFavourite food:"
+    params = GenerationParams(max_tokens=12, temperature=0, stop=("\n",))
+    (copied,) = explainer.complete([prompt], params)
+    assert "apple pie and cream" in copied.texts[0]  # the control: it copies when allowed
+    (kept,) = explainer.complete([prompt], dataclasses.replace(params, avoid=("apple pie and cream",)))
+    assert kept.texts[0].strip() and "apple pie and cream" not in kept.texts[0], kept.texts
+
+
 def test_openai_backend_on_loopback_records_failures_per_neuron(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,7 +241,7 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
                 max_attempts=1,
                 cache_path=str(tmp_path / "cache.sqlite"),
             ),
-            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5, 6]),
+            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5, 6], samples=1, temperature=0),
         )
     assert result.success
     q = query(database)
@@ -262,7 +279,7 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
                 max_attempts=3,
                 cache_path=str(tmp_path / "cache.sqlite"),
             ),
-            explain=ExplainResource(neuron_ids=neurons),
+            explain=ExplainResource(neuron_ids=neurons, samples=1, temperature=0),
         )
     assert result.success
     q = query(database)
