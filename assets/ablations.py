@@ -13,7 +13,7 @@ from dagster import (
 )
 
 from assets.automation import RERUN
-from assets.interpret import _identity, _strip
+from assets.interpret import LLM_POOL, _identity, _strip
 from assets.resources import AblationResource, LLMResource, SubjectModelResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model
 from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_neurons
@@ -32,6 +32,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         backfill_policy=BackfillPolicy.single_run(),
         metadata=LAYER_METADATA,
         ins={"activation_records": AssetIn(metadata={"columns": ["layer", "neuron", "mean_activation"]})},
+        pool=LLM_POOL,  # it simulates the calibration split
     )
     def ablations(
         context: AssetExecutionContext,

@@ -25,6 +25,10 @@ from pipeline.interpret import (
 )
 from pipeline.models import ModelIdentity
 
+# The Dagster pool of the steps that call the explainer/simulator: its limit (`dagster instance
+# concurrency set llm N`, or `concurrency.pools.default_limit` in dagster.yaml) bounds the requests
+# all runs on all machines send at once to the LLM servers.
+LLM_POOL = "llm"
 SCORE_COLUMNS = ("corr_all", "corr_top", "corr_random", "r2_all", "absdev_all")
 
 
@@ -58,7 +62,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         metadata=LAYER_METADATA,
     )
 
-    @asset(code_version="1", automation_condition=RERUN, **common)
+    @asset(code_version="1", automation_condition=RERUN, pool=LLM_POOL, **common)
     def explanations(
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
@@ -90,7 +94,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         )
         return _lineage(frame, identity, context)
 
-    @asset(code_version="1", automation_condition=RERUN, **common)
+    @asset(code_version="1", automation_condition=RERUN, pool=LLM_POOL, **common)
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
