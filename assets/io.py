@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import duckdb
 import polars as pl
 from dagster import InputContext, OutputContext
 from dagster._core.storage.db_io_manager import DbIOManager, TableSlice
@@ -51,7 +52,10 @@ class TransactionalDuckDbClient(DuckDbClient):
                     create_views(conn, only_changed=is_lake(database))
                 conn.commit()
             except BaseException:
-                conn.rollback()
+                try:
+                    conn.rollback()
+                except duckdb.TransactionException:
+                    pass  # a commit that failed (a DuckLake conflict) has ended the transaction already
                 raise
 
 

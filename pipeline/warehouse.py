@@ -229,7 +229,17 @@ def connect_lake(
         if read_only:
             options.append("READ_ONLY")
         suffix = f" ({', '.join(options)})" if options else ""
-        conn.execute(f"ATTACH {_literal('ducklake:postgres:' + catalog)} AS {LAKE_ALIAS}{suffix}")
+        try:
+            conn.execute(f"ATTACH {_literal('ducklake:postgres:' + catalog)} AS {LAKE_ALIAS}{suffix}")
+        except duckdb.Error as exc:
+            if "data_path is not set" in str(exc):
+                raise RuntimeError(
+                    f"the DuckLake at {catalog!r} does not exist yet, and creating it needs a data path: set "
+                    f"{DATA_PATH_ENV} to a directory (or object store URL) every machine reaches by the same name"
+                ) from exc
+            if "creating a new DuckLake is explicitly disabled" in str(exc):
+                raise RuntimeError(f"no DuckLake at {catalog!r} yet: materialize something before reading it") from exc
+            raise
         conn.execute(f"USE {LAKE_ALIAS}")
     except BaseException:
         conn.close()
