@@ -39,7 +39,9 @@ def ablation_report(database: str | Path) -> tuple[pl.DataFrame, float | None]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", choices=["ablation"])
-    parser.add_argument("--db", default=str(default_database()), help="warehouse file")
+    parser.add_argument(
+        "--db", default=str(default_database()), help="warehouse file, or ducklake:postgres:<libpq connection string>"
+    )
     args = parser.parse_args(argv)
     frame, rho = ablation_report(args.db)
     with pl.Config(tbl_rows=100, tbl_cols=12, fmt_str_lengths=60):

@@ -9,6 +9,7 @@ the project's deploy/dagster.yaml copied in, as the README says to do) and runs 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -18,10 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagster_dev import ROOT, materialize_command
+from dagster_dev import BIN, ROOT
 from postgres_server import PostgresServer
 
 DEPLOY_YAML = ROOT / "deploy" / "dagster.yaml"
+
+
+def materialize_command(resources: Mapping[str, Any]) -> list[str]:
+    """`dagster asset materialize` of the project's code location with this resource config, each
+    run in one process (the in-process executor): a step per process would add an interpreter
+    start per step to every run, and the machines here are the unit of parallelism."""
+    config = {"resources": dict(resources), "execution": {"config": {"in_process": {}}}}
+    return [
+        str(BIN / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "assets.definitions",
+        "--config-json",
+        json.dumps(config),
+    ]
 
 
 @dataclass
