@@ -110,8 +110,8 @@ class WarehouseIOManager(DuckDBPolarsIOManager):
 
     data_path: str | None = Field(
         None,
-        description="DuckLake only: where the data files go (a shared directory or object store URL), needed"
-        " when the lake is created; default: $NEURON_ATLAS_DATA_PATH",
+        description="DuckLake only: the shared directory for the data files (the same path on every machine),"
+        " needed when the lake is created; default: $NEURON_ATLAS_DATA_PATH",
     )
 
     def create_io_manager(self, context: Any) -> DbIOManager:

@@ -235,7 +235,7 @@ def connect_lake(
             if "data_path is not set" in str(exc):
                 raise RuntimeError(
                     f"the DuckLake at {catalog!r} does not exist yet, and creating it needs a data path: set "
-                    f"{DATA_PATH_ENV} to a directory (or object store URL) every machine reaches by the same name"
+                    f"{DATA_PATH_ENV} to a shared directory every machine reaches by the same path"
                 ) from exc
             if "creating a new DuckLake is explicitly disabled" in str(exc):
                 raise RuntimeError(f"no DuckLake at {catalog!r} yet: materialize something before reading it") from exc
