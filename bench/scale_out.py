@@ -9,12 +9,16 @@ databases, so no run is answered from another's response cache. Only the writer 
 default DuckDB file, for the lake's overhead.
 
 Both "machines" share this machine's cores, so the ratio says how much a second writer adds when
-they compete for the same CPUs; on separate machines each writer has its own.
+they compete for the same CPUs; on separate machines each writer has its own. On a machine busy
+with other work, two processes also win a larger share of the CPUs than one, which flatters the
+second writer: the CPU seconds (all writer processes together) show the cost without that.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -36,16 +40,24 @@ def _config() -> dict:
     return SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}}
 
 
-def one_writer(machine: Machine) -> float:
+def _cpu_s() -> float:
+    """User + system CPU seconds of the finished child processes (the writers and their workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_writer(machine: Machine) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run over both layers."""
     machine.run(SMALL_RESOURCES, "--select", "subject_model,corpus_tokens", log_name="setup")
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _cpu_s()
     machine.run(_config(), *STAGES, "--partition-range", "0...1", log_name="both_layers")
-    return time.monotonic() - start
+    return time.monotonic() - start, _cpu_s() - cpu
 
 
-def two_writers(a: Machine, b: Machine) -> float:
+def two_writers(a: Machine, b: Machine) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of two runs at once, one layer each."""
     a.run(SMALL_RESOURCES, "--select", "subject_model,corpus_tokens", log_name="setup")
-    start = time.monotonic()
+    start, cpu = time.monotonic(), _cpu_s()
     runs = [
         m.start(_config(), *STAGES, "--partition", str(layer), log_name=f"layer_{layer}")
         for layer, m in ((0, a), (1, b))
@@ -54,7 +66,7 @@ def two_writers(a: Machine, b: Machine) -> float:
         proc.wait(timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"a writer failed:\n{log.read_text(errors='replace')[-4000:]}")
-    return time.monotonic() - start
+    return time.monotonic() - start, _cpu_s() - cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,11 +88,14 @@ def main(argv: list[str] | None = None) -> None:
         file_machine.env["NEURON_ATLAS_LLM_CACHE"] = str(root / "file" / "llm_cache.sqlite")
         t_file = one_writer(file_machine)
     print(f"work: 2 layers of the digit model, {len(NEURONS)} neurons explained per layer (embedded Gemma)")
-    for label, seconds in (("one writer, DuckLake", t_one), ("two writers, DuckLake", t_two),
-                           ("one writer, DuckDB file", t_file)):  # fmt: skip
-        print(f"{label:<24} {seconds:7.1f} s   {60 * work / seconds:5.2f} neurons/min")
-    print(f"two writers vs one writer (DuckLake): {t_one / t_two:.2f}x throughput")
-    print(f"DuckLake vs DuckDB file (one writer): {t_file / t_one:.2f}x throughput")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    for label, (wall, cpu) in (("one writer, DuckLake", t_one), ("two writers, DuckLake", t_two),
+                               ("one writer, DuckDB file", t_file)):  # fmt: skip
+        print(f"{label:<24} {wall:7.1f} s wall  {cpu:7.1f} s CPU   {60 * work / wall:5.2f} neurons/min")
+    print(
+        f"two writers vs one writer (DuckLake): {t_one[0] / t_two[0]:.2f}x throughput, {t_two[1] / t_one[1]:.2f}x CPU"
+    )
+    print(f"DuckLake vs DuckDB file (one writer): {t_file[0] / t_one[0]:.2f}x throughput")
     if args.keep:
         print(f"logs under {root}")
     else:
