@@ -51,11 +51,14 @@ def look(conn):
 with open_warehouse(database, read_only=True) as held:
     held.begin()
     print(json.dumps({"ready": True}), flush=True)
-    while not stop.exists():
+    while True:
+        last = stop.exists()  # set once the writers have exited: this look sees all they wrote
         start = time.time()
         with open_warehouse(database, read_only=True) as conn:
             fresh = look(conn)
         print(json.dumps({"t": start, "took": time.time() - start, "fresh": fresh, "held": look(held)}), flush=True)
+        if last:
+            break
         time.sleep(0.5)
 """
 
