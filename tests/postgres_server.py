@@ -9,8 +9,14 @@ environment (libpq, psycopg2 and DuckDB's postgres extension all read it), so no
 holds it. Without the binaries the fixture skips, unless NEURON_ATLAS_REQUIRE_POSTGRES is set (CI
 sets it, and `.ci/run` installs the package), where it fails.
 
-Use it as a context manager (`with postgres_server() as pg:`) or through the `postgres` fixture of
-a test module that imports it.
+Use it as a context manager, e.g. in a module-scoped fixture:
+
+    @pytest.fixture(scope="module")
+    def postgres() -> Iterator[PostgresServer]:
+        with postgres_server() as server:
+            yield server
+
+then `postgres.create_database(name)` for a connection string per test.
 """
 
 from __future__ import annotations
