@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import duckdb
@@ -26,6 +27,9 @@ from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 from pydantic import Field
 
 from pipeline.warehouse import create_views, is_lake, open_warehouse, retry_on_conflict
+
+# Set while a DuckLake write is being tried again after a commit conflict.
+_RETRYING: ContextVar[bool] = ContextVar("warehouse_write_retrying", default=False)
 
 
 class TransactionalDuckDbClient(DuckDbClient):
@@ -67,8 +71,8 @@ class PolarsTypeHandler(DuckDBPolarsTypeHandler):
     def handle_output(
         self, context: OutputContext, table_slice: TableSlice, obj: pl.DataFrame, connection: Any
     ) -> None:
-        if "row_count" not in context.get_logged_metadata():
-            super().handle_output(context, table_slice, obj, connection)  # the first try
+        if not _RETRYING.get() or "row_count" not in context.get_logged_metadata():
+            super().handle_output(context, table_slice, obj, connection)
             return
         # A DuckLake write tried again after a conflict: the upstream handler's SQL, without its metadata.
         if not obj.is_empty():
@@ -99,9 +103,18 @@ class WarehouseDbIOManager(DbIOManager):
         if not is_lake(self._database):
             super().handle_output(context, obj)
             return
-        retry_on_conflict(
-            lambda: super(WarehouseDbIOManager, self).handle_output(context, obj), log=context.log.warning
-        )
+        tries = 0
+
+        def attempt() -> None:
+            nonlocal tries
+            token = _RETRYING.set(tries > 0)
+            tries += 1
+            try:
+                super(WarehouseDbIOManager, self).handle_output(context, obj)
+            finally:
+                _RETRYING.reset(token)
+
+        retry_on_conflict(attempt, log=context.log.warning)
 
 
 class WarehouseIOManager(DuckDBPolarsIOManager):
