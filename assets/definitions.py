@@ -33,7 +33,7 @@ from assets.resources import (
 from assets.stages import WAREHOUSE, build_stage_assets, layer_partitions
 from assets.viewer import build_viewer_assets
 from pipeline.models import EMBEDDED, model_layer_count
-from pipeline.warehouse import SCHEMA, default_database
+from pipeline.warehouse import SCHEMA, default_data_path, default_database
 
 
 def build_definitions(model: str | None = None, corpus: str | None = None, database: str | None = None) -> Definitions:
@@ -57,7 +57,9 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
             "llm": LLMResource(),
             "explain": ExplainResource(),
             "ablation": AblationResource(),
-            WAREHOUSE: WarehouseIOManager(database=database or default_database(), schema=SCHEMA),
+            WAREHOUSE: WarehouseIOManager(
+                database=database or default_database(), schema=SCHEMA, data_path=default_data_path()
+            ),
         },
     )
 

@@ -33,6 +33,10 @@ from pipeline.models import ModelIdentity
 from pipeline.units import select_units, units_from_frames
 
 DISCRIMINATES = "simulator_discriminates"
+# The Dagster pool of the steps that call the explainer/simulator: its limit (`dagster instance
+# concurrency set llm N`, or `concurrency.pools.default_limit` in dagster.yaml) bounds the requests
+# all runs on all machines send at once to the LLM servers.
+LLM_POOL = "llm"
 
 
 def _identity(frame: pl.DataFrame) -> ModelIdentity:
@@ -65,7 +69,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         metadata=LAYER_METADATA,
     )
 
-    @asset(code_version="2", automation_condition=RERUN, **common)
+    @asset(code_version="2", automation_condition=RERUN, pool=LLM_POOL, **common)
     def explanations(
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
@@ -107,7 +111,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         )
         return _lineage(frame, identity, context)
 
-    @asset(code_version="2", automation_condition=RERUN, **common)
+    @asset(code_version="2", automation_condition=RERUN, pool=LLM_POOL, **common)
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,

@@ -4,21 +4,32 @@ Dagster's DuckDB client deletes a partition's rows and inserts the new ones in a
 so a failure between the two loses the partition. Here both run in one transaction, together
 with refreshing the SQL views, under the warehouse lock (`pipeline.warehouse.open_warehouse`), so
 concurrent runs and multiprocess steps take turns instead of failing on DuckDB's file lock.
+
+On a DuckLake warehouse (`ducklake:postgres:...`) there is no lock: writers on many machines
+commit optimistically, and a write whose commit conflicts with another writer's (DuckLake counts
+any two writes that delete from and insert into one table) is run again whole, from the same
+in-memory frame, a bounded number of times (`pipeline.warehouse.retry_on_conflict`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
+import duckdb
 import polars as pl
 from dagster import InputContext, OutputContext
 from dagster._core.storage.db_io_manager import DbIOManager, TableSlice
 from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
+from pydantic import Field
 
-from pipeline.warehouse import create_views, open_warehouse
+from pipeline.warehouse import create_views, is_lake, open_warehouse, retry_on_conflict
+
+# Set while a DuckLake write is being tried again after a commit conflict.
+_RETRYING: ContextVar[bool] = ContextVar("warehouse_write_retrying", default=False)
 
 
 class TransactionalDuckDbClient(DuckDbClient):
@@ -36,20 +47,41 @@ class TransactionalDuckDbClient(DuckDbClient):
     @contextmanager
     def connect(context: InputContext | OutputContext, _table_slice: TableSlice) -> Iterator[Any]:
         config = context.resource_config
-        with open_warehouse(config["database"], config=config["connection_config"]) as conn:
+        database = config["database"]
+        with open_warehouse(database, config=config["connection_config"], data_path=config.get("data_path")) as conn:
             conn.begin()
             try:
                 yield conn
                 if isinstance(context, OutputContext):
-                    create_views(conn)
+                    create_views(conn, only_changed=is_lake(database))
                 conn.commit()
             except BaseException:
-                conn.rollback()
+                try:
+                    conn.rollback()
+                except duckdb.TransactionException:
+                    pass  # a commit that failed (a DuckLake conflict) has ended the transaction already
                 raise
 
 
 class PolarsTypeHandler(DuckDBPolarsTypeHandler):
-    """Reads through Arrow tables: the upstream handler calls `.arrow()`, gone in DuckDB 2."""
+    """Reads through Arrow tables (the upstream handler calls `.arrow()`, gone in DuckDB 2). A
+    write retried after a DuckLake conflict skips the upstream handler's metadata, which the first
+    try recorded already (Dagster refuses the same key twice)."""
+
+    def handle_output(
+        self, context: OutputContext, table_slice: TableSlice, obj: pl.DataFrame, connection: Any
+    ) -> None:
+        if not _RETRYING.get() or "row_count" not in context.get_logged_metadata():
+            super().handle_output(context, table_slice, obj, connection)
+            return
+        # A DuckLake write tried again after a conflict: the upstream handler's SQL, without its metadata.
+        if not obj.is_empty():
+            obj_arrow = obj.to_arrow()  # noqa: F841 (read by name in the SQL below)
+            target = f"{table_slice.schema}.{table_slice.table}"
+            connection.execute(f"create schema if not exists {table_slice.schema}")
+            connection.execute(f"create table if not exists {target} as select * from obj_arrow")
+            if not connection.fetchall():  # the table was there already
+                connection.execute(f"insert into {target} select * from obj_arrow")
 
     def load_input(self, context: InputContext, table_slice: TableSlice, connection: Any) -> pl.DataFrame:
         if table_slice.partition_dimensions and len(context.asset_partition_keys) == 0:
@@ -60,15 +92,40 @@ class PolarsTypeHandler(DuckDBPolarsTypeHandler):
 
 
 class WarehouseDbIOManager(DbIOManager):
-    """Exposes the database file, so asset checks can query the warehouse the assets wrote."""
+    """Exposes the database file, so asset checks can query the warehouse the assets wrote; on a
+    DuckLake, retries a write transaction that lost a commit race to another writer."""
 
     @property
     def database(self) -> str:
         return self._database
 
+    def handle_output(self, context: OutputContext, obj: object) -> None:
+        if not is_lake(self._database):
+            super().handle_output(context, obj)
+            return
+        tries = 0
+
+        def attempt() -> None:
+            nonlocal tries
+            token = _RETRYING.set(tries > 0)
+            tries += 1
+            try:
+                super(WarehouseDbIOManager, self).handle_output(context, obj)
+            finally:
+                _RETRYING.reset(token)
+
+        retry_on_conflict(attempt, log=context.log.warning)
+
 
 class WarehouseIOManager(DuckDBPolarsIOManager):
-    """Polars DataFrames <-> DuckDB tables; each partition write is one transaction."""
+    """Polars DataFrames <-> DuckDB tables; each partition write is one transaction. `database` is
+    a DuckDB file or `ducklake:postgres:<libpq connection string>`."""
+
+    data_path: str | None = Field(
+        None,
+        description="DuckLake only: the shared directory for the data files (the same path on every machine),"
+        " needed when the lake is created; default: $NEURON_ATLAS_DATA_PATH",
+    )
 
     def create_io_manager(self, context: Any) -> DbIOManager:
         return WarehouseDbIOManager(

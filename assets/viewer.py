@@ -16,12 +16,12 @@ from dagster import (
 from assets.automation import rerun_condition
 from assets.stages import _layers
 from pipeline.viewer import load_layer, write_layer
-from pipeline.warehouse import open_warehouse
+from pipeline.warehouse import open_warehouse, sidecar_dir
 
 
 def viewer_root(database: str) -> Path:
-    """Pages live beside the warehouse file, so each warehouse has its own viewer."""
-    return Path(database).resolve().parent / "viewer"
+    """Pages live beside the warehouse file (or a DuckLake's data path), so each warehouse has its own viewer."""
+    return sidecar_dir(database) / "viewer"
 
 
 def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:

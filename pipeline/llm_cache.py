@@ -1,10 +1,14 @@
 """A persistent cache of LLM responses, so a rerun (or a resumed layer) pays for no request twice.
 
-SQLite from the standard library: several Dagster worker processes may share the file (WAL mode
-plus a busy timeout make that safe), and each call opens its own connection, so threads need no
-shared handle. Values are JSON, never pickle: the file is data, not code. The key is a sha256 of
-what determines the answer (backend, model, kind of request, prompt, parameters); credentials are
-no part of it and are never written.
+Two stores, chosen by the location (NEURON_ATLAS_LLM_CACHE or `llm.cache_path`):
+- a SQLite file (the default on one machine): several Dagster worker processes may share it (WAL
+  mode plus a busy timeout make that safe);
+- PostgreSQL (`postgres:<libpq connection string>` or a `postgresql://` URL; the default when the
+  warehouse is a DuckLake, whose catalog database it then shares), for runs on many machines.
+Each call opens its own connection and commits at once, so threads need no shared handle and
+every answer is stored the moment it arrives. Values are JSON, never pickle: the store is data,
+not code. The key is a sha256 of what determines the answer (backend, model, kind of request,
+prompt, parameters); credentials are no part of it and are never written.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ from pipeline.simulator import Simulator
 
 DEFAULT_PATH = Path("warehouse") / "llm_cache.sqlite"
 ENV_VAR = "NEURON_ATLAS_LLM_CACHE"
+POSTGRES_PREFIX = "postgres:"
+PG_TABLE = "neuron_atlas_llm_responses"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS responses"
     " (key TEXT PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
+)
+_PG_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS {PG_TABLE}"
+    " (key TEXT PRIMARY KEY, kind TEXT NOT NULL, value TEXT NOT NULL, created DOUBLE PRECISION NOT NULL)"
 )
 
 
@@ -46,19 +56,45 @@ def cache_key(backend: str, model: str, kind: str, prompt: str, params: dict[str
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-def default_cache_path() -> Path:
-    """$NEURON_ATLAS_LLM_CACHE, else llm_cache.sqlite beside the warehouse file."""
-    from pipeline.warehouse import default_database
+def default_cache_path() -> Path | str:
+    """$NEURON_ATLAS_LLM_CACHE; else, with a DuckLake warehouse, its Postgres catalog database
+    (shared by every machine that writes the lake); else llm_cache.sqlite beside the warehouse file."""
+    from pipeline.warehouse import default_database, is_lake, lake_catalog, sidecar_dir
 
-    return Path(os.environ.get(ENV_VAR) or Path(default_database()).parent / DEFAULT_PATH.name)
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    database = default_database()
+    if is_lake(database):
+        return POSTGRES_PREFIX + lake_catalog(database)
+    return sidecar_dir(database) / DEFAULT_PATH.name
+
+
+def postgres_conninfo(location: str) -> str | None:
+    """The libpq connection string of a Postgres cache location, or None for a SQLite path."""
+    from pipeline.warehouse import refuse_password
+
+    if location.startswith(("postgresql://", "postgres://")):
+        conninfo = location
+    elif location.startswith(POSTGRES_PREFIX):
+        conninfo = location[len(POSTGRES_PREFIX) :].strip()
+    else:
+        return None
+    refuse_password(conninfo, "the LLM cache's location")
+    return conninfo
 
 
 class LLMCache:
-    """get/put of JSON values by request; safe across threads and processes."""
+    """get/put of JSON values by request; safe across threads, processes and (on Postgres) machines."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, timeout_s: float = 30.0):
-        self.path = Path(path) if path is not None else default_cache_path()
+        location = path if path is not None else default_cache_path()
         self.timeout_s = timeout_s
+        self._conninfo = postgres_conninfo(str(location))
+        if self._conninfo is not None:
+            self.path: Path | str = str(location)
+            self._pg_setup()
+            return
+        self.path = Path(location)
         self._lock = threading.Lock()  # serialises this process's writers; SQLite's lock does the rest
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as conn, conn:
@@ -73,26 +109,61 @@ class LLMCache:
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
         return conn
 
+    def _pg_connect(self) -> Any:
+        import psycopg2  # installed with dagster-postgres
+
+        return psycopg2.connect(self._conninfo, connect_timeout=max(1, int(self.timeout_s)))
+
+    def _pg_setup(self) -> None:
+        # Concurrent CREATE TABLE IF NOT EXISTS can still collide in Postgres: take turns on a lock.
+        with closing(self._pg_connect()) as conn, conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PG_TABLE,))
+            cur.execute(_PG_SCHEMA)
+
     def get(self, backend: str, model: str, kind: str, prompt: str, params: dict[str, Any]) -> Any | None:
         """The stored value, or None when this exact request has not been answered before."""
         key = cache_key(backend, model, kind, prompt, params)
-        with closing(self._connect()) as conn:
-            row = conn.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        if self._conninfo is not None:
+            with closing(self._pg_connect()) as conn, conn, conn.cursor() as cur:
+                cur.execute(f"SELECT value FROM {PG_TABLE} WHERE key = %s", (key,))
+                row = cur.fetchone()
+        else:
+            with closing(self._connect()) as conn:
+                row = conn.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def put(self, backend: str, model: str, kind: str, prompt: str, params: dict[str, Any], value: Any) -> None:
-        """Store a successful answer (failures are not cached: a retry later may succeed)."""
+        """Store a successful answer (failures are not cached: a retry later may succeed); committed
+        before this returns."""
         key = cache_key(backend, model, kind, prompt, params)
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        if self._conninfo is not None:
+            with closing(self._pg_connect()) as conn, conn, conn.cursor() as cur:
+                cur.execute(
+                    f"INSERT INTO {PG_TABLE} (key, kind, value, created) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (key) DO UPDATE SET kind = EXCLUDED.kind, value = EXCLUDED.value,"
+                    " created = EXCLUDED.created",
+                    (key, kind, text, time.time()),
+                )
+            return
         with self._lock, closing(self._connect()) as conn, conn:
             conn.execute(
                 "INSERT OR REPLACE INTO responses (key, kind, value, created) VALUES (?, ?, ?, ?)",
                 (key, kind, text, time.time()),
             )
 
-    def __len__(self) -> int:
+    def count(self, kind: str | None = None) -> int:
+        """Stored answers (of one kind: 'complete' or 'simulate')."""
+        where, args = ("WHERE kind = %s", (kind,)) if kind else ("", ())
+        if self._conninfo is not None:
+            with closing(self._pg_connect()) as conn, conn, conn.cursor() as cur:
+                cur.execute(f"SELECT count(*) FROM {PG_TABLE} {where}", args)
+                return int(cur.fetchone()[0])
         with closing(self._connect()) as conn:
-            return int(conn.execute("SELECT count(*) FROM responses").fetchone()[0])
+            return int(conn.execute(f"SELECT count(*) FROM responses {where.replace('%s', '?')}", args).fetchone()[0])
+
+    def __len__(self) -> int:
+        return self.count()
 
 
 class CachedBackend(LLMBackend):

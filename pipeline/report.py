@@ -127,7 +127,9 @@ def print_signal(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", choices=["signal", "ablation"])
-    parser.add_argument("--db", default=str(default_database()), help="warehouse file")
+    parser.add_argument(
+        "--db", default=str(default_database()), help="warehouse file, or ducklake:postgres:<libpq connection string>"
+    )
     args = parser.parse_args(argv)
     if args.report == "signal":
         print_signal(signal_report(args.db))
