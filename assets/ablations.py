@@ -14,7 +14,7 @@ from dagster import (
 
 from assets.automation import RERUN
 from assets.interpret import _identity, _strip
-from assets.resources import AblationResource, LLMResource, SubjectModelResource
+from assets.resources import AblationResource, SimulatorResource, SubjectModelResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model
 from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_neurons
 from pipeline.ablation import LayerAblator
@@ -42,7 +42,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         subject: SubjectModelResource,
-        llm: LLMResource,
+        simulator: SimulatorResource,
         ablation: AblationResource,
     ) -> pl.DataFrame:
         """Per ablated neuron: KL of the next-token distribution when the neuron is replaced by its
@@ -51,14 +51,14 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         loaded = subject.load()
         _require_same_model(identity, loaded.identity)
         examples = neuron_examples(_strip(top_k_examples), corpus_tokens)
-        simulator = None
+        client = None
         frames = []
         for layer in _layers(context):
             chosen = choose_neurons(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)
             context.log.info(f"layer {layer}: ablating neurons {chosen['neuron'].to_list()}")
             if chosen.height == 0:
                 continue
-            simulator = simulator or llm.simulator_client()
+            client = client or simulator.client()
             means = {
                 r["neuron"]: float(r["mean_activation"])
                 for r in activation_records.filter(pl.col("layer") == layer).iter_rows(named=True)
@@ -72,7 +72,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
                     explanations.filter(pl.col("layer") == layer),
                     simulations.filter(pl.col("layer") == layer),
                     means,
-                    simulator,
+                    client,
                     progress=context.log.info,
                 )
             )

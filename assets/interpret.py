@@ -12,8 +12,10 @@ from dagster import (
 )
 
 from assets.automation import RERUN
-from assets.resources import ExplainResource, LLMResource
+from assets.llm_metadata import usage_metadata
+from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview
+from pipeline.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.interpret import (
     BASELINE,
     LLM,
@@ -63,7 +65,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
-        llm: LLMResource,
+        explainer: ExplainerResource,
         explain: ExplainResource,
     ) -> pl.DataFrame:
         """Per neuron: the LLM's explanation(s) of its train top records, and the token-lookup baseline's."""
@@ -73,12 +75,17 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         for layer in _layers(context):
             n = top_k_examples.filter(pl.col("layer") == layer).height
             selected += [examples[(layer, i)] for i in select_neurons(n, explain.n_neurons, explain.neuron_ids)]
-        backend = llm.backend_client()
-        context.log.info(f"explaining {len(selected)} neurons with {backend.backend}:{backend.model}")
+        backend = explainer.client()
+        context.log.info(f"explaining {len(selected)} neurons with {backend.backend}:{backend.model} ({backend.api})")
+        before = backend.usage.snapshot()
         frame = explain_layer(selected, backend, explain.params(), progress=context.log.info)
         ok = frame.filter(pl.col("explanation").is_not_null())
+        spent = usage_metadata(backend.usage, before, "explainer")
+        context.log.info(f"explainer usage: {spent}")
+        check_failure_share(explanation_outcomes(frame, LLM), explainer.max_failure_share, "explainer requests")
         context.add_output_metadata(
-            {
+            spent
+            | {
                 "explanations": frame.height,
                 "failed": frame.height - ok.height,
                 "tokens_spent": int(
@@ -96,18 +103,25 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         explanations: pl.DataFrame,
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
-        llm: LLMResource,
+        simulator: SimulatorResource,
     ) -> pl.DataFrame:
         """Per explanation and held-out sequence (valid top + valid random): the simulated level per token."""
         identity = _identity(top_k_examples)
         examples = neuron_examples(_strip(top_k_examples), corpus_tokens)
-        simulator = llm.simulator_client() if (explanations["kind"] == LLM).any() else None
-        frame = simulate_layer(_strip(explanations), examples, simulator, progress=context.log.info)
+        client = simulator.client() if (explanations["kind"] == LLM).any() else None
+        before = client.usage.snapshot() if client else {}
+        frame = simulate_layer(_strip(explanations), examples, client, progress=context.log.info)
+        spent = usage_metadata(client.usage, before, "simulator") if client else {}
+        context.log.info(f"simulator usage: {spent}")
+        held_out = {key: len(ex.held_out) for key, ex in examples.items()}
+        outcomes = simulation_outcomes(frame, _strip(explanations), LLM, held_out)
+        check_failure_share(outcomes, simulator.max_failure_share, "simulated sequences")
         context.add_output_metadata(
-            {
+            spent
+            | {
                 "rows": frame.height,
                 "failed_explanations": frame.filter(pl.col("simulated").is_null()).height,
-                "simulator": f"{simulator.backend}:{simulator.model}" if simulator else "baseline only",
+                "simulator": f"{client.backend}:{client.model} {client.prompt_version}" if client else "baseline",
                 "failure_reasons": _failure_reasons(frame),
             }
         )

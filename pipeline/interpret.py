@@ -16,7 +16,14 @@ import polars as pl
 
 from pipeline.baseline import TokenLookupSimulator, token_lookup_explanation
 from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
-from pipeline.prompts import EXPLAIN_VERSION, explanation_prompt, parse_explanation
+from pipeline.prompts import (
+    EXPLAIN_CHAT_VERSION,
+    EXPLAIN_VERSION,
+    explanation_messages,
+    explanation_prompt,
+    parse_chat_explanation,
+    parse_explanation,
+)
 from pipeline.scoring import NeuronScores, score_neuron
 from pipeline.simulator import Simulator
 
@@ -131,11 +138,11 @@ def explain_layer(
     alive = [ex for ex in examples if not ex.dead]
     results: dict[tuple[int, int], Completion | LLMFailure] = {}
     step = max(1, backend.batch_hint)
+    chat = backend.api == "chat"  # the same few-shot prompt as system/user/assistant turns
+    prompt = explanation_messages if chat else explanation_prompt
     for lo in range(0, len(alive), step):
         chunk = alive[lo : lo + step]
-        for ex, result in zip(
-            chunk, backend.complete([explanation_prompt(e.train) for e in chunk], params), strict=True
-        ):
+        for ex, result in zip(chunk, backend.complete([prompt(e.train) for e in chunk], params), strict=True):
             results[(ex.layer, ex.neuron)] = result
         if progress is not None:
             progress(f"explained {min(lo + step, len(alive))}/{len(alive)} neurons")
@@ -144,7 +151,7 @@ def explain_layer(
         if ex.dead:
             rows.append(base | llm_lineage | {"kind": LLM, "sample_index": 0, "failure_reason": _DEAD})
         else:
-            rows += _llm_rows(base | llm_lineage, results[(ex.layer, ex.neuron)], params.n)
+            rows += _llm_rows(base | llm_lineage, results[(ex.layer, ex.neuron)], params.n, chat)
         text = token_lookup_explanation(ex.top_tokens)
         rows.append(
             base
@@ -164,8 +171,9 @@ def explain_layer(
 _DEAD = "dead neuron: no activation above 0 in the corpus"
 
 
-def _llm_rows(base: dict, result: Completion | LLMFailure, n: int) -> list[dict]:
-    base = base | {"kind": LLM, "prompt_version": EXPLAIN_VERSION}
+def _llm_rows(base: dict, result: Completion | LLMFailure, n: int, chat: bool = False) -> list[dict]:
+    base = base | {"kind": LLM, "prompt_version": EXPLAIN_CHAT_VERSION if chat else EXPLAIN_VERSION}
+    parse = parse_chat_explanation if chat else parse_explanation
     if isinstance(result, LLMFailure):
         reason = f"explainer request failed after {result.attempts} attempt(s): {result.reason}"
         return [base | {"sample_index": i, "failure_reason": reason} for i in range(n)]
@@ -176,7 +184,7 @@ def _llm_rows(base: dict, result: Completion | LLMFailure, n: int) -> list[dict]
     }
     rows = []
     for i, completion in enumerate(result.texts):
-        text, reason = parse_explanation(completion)
+        text, reason = parse(completion)
         if text is not None and i < len(result.truncated) and result.truncated[i]:
             text, reason = None, f"explanation cut off at max_tokens (raise explain.max_tokens): {text[:80]!r}"
         rows.append(base | spent | {"sample_index": i, "explanation": text, "failure_reason": reason})
@@ -226,21 +234,20 @@ def simulate_layer(
         if isinstance(sim, TokenLookupSimulator):
             result: list[np.ndarray] | LLMFailure = sim.simulate_ids([h.token_ids for h in ex.held_out])
         else:
-            result = sim.simulate(exp["explanation"], [h.tokens for h in ex.held_out])
+            result = sim.simulate_each(exp["explanation"], [h.tokens for h in ex.held_out])
         if isinstance(result, LLMFailure):
             rows.append(base | lineage | {"failure_reason": f"simulation failed: {result.reason}"})
             continue
         for held, simulated in zip(ex.held_out, result, strict=True):
+            seq = {"record_kind": held.record_kind, "split_rank": held.split_rank, "seq_id": held.seq_id}
+            if isinstance(simulated, LLMFailure):  # this sequence alone (a remote simulator asks per sequence)
+                rows.append(base | lineage | seq | {"failure_reason": f"simulation failed: {simulated.reason}"})
+                continue
             rows.append(
                 base
                 | lineage
-                | {
-                    "record_kind": held.record_kind,
-                    "split_rank": held.split_rank,
-                    "seq_id": held.seq_id,
-                    "true_acts": held.acts.tolist(),
-                    "simulated": np.asarray(simulated, dtype=np.float64).tolist(),
-                }
+                | seq
+                | {"true_acts": held.acts.tolist(), "simulated": np.asarray(simulated, dtype=np.float64).tolist()}
             )
         if progress is not None:
             progress(f"simulated layer {exp['layer']} neuron {exp['neuron']} ({exp['kind']} #{exp['sample_index']})")

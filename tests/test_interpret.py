@@ -9,11 +9,11 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from conftest import loopback_llm, query, run_stages
+from conftest import local_llm, loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
-from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 from pipeline.interpret import BASELINE, LLM, neuron_examples, score_layer, simulate_layer
 from pipeline.llm import Completion, GenerationParams, LLMFailure
 from pipeline.llm_local import LocalBackend
@@ -41,7 +41,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
         n_layers=2,
         layers=(0, 0),
         **digit_resources(digit_model_dir, digit_corpus),
-        llm=LLMResource(),
+        **local_llm(),
         explain=ExplainResource(neuron_ids=NEURONS),
     )
     assert result.success
@@ -193,7 +193,7 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
             n_layers=2,
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
-            llm=loopback_llm(
+            **loopback_llm(
                 server,
                 api_key_env="LOOP_KEY",
                 max_attempts=1,
@@ -231,7 +231,7 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
             n_layers=2,
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
-            llm=loopback_llm(
+            **loopback_llm(
                 server,
                 max_concurrency=1,
                 max_attempts=3,
