@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr
 
 from pipeline.corpus import CorpusSpec
 from pipeline.errors import AtlasInputError
-from pipeline.llm import APIS, GenerationParams, LLMBackend
+from pipeline.llm import APIS, GenerationParams, LLMBackend, role_env
 from pipeline.llm_cache import CachedBackend, CachedSimulator, LLMCache, default_cache_path
 from pipeline.llm_local import LocalBackend
 from pipeline.llm_openai import OpenAIBackend
@@ -87,8 +87,8 @@ class SamplingResource(ConfigurableResource):
 
 
 def _role_env(role: str, name: str, fallback: str | None) -> str | None:
-    """NEURON_ATLAS_<ROLE>_<NAME>, else the shared NEURON_ATLAS_LLM_<NAME> (older setups set only that)."""
-    return _env(f"NEURON_ATLAS_{role}_{name}", None) or _env(f"NEURON_ATLAS_LLM_{name}", fallback)
+    """A field default: NEURON_ATLAS_<ROLE>_<NAME>, else the shared NEURON_ATLAS_LLM_<NAME> (see `_env`)."""
+    return role_env(role, name) or fallback
 
 
 class _LLMSettings(ConfigurableResource):

@@ -6,6 +6,7 @@ Failures are values, not exceptions: a backend returns an `LLMFailure` for the p
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,6 +18,12 @@ from typing import Any
 Messages = list[dict[str, str]]
 Prompt = str | Messages
 APIS = ("completions", "chat")
+
+
+def role_env(role: str, name: str) -> str | None:
+    """NEURON_ATLAS_<ROLE>_<NAME> (ROLE: EXPLAINER or SIMULATOR), else the shared NEURON_ATLAS_LLM_<NAME>
+    that older setups set for both."""
+    return os.environ.get(f"NEURON_ATLAS_{role}_{name}") or os.environ.get(f"NEURON_ATLAS_LLM_{name}") or None
 
 
 @dataclass(frozen=True)

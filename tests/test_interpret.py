@@ -4,6 +4,7 @@ embedded Gemma as explainer and simulator, and with an OpenAI-compatible server 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -14,6 +15,7 @@ from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from pipeline.errors import AtlasInputError
 from pipeline.interpret import BASELINE, LLM, neuron_examples, score_layer, simulate_layer
 from pipeline.llm import Completion, GenerationParams, LLMFailure
 from pipeline.llm_local import LocalBackend
@@ -198,6 +200,7 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
                 api_key_env="LOOP_KEY",
                 max_attempts=1,
                 cache_path=str(tmp_path / "cache.sqlite"),
+                explainer={"max_failure_share": 0.7},  # 2 of 3 failing is allowed here: the layer completes
             ),
             explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5, 6]),
         )
@@ -236,6 +239,7 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
                 max_concurrency=1,
                 max_attempts=3,
                 cache_path=str(tmp_path / "cache.sqlite"),
+                explainer={"max_failure_share": 0.8},  # 3 of 4 unusable is allowed here: the layer completes
             ),
             explain=ExplainResource(neuron_ids=neurons),
         )
@@ -257,6 +261,90 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
     assert "| empty explanation | 1 | " in reasons and "| explanation longer than 300 characters | 1 | 5 |" in reasons
     sim_meta = result.asset_materializations_for_node("simulations")[0].metadata
     assert "no explanation: empty explanation" in sim_meta["failure_reasons"].value
+
+
+def step_error(result: Any, step: str) -> str:
+    (event,) = [e for e in result.get_step_failure_events() if e.step_key == step]
+    error = event.event_specific_data.error
+    return "\n".join(e.message for e in [error, *([error.cause] if error.cause else [])])
+
+
+def test_a_server_failing_most_requests_fails_the_step_naming_the_reason_and_a_rerun_resumes(
+    tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
+) -> None:
+    """More than max_failure_share (0.5) of a layer's requests failing is an error naming the main
+    reasons with counts, not a green step of NULLs; the answers that did arrive are cached, so the rerun
+    asks only for the rest. The same for the simulator's requests."""
+    neurons = [DIGIT_NEURON, 5, 6, 7]
+    state = ServerState(
+        plan={"the main thing this neuron does is find": ["500"] * 3},  # one at a time: the first three fail
+        replies=[("the main thing this neuron does is find", " digits.\n")],
+        slot_probs=[{"0": 0.5, "10": 0.5}],
+    )
+    database = tmp_path / "neuron_atlas.duckdb"
+    settings = {"max_concurrency": 1, "max_attempts": 1, "cache_path": str(tmp_path / "cache.sqlite")}
+    stages = {"activation_records", "top_k_examples", "subject_model", "corpus_tokens"}
+
+    def run(selection: set[str]) -> Any:
+        return run_stages(
+            database,
+            n_layers=2,
+            layers=(0, 0),
+            **digit_resources(digit_model_dir, digit_corpus),
+            **loopback_llm(server, **settings),
+            explain=ExplainResource(neuron_ids=neurons),
+            selection=sorted(selection),
+            raise_on_error=False,
+        )
+
+    with LoopbackServer(state) as server:
+        failed = run(stages | {"explanations"})
+        assert not failed.success
+        message = step_error(failed, "explanations")
+        assert "3 of 4 explainer requests failed (more than max_failure_share=0.5)" in message
+        assert "3 x explainer request failed after 1 attempt(s): HTTP 500" in message
+        assert state.requests == 4
+
+        rerun = run({"explanations"})
+        assert rerun.success and state.requests == 4 + 3, "the neuron answered before came from the cache"
+        meta = rerun.asset_materializations_for_node("explanations")[0].metadata
+        assert (meta["explainer_requests"].value, meta["explainer_cache_hits"].value) == (3, 1)
+
+        state.plan = {"\tunknown": ["500"] * 1000}  # every simulation request fails
+        sims = run({"simulations"})
+        assert not sims.success
+        message = step_error(sims, "simulations")
+        assert "40 of 40 simulated sequences failed" in message and "HTTP 500" in message
+    assert query(database)("select count(explanation) from atlas.explanations where kind = 'llm'") == [(4,)]
+
+
+def test_cost_command_predicts_the_requests_and_tokens_the_run_spent(
+    local_run: tuple, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The estimate, made from the warehouse before explaining, against what the run recorded: the
+    explainer's (the embedded Gemma's) prompt tokens per request, and one simulator request per
+    held-out sequence."""
+    from pipeline.cost import main
+
+    database, result = local_run
+    q = query(database)
+    spent = q("select count(*), sum(prompt_tokens) from atlas.explanations where kind = 'llm'")[0]
+    sequences = q("select count(*) from atlas.simulations where kind = 'llm'")[0][0]
+    ids = ",".join(map(str, NEURONS))
+    common = ["--db", str(database), "--layers", "0", "--neuron-ids", ids]  # tokens counted as Gemma counts them
+    main([*common, "--simulator-backend", "openai", "--simulator-api", "completions"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows["explanations"][1:3] == [str(spent[0]), f"{spent[1]:,}"]
+    assert rows["simulations"][1] == str(sequences) and sequences == 10 * len(NEURONS)
+    assert rows["explanations"][3] == f"{len(NEURONS) * 40}", "samples x max_tokens"
+
+    main([*common, "--simulator-backend", "openai", "--simulator-api", "chat"])
+    chat = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert chat["simulations"][1] == str(sequences) and chat["simulations"][-1] == str(sequences), "one re-ask each"
+    assert int(chat["simulations"][3].replace(",", "")) >= 3 * 16 * sequences  # token, tab, level per line
+    with pytest.raises(AtlasInputError, match="not in the warehouse"):
+        main([*common, "--layers", "0-5"])
 
 
 def test_every_shipped_query_runs(local_run: tuple) -> None:
