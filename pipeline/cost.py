@@ -92,7 +92,8 @@ def simulation_cost(
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
-    """'all', '3', '0-3' or '0,2,5' (checked against the layers the warehouse holds)."""
+    """'all', '3', '0-3' (or Dagster's '0...3') or '0,2,5', checked against the layers the warehouse holds."""
+    text = text.replace("...", "-")
     if text == "all":
         return list(range(n_layers))
     layers: list[int] = []
