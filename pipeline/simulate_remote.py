@@ -205,7 +205,8 @@ def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) ->
 
     if len(lines) - first != len(tokens):
         return bad(f"{len(lines) - first} lines for {len(tokens)} tokens")
-    if logprobs and b"".join(d for d, _ in reply.tokens).decode("utf-8", errors="replace") != text:
+    # Some servers list the stop sequence's tokens too (after the text they cut there): ignore those.
+    if logprobs and not b"".join(d for d, _ in reply.tokens).startswith(text.encode("utf-8")):
         raise Unusable("the reply's logprob tokens do not spell its text")
     starts = _byte_starts(reply) if logprobs else []
     out: list[Distribution] = []

@@ -179,6 +179,39 @@ def test_embedded_explainer_flags_a_line_cut_off_by_max_tokens() -> None:
     assert isinstance(roomy, Completion) and roomy.texts[0].strip() and roomy.truncated == (False,), roomy
 
 
+GEMMA_TURNS = (  # Gemma's turn format, as an instruct model's tokenizer would carry it
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_local_chat_explainer_renders_the_turns_through_the_models_chat_template() -> None:
+    import copy
+
+    from pipeline.errors import AtlasInputError
+    from pipeline.prompts import FEW_SHOT, explanation_messages
+
+    gemma = load_subject_model("embedded")
+    with pytest.raises(AtlasInputError, match="needs a model with a chat template"):
+        LocalBackend(gemma.model, gemma.tokenizer, "embedded", api="chat")  # the embedded Gemma is a base model
+    tokenizer = copy.copy(gemma.tokenizer)
+    tokenizer.chat_template = GEMMA_TURNS
+    explainer = LocalBackend(gemma.model, tokenizer, "embedded+turns", api="chat")
+    assert explainer.render([{"role": "user", "content": "Hi"}]) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    messages = explanation_messages([[("a", 0), ("7", 10)]])
+    text = explainer.render(messages)
+    assert text.count("<start_of_turn>model\n") == len(FEW_SHOT) + 1
+    assert f"<start_of_turn>model\n{FEW_SHOT[0].explanation}.<end_of_turn>" in text
+    (reply,) = explainer.complete([messages], GenerationParams(max_tokens=4, temperature=0.0, stop=("\n",)))
+    assert isinstance(reply, Completion)
+    assert reply.prompt_tokens == len(tokenizer(text, add_special_tokens=False).input_ids), (
+        "one <bos>, from the template"
+    )
+    assert explainer.usage.snapshot()["requests"] == 1
+
+
 def test_openai_backend_on_loopback_records_failures_per_neuron(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from loopback_llm import LoopbackServer, ServerState, simple_tokens
 
+from pipeline.errors import AtlasInputError
 from pipeline.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
 from pipeline.llm_cache import LLMCache, cache_key
 from pipeline.llm_openai import NO_CHAT_LOGPROBS, NO_LOGPROBS, OpenAIBackend, retry_after_seconds
@@ -348,3 +349,28 @@ def test_cache_is_shared_safely_by_threads(tmp_path: Path) -> None:
         got = list(pool.map(work, range(40)))
     assert got == [{"texts": [str(i % 5)]} for i in range(40)]
     assert len(cache) == 5
+
+
+def test_chat_explainer_sends_the_few_shot_prompt_as_turns_and_parses_the_reply(server: LoopbackServer) -> None:
+    from pipeline.interpret import NeuronExamples, explain_layer
+    from pipeline.prompts import EXPLAIN_CHAT_VERSION, FEW_SHOT
+
+    # A chatty reply that repeats the prompt's sentence: the explanation is what follows it.
+    server.state.queued = ["Explanation of neuron 3 behavior: the main thing this neuron does is find digits.\n"]
+    neuron = NeuronExamples(0, 7, 3.0, [[("a", 0), ("1", 10)]], [], [{"token": "1", "mean": 3.0, "count": 1}])
+    frame = explain_layer([neuron], backend(server, api="chat"), PARAMS)
+    row = frame.filter(frame["kind"] == "llm").row(0, named=True)
+    assert (row["explanation"], row["failure_reason"], row["prompt_version"]) == ("digits", None, EXPLAIN_CHAT_VERSION)
+    messages = server.state.bodies[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(FEW_SHOT) + ["user"]
+    assert messages[2]["content"] == f"{FEW_SHOT[0].explanation}."
+    assert messages[-1]["content"] == (
+        "Neuron 3\nActivations:\n<start>\na\t0\n1\t10\n<end>\nSame activations, with the zeros left out:\n"
+        "<start>\n1\t10\n<end>\nExplanation of neuron 3 behavior: the main thing this neuron does is find"
+    )
+
+
+def test_completions_backend_refuses_a_chat_prompt(server: LoopbackServer) -> None:
+    with pytest.raises(AtlasInputError, match="needs api: chat"):
+        backend(server).complete([[{"role": "user", "content": "hi"}]], PARAMS)
+    assert server.state.requests == 0
