@@ -3,8 +3,9 @@ explanations, simulations and scores through Dagster with `api: completions` (ec
 with `api: chat` (Gemma's chat turns; levels from the reply's top logprobs), and the agreement of the
 server's echoed expected values with the in-process simulator on the same weights.
 
-The server sorts the whole 262k vocabulary in Python for every echoed token, so the sequences are
-short (8 tokens) and few. Gemma 3 270M is a base model: it exercises the plumbing, not quality.
+The server sorts the whole 262k vocabulary in Python for every echoed token (about 0.5-1.3 s per
+token here, so several minutes per echo of the ~570-token simulation prompt): the tests send three
+echoes in all, on short sequences. Gemma 3 270M is a base model: it exercises the plumbing, not quality.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_example
 LLM_STAGES = ["explanations", "simulations", "scores"]
 # Text in which "numbers written with digits" (a few-shot explanation of the simulator's prompt) picks
 # out some tokens: the simulator's levels vary, and "1","0" (Gemma's "10") comes up.
-AGREEMENT_TEXTS = ["In 1987 we baked 12 pies", "The 3 cats ate 40 fish", "It rained for 2 days in May"]
+AGREEMENT_TEXTS = ["In 1987 we baked 12 pies", "It rained for 2 days"]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def small_resources() -> dict[str, Any]:
     return {
         "subject": SubjectModelResource(model=EMBEDDED),
         "corpus": CorpusResource(source=EMBEDDED, seq_len=8, n_sequences=48),
-        # One train top record for the explainer; one valid top and one valid random sequence to simulate.
-        "sampling": SamplingResource(top_k=4, random_k=4, quantile_bins=1, per_quantile=1),
+        # One train top record for the explainer, one valid top sequence to simulate (each echo costs minutes).
+        "sampling": SamplingResource(top_k=4, random_k=1, quantile_bins=1, per_quantile=1),
     }
 
 
@@ -121,7 +122,7 @@ def check_run(database: Path, result: Any, explain_version: str, simulate_versio
     assert meta["explanations"]["explainer_requests"].value == 1
     assert meta["explanations"]["explainer_prompt_tokens"].value > 100
     if text:
-        assert meta["simulations"]["simulator_requests"].value >= 2
+        assert meta["simulations"]["simulator_requests"].value >= 1
         assert meta["simulations"]["simulator_prompt_tokens"].value > 500
     print("explanation:", text or reason, "| simulated:", [s for s, _, _ in sims])
 
