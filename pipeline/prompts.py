@@ -9,6 +9,7 @@ are our own. Bump a version when its text changes: it is stored beside every res
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -171,9 +172,15 @@ _EXPLAIN_CHAT_REPLY = (
     f' "{EXPLANATION_ENDING} ...", on one line.'
 )
 _SIMULATE_CHAT_REPLY = (
-    " The user gives a neuron's description and a text, one token per line. Reply with the same tokens in the"
-    " same order, one per line, each followed by a tab and the number predicted for it, and nothing else."
+    " The user gives a neuron's description and a text, one token per line, each token in double quotes."
+    " Reply with the same quoted tokens in the same order, one per line, each followed by a tab and the number"
+    " predicted for it, and nothing else."
 )
+
+
+def chat_token(token: str) -> str:
+    """A token as a chat simulation line shows it: JSON-quoted, so a token of spaces stays visible."""
+    return json.dumps(token, ensure_ascii=False)
 
 
 def explanation_messages(records: Sequence[Sequence[tuple[str, int]]], repeat_nonzero: bool = True) -> list[dict]:
@@ -200,7 +207,7 @@ def parse_chat_explanation(reply: str) -> tuple[str | None, str | None]:
 
 
 def _chat_tokens_turn(explanation: str, tokens: Sequence[str]) -> str:
-    lines = "".join(format_token(tok) + "\n" for tok in tokens)
+    lines = "".join(chat_token(tok) + "\n" for tok in tokens)
     return f"Explanation of the neuron's behavior: {EXPLANATION_ENDING} {explanation}.\nText:\n{lines}"
 
 
@@ -209,7 +216,7 @@ def chat_simulation_messages(explanation: str, tokens: Sequence[str]) -> list[di
     messages = [{"role": "system", "content": _HEADER + _SIMULATE_TASK + _SIMULATE_CHAT_REPLY}]
     for shot in SIMULATE_FEW_SHOT:
         for record in shot.records:
-            answer = "".join(f"{format_token(tok)}\t{level}\n" for tok, level in record)
+            answer = "".join(f"{chat_token(tok)}\t{level}\n" for tok, level in record)
             messages += [
                 {"role": "user", "content": _chat_tokens_turn(shot.explanation, [tok for tok, _ in record])},
                 {"role": "assistant", "content": answer},

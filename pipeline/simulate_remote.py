@@ -22,6 +22,7 @@ logprobs when the model wrote a "1" there; otherwise p("1") counts as 1.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from collections.abc import Sequence
 
@@ -35,7 +36,7 @@ from pipeline.prompts import (
     SIMULATE_VERSION,
     chat_simulation_messages,
     chat_simulation_retry,
-    format_token,
+    chat_token,
     simulation_pieces,
     simulation_prefix,
 )
@@ -188,6 +189,17 @@ def _byte_starts(reply: ChatReply) -> list[int]:
     return starts
 
 
+def _same_token(written: str, token: str) -> bool:
+    """A line's token as written, quoted as asked (JSON) or bare; spaces around it do not count."""
+    text = written.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            text = str(json.loads(text))
+        except json.JSONDecodeError:
+            text = text[1:-1]
+    return text.strip() == token.strip()
+
+
 def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) -> dict:
     """The reply's lines aligned one by one with the tokens, as {"levels": [distribution per token]},
     or {"bad": why, "text": reply} when they do not align (a wrong count, a line for another token,
@@ -203,8 +215,9 @@ def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) ->
     def bad(why: str) -> dict:
         return {"bad": why, "text": text}
 
-    if len(lines) - first != len(tokens):
+    if len(lines) - first < len(tokens):
         return bad(f"{len(lines) - first} lines for {len(tokens)} tokens")
+    lines = lines[: first + len(tokens)]  # lines after one per token (a model running on) are not read
     # Some servers list the stop sequence's tokens too (after the text they cut there): ignore those.
     if logprobs and not b"".join(d for d, _ in reply.tokens).startswith(text.encode("utf-8")):
         raise Unusable("the reply's logprob tokens do not spell its text")
@@ -213,11 +226,11 @@ def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) ->
     pos = sum(len(line) + 1 for line in lines[:first])
     for k, (line, token) in enumerate(zip(lines[first:], tokens, strict=True)):
         written, tab, level_text = line.rpartition("\t")
-        expected_text = format_token(token)
+        expected_text = chat_token(token)
         if not tab:
             return bad(f"line {k + 1} has no tab: {line[:40]!r}")
-        if written.strip() != expected_text.strip():
-            return bad(f"line {k + 1} is for {written[:40]!r}, not the token {expected_text[:40]!r}")
+        if not _same_token(written, token):
+            return bad(f"line {k + 1} is for {written.strip()[:40]}, not the token {expected_text[:40]}")
         level = parse_level(level_text)
         if level is None:
             return bad(f"line {k + 1} gives {level_text[:20]!r}, not a level from 0 to 10")

@@ -1,7 +1,9 @@
-"""Against a real llama.cpp server (llama-cpp-python) serving the embedded Gemma GGUF on 127.0.0.1:
-explanations, simulations and scores through Dagster with `api: completions` (echo + logprobs) and
-with `api: chat` (Gemma's chat turns; levels from the reply's top logprobs), and the agreement of the
-server's echoed expected values with the in-process simulator on the same weights.
+"""Against a real llama.cpp server (llama-cpp-python) on 127.0.0.1: explanations, simulations and
+scores through Dagster with `api: completions` (echo + logprobs) on the embedded Gemma GGUF, and the
+agreement of the server's echoed expected values with the in-process simulator on the same weights;
+and with `api: chat` (levels from the reply's top logprobs) on a small instruct GGUF
+(Qwen2.5-Coder-0.5B-Instruct, `scripts/chat_gguf.sh`), since the base Gemma served with chat turns
+writes no `token<TAB>level` lines at all (measured: 46 lines of quotes and words for 8 tokens).
 
 The server sorts the whole 262k vocabulary in Python for every echoed token (about 0.5-1.3 s per
 token here, so several minutes per echo of the ~570-token simulation prompt): the tests send three
@@ -10,6 +12,8 @@ echoes in all, on short sequences. Gemma 3 270M is a base model: it exercises th
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ from pipeline.simulate_remote import EchoSimulator
 pytestmark = pytest.mark.slow
 
 SERVED = "gemma-3-270m"
+CHAT_SERVED = "qwen2.5-coder-0.5b-instruct"
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
 LLM_STAGES = ["explanations", "simulations", "scores"]
 # Text in which "numbers written with digits" (a few-shot explanation of the simulator's prompt) picks
@@ -53,6 +58,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
     # Gemma's GGUF carries no chat template: the server's built-in "gemma" turn format serves chat.
     with llama_server(gguf, log, "--chat_format", "gemma", "--model_alias", SERVED) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The instruct GGUF (its own chat template, ChatML) on its own server."""
+    require_llama_server()
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["bash", str(root / "scripts" / "chat_gguf.sh"), sys.executable], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = tmp_path_factory.mktemp("chat_server") / "server.log"
+    with llama_server(Path(done.stdout.strip()), log, "--model_alias", CHAT_SERVED) as base_url:
         yield base_url
 
 
@@ -77,10 +96,10 @@ def small_resources() -> dict[str, Any]:
     }
 
 
-def served(base_url: str, role: type, api: str, tmp: Path, **extra: Any) -> Any:
+def served(base_url: str, role: type, api: str, tmp: Path, model: str = SERVED, **extra: Any) -> Any:
     return role(
         backend="openai",
-        model=SERVED,
+        model=model,
         base_url=base_url,
         api=api,
         max_concurrency=1,  # the server answers one request at a time: more would only queue (and time out)
@@ -143,14 +162,14 @@ def test_completions_explain_simulate_and_score_through_dagster(
 
 
 def test_chat_explain_simulate_and_score_through_dagster(
-    server: str, warehouse: tuple[Path, int], tmp_path: Path
+    chat_server: str, warehouse: tuple[Path, int], tmp_path: Path
 ) -> None:
     database, neuron = warehouse
     result = run_llm_stages(
         database,
         neuron,
-        served(server, ExplainerResource, "chat", tmp_path),
-        served(server, SimulatorResource, "chat", tmp_path, top_logprobs=10),
+        served(chat_server, ExplainerResource, "chat", tmp_path, CHAT_SERVED),
+        served(chat_server, SimulatorResource, "chat", tmp_path, CHAT_SERVED, top_logprobs=10),
     )
     check_run(database, result, EXPLAIN_CHAT_VERSION, SIMULATE_CHAT_VERSION)
 

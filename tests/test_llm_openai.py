@@ -255,7 +255,7 @@ CHAT_TOKENS = ["The", " cat", " sat"]
 
 
 def chat_reply(levels: list[str], tokens: list[str] = CHAT_TOKENS) -> str:
-    return "".join(f"{t}\t{v}\n" for t, v in zip(tokens, levels, strict=True))
+    return "".join(f'"{t}"\t{v}\n' for t, v in zip(tokens, levels, strict=True))
 
 
 def test_chat_simulator_expected_levels_from_top_logprobs(server: LoopbackServer) -> None:
@@ -275,7 +275,9 @@ def test_chat_simulator_expected_levels_from_top_logprobs(server: LoopbackServer
     assert levels.tolist() == pytest.approx(by_hand)
     body = state.bodies[-1]
     assert (body["logprobs"], body["top_logprobs"], body["temperature"]) == (True, 7, 0)
-    assert body["messages"][0]["role"] == "system" and body["messages"][-1]["content"].endswith("The\n cat\n sat\n")
+    assert body["messages"][0]["role"] == "system" and body["messages"][-1]["content"].endswith(
+        '"The"\n" cat"\n" sat"\n'
+    )
     assert [m["role"] for m in body["messages"][1:3]] == ["user", "assistant"]
 
 
@@ -283,18 +285,18 @@ def test_chat_simulator_reasks_once_then_fails_the_sequence_alone(server: Loopba
     state = server.state
     state.level_probs = [{"4": 1.0}]
     state.queued = [  # in request order (one in flight): both sequences, then both re-asks
-        "The\t4\n cat\t4\n",  # sequence 0: two lines for three tokens
-        "P\t4\nX\t4\n",  # sequence 1: a line for another token
+        '"The"\t4\n" cat"\t4\n',  # sequence 0: two lines for three tokens
+        '"P"\t4\n"X"\t4\n',  # sequence 1: a line for another token
         chat_reply(["4", "4", "4"]),  # sequence 0, asked again: right
-        "P\t4\nX\t4\n",  # sequence 1, asked again: still wrong
+        '"P"\t4\n"X"\t4\n',  # sequence 1, asked again: still wrong
     ]
     sim = ChatSimulator(backend(server, api="chat", max_concurrency=1), top_logprobs=5)
     out = sim.simulate_each("cats", [CHAT_TOKENS, ["P", "Q"]])
     assert not isinstance(out[0], LLMFailure) and out[0].tolist() == [4.0, 4.0, 4.0]
-    assert out[1] == LLMFailure("the reply does not match the tokens: line 2 is for 'X', not the token 'Q'")
+    assert out[1] == LLMFailure('the reply does not match the tokens: line 2 is for "X", not the token "Q"')
     assert state.requests == 4, "each sequence asked once, then once more"
     first, retry = state.bodies[0]["messages"], state.bodies[2]["messages"]
-    assert retry[: len(first)] == first and retry[-2] == {"role": "assistant", "content": "The\t4\n cat\t4\n"}
+    assert retry[: len(first)] == first and retry[-2] == {"role": "assistant", "content": '"The"\t4\n" cat"\t4\n'}
     assert "(3 lines for 2 tokens)" not in retry[-1]["content"] and "(2 lines for 3 tokens)" in retry[-1]["content"]
 
 
