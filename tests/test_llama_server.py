@@ -35,7 +35,7 @@ from pipeline.interpret import LLM
 from pipeline.llm import LLMFailure
 from pipeline.llm_cache import LLMCache
 from pipeline.llm_openai import OpenAIBackend
-from pipeline.models import EMBEDDED, _embedded_gguf, load_subject_model
+from pipeline.models import EMBEDDED, _embedded_gguf, load_subject_model, model_layer_count
 from pipeline.prompts import EXPLAIN_CHAT_VERSION, EXPLAIN_VERSION, SIMULATE_CHAT_VERSION, SIMULATE_VERSION
 from pipeline.simulate_local import LocalSimulator
 from pipeline.simulate_remote import EchoSimulator
@@ -79,7 +79,7 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def warehouse(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """Layer 0's records of the embedded Gemma on short sequences, and its most active neuron."""
     database = tmp_path_factory.mktemp("wh") / "neuron_atlas.duckdb"
-    result = run_stages(database, 18, (0, 0), **small_resources(), selection=STAGES)
+    result = run_stages(database, model_layer_count(EMBEDDED), (0, 0), **small_resources(), selection=STAGES)
     assert result.success
     ((neuron,),) = query(database)(
         "select neuron from atlas.top_k_examples where layer = 0 order by max_activation desc limit 1"
@@ -112,7 +112,7 @@ def served(base_url: str, role: type, api: str, tmp: Path, model: str = SERVED, 
 def run_llm_stages(database: Path, neuron: int, explainer: Any, simulator: Any) -> Any:
     result = run_stages(
         database,
-        18,
+        model_layer_count(EMBEDDED),
         (0, 0),
         **small_resources(),
         explainer=explainer,
