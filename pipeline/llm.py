@@ -6,10 +6,24 @@ Failures are values, not exceptions: a backend returns an `LLMFailure` for the p
 
 from __future__ import annotations
 
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# A chat prompt: system/user/assistant turns as {"role": ..., "content": ...}. A plain string is a
+# completion-style prompt.
+Messages = list[dict[str, str]]
+Prompt = str | Messages
+APIS = ("completions", "chat")
+
+
+def role_env(role: str, name: str) -> str | None:
+    """NEURON_ATLAS_<ROLE>_<NAME> (ROLE: EXPLAINER or SIMULATOR), else the shared NEURON_ATLAS_LLM_<NAME>
+    that older setups set for both."""
+    return os.environ.get(f"NEURON_ATLAS_{role}_{name}") or os.environ.get(f"NEURON_ATLAS_LLM_{name}") or None
 
 
 @dataclass(frozen=True)
@@ -73,17 +87,70 @@ class EchoLogprobs:
     text_offset: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ChatReply:
+    """A chat answer with, per generated token, its bytes and top log-probabilities (empty when
+    logprobs were not asked for)."""
+
+    text: str
+    tokens: list[tuple[bytes, dict[str, float]]]
+    truncated: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Unusable(Exception):
+    """A reply that arrived but cannot be read (e.g. echoed logprobs without the needed positions):
+    a failure of that request with this reason, neither retried nor cached."""
+
+
+class Usage:
+    """What a client spent, for the stages' metadata: requests sent (retries included), prompt and
+    completion tokens the server reported, and answers taken from the response cache instead.
+    Thread-safe; one object may be shared by a backend and the wrappers around it."""
+
+    FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                self.counts[name] += int(value)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """What was spent after `before = usage.snapshot()`."""
+        now = self.snapshot()
+        return {name: now[name] - before.get(name, 0) for name in self.FIELDS}
+
+
 class LLMBackend(ABC):
-    """Text completion; `backend` and `model` name it in the warehouse's lineage columns."""
+    """Text completion; `backend` and `model` name it in the warehouse's lineage columns.
+
+    `api` says what prompts it takes: "completions" (a string, continued as text) or "chat" (a list
+    of turns; a string is sent as one user turn)."""
 
     backend: str
     model: str
+    api: str = "completions"
     batch_hint: int = 32  # prompts per `complete` call when progress should be visible between calls
     # Whether `echo_logprobs` works: only completion servers that echo the prompt with logprobs.
     supports_echo: bool = False
 
+    @property
+    def usage(self) -> Usage:
+        if "_usage" not in self.__dict__:
+            self.__dict__["_usage"] = Usage()
+        return self.__dict__["_usage"]
+
     @abstractmethod
-    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
+    def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
         """One result per prompt, in order, each with `params.n` samples."""
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:

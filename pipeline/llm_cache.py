@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
+from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt, Usage
 from pipeline.simulator import Simulator
 
 DEFAULT_PATH = Path("warehouse") / "llm_cache.sqlite"
@@ -173,19 +173,32 @@ class CachedBackend(LLMBackend):
     def __init__(self, inner: LLMBackend, cache: LLMCache):
         self.inner, self.cache = inner, cache
         self.backend, self.model, self.batch_hint = inner.backend, inner.model, inner.batch_hint
+        self.api = inner.api
 
-    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
+    @property
+    def usage(self) -> Usage:
+        return self.inner.usage
+
+    def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
         key = asdict(params)
+        # Chat prompts are keyed by their turns (and the api), so the two kinds of prompt never collide.
+        texts = [p if isinstance(p, str) and self.api == "completions" else _chat_key(p) for p in prompts]
         out: list[Completion | LLMFailure | None] = []
-        for prompt in prompts:
-            hit = self.cache.get(self.backend, self.model, "complete", prompt, key)
+        for text in texts:
+            hit = self.cache.get(self.backend, self.model, "complete", text, key)
             out.append(Completion.from_record(hit, cached=True) if hit is not None else None)
         todo = [i for i, r in enumerate(out) if r is None]
+        self.usage.add(cache_hits=len(prompts) - len(todo))
         for i, result in zip(todo, self.inner.complete([prompts[i] for i in todo], params), strict=True):
             if isinstance(result, Completion):
-                self.cache.put(self.backend, self.model, "complete", prompts[i], key, result.record())
+                self.cache.put(self.backend, self.model, "complete", texts[i], key, result.record())
             out[i] = result
         return [r for r in out if r is not None]
+
+
+def _chat_key(prompt: Prompt) -> str:
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return "chat:" + json.dumps(turns, ensure_ascii=False, sort_keys=True)
 
 
 class CachedSimulator(Simulator):
@@ -195,11 +208,16 @@ class CachedSimulator(Simulator):
         self.inner, self.cache = inner, cache
         self.backend, self.model, self.prompt_version = inner.backend, inner.model, inner.prompt_version
 
+    @property
+    def usage(self) -> Usage:
+        return self.inner.usage
+
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
         prompt = json.dumps({"explanation": explanation, "sequences": [list(s) for s in sequences]})
         params = {"prompt_version": self.prompt_version}
         hit = self.cache.get(self.backend, self.model, "simulate", prompt, params)
         if hit is not None:
+            self.usage.add(cache_hits=1)
             return [np.asarray(v, dtype=np.float64) for v in hit]
         result = self.inner.simulate(explanation, sequences)
         if not isinstance(result, LLMFailure):

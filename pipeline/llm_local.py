@@ -1,6 +1,7 @@
 """In-process text completion with a local HF causal LM (the embedded Gemma by default).
 
-Sampling is seeded per request, so a rerun with the same seed writes the same explanations.
+Sampling is seeded per request, so a rerun with the same seed writes the same explanations. With
+`api="chat"` a chat prompt goes through the tokenizer's own chat template (an instruct model's).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import AtlasInputError
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
+from pipeline.llm import APIS, Completion, GenerationParams, LLMBackend, LLMFailure, Prompt
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -24,11 +25,29 @@ class LocalBackend(LLMBackend):
     backend = "local"
     batch_hint = 1  # one prompt at a time anyway: report progress after each
 
-    def __init__(self, lm: Any, tokenizer: Any, model_name: str):
-        self.lm, self.tokenizer, self.model = lm.eval(), tokenizer, model_name
+    def __init__(self, lm: Any, tokenizer: Any, model_name: str, api: str = "completions"):
+        if api not in APIS:
+            raise AtlasInputError(f"unknown api {api!r}: use one of {', '.join(APIS)}")
+        if api == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise AtlasInputError(
+                f"api: chat needs a model with a chat template (an instruct model); {model_name} has none:"
+                " use api: completions"
+            )
+        self.lm, self.tokenizer, self.model, self.api = lm.eval(), tokenizer, model_name, api
         self.device = next(lm.parameters()).device
 
-    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
+    def render(self, prompt: Prompt) -> str:
+        """The text the model reads: a chat prompt through the chat template, ready for the reply."""
+        if isinstance(prompt, str):
+            if self.api == "chat":
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                return prompt
+        if self.api != "chat":
+            raise AtlasInputError("a chat prompt (a list of turns) needs api: chat; this backend uses completions")
+        return str(self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+
+    def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
         if params.n < 1:
             raise AtlasInputError(f"number of samples must be at least 1, got {params.n}")
         if params.n > 1 and params.temperature <= 0:
@@ -36,7 +55,8 @@ class LocalBackend(LLMBackend):
         out: list[Completion | LLMFailure] = []
         for prompt in prompts:
             try:
-                out.append(self._one(prompt, params))
+                self.usage.add(requests=1)
+                out.append(self._one(self.render(prompt), params))
             except torch.OutOfMemoryError as exc:
                 out.append(LLMFailure(f"out of memory while generating: {exc}"))
         return out
@@ -52,7 +72,9 @@ class LocalBackend(LLMBackend):
 
     @torch.inference_mode()
     def _one(self, prompt: str, params: GenerationParams) -> Completion:
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        # A chat template writes its own special tokens (BOS included); a plain prompt gets the tokenizer's.
+        special = self.api != "chat"
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=special).input_ids.to(self.device)
         sample = params.temperature > 0
         kwargs: dict[str, Any] = {"do_sample": sample, "num_return_sequences": params.n}
         if sample:
@@ -85,6 +107,7 @@ class LocalBackend(LLMBackend):
             and not any(s in text for s in params.stop)
             for row, text in zip(new, raw, strict=True)
         )
+        self.usage.add(prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens)
         return Completion(
             texts=texts, prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens, truncated=truncated
         )

@@ -31,7 +31,18 @@ import openai
 from openai import AsyncOpenAI
 
 from pipeline.errors import AtlasInputError
-from pipeline.llm import Completion, EchoLogprobs, GenerationParams, LLMBackend, LLMFailure
+from pipeline.llm import (
+    APIS,
+    ChatReply,
+    Completion,
+    EchoLogprobs,
+    GenerationParams,
+    LLMBackend,
+    LLMFailure,
+    Messages,
+    Prompt,
+    Unusable,
+)
 from pipeline.llm_cache import LLMCache
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,7 @@ T = TypeVar("T")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
 NO_LOGPROBS = "server returned no logprobs (echo unsupported?)"
+NO_CHAT_LOGPROBS = "server returned no logprobs (set the simulator's logprobs: false for sampled levels)"
 
 
 class _Malformed(Exception):
@@ -79,8 +91,10 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 
 class OpenAIBackend(LLMBackend):
-    """`complete` via /completions (or /chat/completions with `chat=True`); `echo_logprobs` via
-    /completions with echo. Results are cached per request when a cache is given."""
+    """`complete` via /completions (`api="completions"`) or /chat/completions (`api="chat"`);
+    `echo_levels` via /completions with echo, `next_logprobs` via /completions with one generated
+    token, `chat_levels` via /chat/completions with logprobs. Results are cached per request when a
+    cache is given; the echo and chat-logprob requests cache only what the caller reduced them to."""
 
     backend = "openai"
 
@@ -90,9 +104,10 @@ class OpenAIBackend(LLMBackend):
         base_url: str | None = None,
         *,
         api_key_env: str = "OPENAI_API_KEY",
-        chat: bool = False,
+        api: str = "completions",
         max_concurrency: int = 8,
         timeout_s: float = 60.0,
+        retry_timeouts: bool = False,
         max_attempts: int = 5,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
@@ -100,10 +115,14 @@ class OpenAIBackend(LLMBackend):
         echo_max_tokens: int = 0,
         cache: LLMCache | None = None,
     ):
+        if api not in APIS:
+            raise AtlasInputError(f"unknown api {api!r}: use one of {', '.join(APIS)}")
         if max_concurrency < 1:
             raise AtlasInputError(f"max_concurrency must be at least 1, got {max_concurrency}")
         if max_attempts < 1:
             raise AtlasInputError(f"max_attempts must be at least 1, got {max_attempts}")
+        if not timeout_s > 0:
+            raise AtlasInputError(f"timeout_s must be above 0, got {timeout_s}")
         if echo_max_tokens not in (0, 1):
             raise AtlasInputError(
                 f"echo_max_tokens must be 0 or 1 (1 for servers that refuse 0), got {echo_max_tokens}"
@@ -111,10 +130,11 @@ class OpenAIBackend(LLMBackend):
         self.model = model
         self.base_url = base_url or DEFAULT_BASE_URL
         self.api_key_env = api_key_env  # the variable's name only; its value is read per call
-        self.chat = chat
-        self.supports_echo = not chat
+        self.api = api
+        self.supports_echo = api == "completions"
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
+        self.retry_timeouts = retry_timeouts
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -126,43 +146,114 @@ class OpenAIBackend(LLMBackend):
     def __repr__(self) -> str:
         return (
             f"OpenAIBackend(model={self.model!r}, base_url={_public_url(self.base_url)!r}, "
-            f"api_key_env={self.api_key_env!r}, chat={self.chat})"
+            f"api_key_env={self.api_key_env!r}, api={self.api!r})"
         )
 
     # -- public API -------------------------------------------------------------------------------
 
-    def complete(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion | LLMFailure]:
-        kind = "chat" if self.chat else "completion"
+    def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
+        chat = self.api == "chat"
+        if not chat and any(not isinstance(p, str) for p in prompts):
+            raise AtlasInputError("a chat prompt (a list of turns) needs api: chat; this backend uses completions")
+        kind = "chat" if chat else "completion"
         key_params = dataclasses.asdict(params)
 
-        def request(client: AsyncOpenAI, prompt: str) -> Awaitable[Any]:
-            common: dict[str, Any] = {
-                "model": self.model,
-                "max_tokens": params.max_tokens,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "n": params.n,
-                "seed": params.seed,
-            }
-            if params.stop:
-                common["stop"] = list(params.stop)
-            if self.chat:
-                return client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
+            common = self._sampling(params)
+            if chat:
+                return client.chat.completions.create(messages=_messages(prompt), **common)
             return client.completions.create(prompt=prompt, **common)
 
-        def parse(resp: Any, prompt: str) -> dict[str, Any]:
-            return _parse_completion(resp, params.n, chat=self.chat)
+        def parse(resp: Any, prompt: Prompt) -> dict[str, Any]:
+            return _parse_completion(resp, params.n, chat=chat)
 
         values = self._cached_batch(prompts, kind, key_params, request, parse)
         return [v if isinstance(v, LLMFailure) else Completion.from_record(v, cached=c) for v, c in values]
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
-        if self.chat:
-            raise AtlasInputError(
-                "echo with logprobs needs the completions endpoint; this backend was made with chat=True"
+        """The raw echo (not cached: it is large; `echo_levels` caches only what it reads from it)."""
+        self._require_completions("echo with logprobs")
+        return self._echo(prompts, top_logprobs, [lambda echo, prompt: echo] * len(prompts), kind=None)
+
+    def echo_levels(
+        self,
+        prompts: Sequence[str],
+        top_logprobs: int,
+        reducers: Sequence[Callable[[EchoLogprobs, str], Any]],
+        version: str,
+    ) -> list[Any | LLMFailure]:
+        """Each prompt echoed with logprobs and passed through its reducer `(echo, prompt) -> JSON`,
+        whose value is what gets cached (under `version`). A reducer raises `Unusable` for a reply
+        it cannot read: that is a failure, neither retried nor cached."""
+        self._require_completions("echo with logprobs")
+        return self._echo(prompts, top_logprobs, reducers, kind=f"echo:{version}")
+
+    def next_logprobs(self, prompts: Sequence[str], top_logprobs: int) -> list[dict[str, float] | LLMFailure]:
+        """Top log-probabilities of the token after each prompt (one greedy generated token)."""
+        self._require_completions("next-token logprobs")
+
+        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
+            return client.completions.create(
+                model=self.model, prompt=prompt, max_tokens=1, logprobs=top_logprobs, temperature=0
             )
 
-        def request(client: AsyncOpenAI, prompt: str) -> Awaitable[Any]:
+        values = self._cached_batch(prompts, "next", {"top_logprobs": top_logprobs}, request, _parse_next)
+        return [v if isinstance(v, LLMFailure) else v["top"] for v, _ in values]
+
+    def chat_levels(
+        self,
+        conversations: Sequence[Messages],
+        params: GenerationParams,
+        top_logprobs: int | None,
+        reducers: Sequence[Callable[[ChatReply], Any]],
+        version: str,
+    ) -> list[Any | LLMFailure]:
+        """Each conversation answered on /chat/completions (with `logprobs` and `top_logprobs` unless
+        None) and passed through its reducer; the reducer's JSON value is what gets cached."""
+        by_id = {id(c): r for c, r in zip(conversations, reducers, strict=True)}
+
+        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
+            extra: dict[str, Any] = {}
+            if top_logprobs is not None:
+                extra = {"logprobs": True, "top_logprobs": top_logprobs}
+            return client.chat.completions.create(messages=_messages(prompt), **self._sampling(params), **extra)
+
+        def parse(resp: Any, prompt: Prompt) -> Any:
+            return by_id[id(prompt)](_parse_chat_reply(resp, top_logprobs is not None))
+
+        key = dataclasses.asdict(params) | {"top_logprobs": top_logprobs}
+        values = self._cached_batch(conversations, f"chat:{version}", key, request, parse)
+        return [v for v, _ in values]
+
+    # -- machinery --------------------------------------------------------------------------------
+
+    def _require_completions(self, what: str) -> None:
+        if self.api != "completions":
+            raise AtlasInputError(f"{what} needs the completions endpoint; this backend was made with api: chat")
+
+    def _sampling(self, params: GenerationParams) -> dict[str, Any]:
+        common: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": params.n,
+            "seed": params.seed,
+        }
+        if params.stop:
+            common["stop"] = list(params.stop)
+        return common
+
+    def _echo(
+        self,
+        prompts: Sequence[str],
+        top_logprobs: int,
+        reducers: Sequence[Callable[[EchoLogprobs, str], Any]],
+        kind: str | None,
+    ) -> list[Any | LLMFailure]:
+        by_id = {id(p): r for p, r in zip(prompts, reducers, strict=True)}
+
+        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
             return client.completions.create(
                 model=self.model,
                 prompt=prompt,
@@ -172,39 +263,42 @@ class OpenAIBackend(LLMBackend):
                 temperature=0,
             )
 
-        def parse(resp: Any, prompt: str) -> dict[str, Any]:
-            return _parse_echo(resp, prompt, self.echo_max_tokens)
+        def parse(resp: Any, prompt: Prompt) -> Any:
+            assert isinstance(prompt, str)
+            echo = _parse_echo(resp, prompt, self.echo_max_tokens)
+            return by_id[id(prompt)](EchoLogprobs(echo["tokens"], echo["top_logprobs"], echo["text_offset"]), prompt)
 
-        values = self._cached_batch(prompts, "echo", {"top_logprobs": top_logprobs}, request, parse)
-        return [
-            v if isinstance(v, LLMFailure) else EchoLogprobs(v["tokens"], v["top_logprobs"], v["text_offset"])
-            for v, _ in values
-        ]
-
-    # -- machinery --------------------------------------------------------------------------------
+        values = self._cached_batch(prompts, kind, {"top_logprobs": top_logprobs}, request, parse)
+        return [v for v, _ in values]
 
     def _cached_batch(
         self,
-        prompts: Sequence[str],
-        kind: str,
+        prompts: Sequence[Prompt],
+        kind: str | None,
         key_params: dict[str, Any],
-        request: Callable[[AsyncOpenAI, str], Awaitable[Any]],
-        parse: Callable[[Any, str], dict[str, Any]],
-    ) -> list[tuple[dict[str, Any] | LLMFailure, bool]]:
-        """(JSON value or failure, whether it came from the cache) per prompt, in order."""
-        out: list[tuple[dict[str, Any] | LLMFailure, bool] | None] = [None] * len(prompts)
+        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
+        parse: Callable[[Any, Prompt], Any],
+    ) -> list[tuple[Any | LLMFailure, bool]]:
+        """(JSON value or failure, whether it came from the cache) per prompt, in order; `kind` None
+        caches nothing."""
+        cache = self.cache if kind is not None else None
+        out: list[tuple[Any | LLMFailure, bool] | None] = [None] * len(prompts)
         misses: list[int] = []
         for i, prompt in enumerate(prompts):
-            hit = self.cache.get(self._scope, self.model, kind, prompt, key_params) if self.cache else None
+            hit = cache.get(self._scope, self.model, kind, _key_text(prompt), key_params) if cache else None
             if hit is not None:
                 out[i] = (hit, True)
             else:
                 misses.append(i)
+        self.usage.add(cache_hits=len(prompts) - len(misses))
         if misses:
-            results = self._run_sync(lambda: self._gather([prompts[i] for i in misses], request, parse))
+            # Each answer is stored as soon as it arrives, so a run stopped (or failed) mid-batch redoes nothing.
+            def store(i: int, value: Any) -> None:
+                if cache is not None and not isinstance(value, LLMFailure):
+                    cache.put(self._scope, self.model, kind, _key_text(prompts[misses[i]]), key_params, value)
+
+            results = self._run_sync(lambda: self._gather([prompts[i] for i in misses], request, parse, store))
             for i, result in zip(misses, results, strict=True):
-                if self.cache is not None and not isinstance(result, LLMFailure):
-                    self.cache.put(self._scope, self.model, kind, prompts[i], key_params, result)
                 out[i] = (result, False)
         return [r for r in out if r is not None]
 
@@ -224,10 +318,11 @@ class OpenAIBackend(LLMBackend):
 
     async def _gather(
         self,
-        prompts: list[str],
-        request: Callable[[AsyncOpenAI, str], Awaitable[Any]],
-        parse: Callable[[Any, str], dict[str, Any]],
-    ) -> list[dict[str, Any] | LLMFailure]:
+        prompts: list[Prompt],
+        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
+        parse: Callable[[Any, Prompt], Any],
+        store: Callable[[int, Any], None],
+    ) -> list[Any | LLMFailure]:
         # A client per call: its connection pool belongs to this event loop, which asyncio.run closes.
         semaphore = asyncio.Semaphore(self.max_concurrency)
         client = AsyncOpenAI(
@@ -236,25 +331,31 @@ class OpenAIBackend(LLMBackend):
             timeout=self.timeout_s,
             max_retries=0,
         )
+
+        async def one(i: int, prompt: Prompt) -> Any | LLMFailure:
+            result = await self._with_retries(client, semaphore, prompt, request, parse)
+            store(i, result)
+            return result
+
         async with client:
-            return list(
-                await asyncio.gather(*(self._with_retries(client, semaphore, p, request, parse) for p in prompts))
-            )
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
     async def _with_retries(
         self,
         client: AsyncOpenAI,
         semaphore: asyncio.Semaphore,
-        prompt: str,
-        request: Callable[[AsyncOpenAI, str], Awaitable[Any]],
-        parse: Callable[[Any, str], dict[str, Any]],
-    ) -> dict[str, Any] | LLMFailure:
+        prompt: Prompt,
+        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
+        parse: Callable[[Any, Prompt], Any],
+    ) -> Any | LLMFailure:
         reason = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             wait: float | None = None
             try:
                 async with semaphore:  # held for the request only, not for the backoff sleep
+                    self.usage.add(requests=1)
                     resp = await request(client, prompt)
+                self._count_tokens(resp)
                 return parse(resp, prompt)
             except openai.APIStatusError as exc:
                 reason = f"HTTP {exc.status_code}: {_brief(exc.message)}"
@@ -264,11 +365,14 @@ class OpenAIBackend(LLMBackend):
                     return self._failure(reason, attempt)
             except openai.APITimeoutError:
                 reason = f"timed out after {self.timeout_s:g} s"
+                if not self.retry_timeouts:
+                    # The server may still be working on it: resending would queue the same work again.
+                    return self._failure(f"{reason}; not resent (raise timeout_s, or lower max_concurrency)", attempt)
             except openai.APIConnectionError as exc:
                 reason = f"connection error: {_brief(str(exc))}"
             except (openai.APIResponseValidationError, json.JSONDecodeError, _Malformed) as exc:
                 reason = f"malformed response: {_brief(str(exc))}"
-            except _Fatal as exc:
+            except (_Fatal, Unusable) as exc:
                 return self._failure(str(exc), attempt)
             if attempt < self.max_attempts:
                 if wait is not None:
@@ -281,6 +385,15 @@ class OpenAIBackend(LLMBackend):
                 await asyncio.sleep(delay)
         return self._failure(f"{reason} (gave up after {self.max_attempts} attempts)", self.max_attempts)
 
+    def _count_tokens(self, resp: Any) -> None:
+        usage = getattr(resp, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        completion_tokens = getattr(usage, "completion_tokens", None)
+        self.usage.add(
+            prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else 0,
+            completion_tokens=completion_tokens if isinstance(completion_tokens, int) else 0,
+        )
+
     def _failure(self, reason: str, attempts: int) -> LLMFailure:
         reason = self._scrub(reason)
         log.warning("%s: request failed after %d attempt(s): %s", self.model, attempts, reason)
@@ -290,6 +403,15 @@ class OpenAIBackend(LLMBackend):
         """Remove the API key from text a server may have quoted it in."""
         key = os.environ.get(self.api_key_env)
         return text.replace(key, "<api key>") if key else text
+
+
+def _key_text(prompt: Prompt) -> str:
+    """A prompt as cache key material: a chat prompt as canonical JSON of its turns."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
+def _messages(prompt: Prompt) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def _brief(text: str, limit: int = 300) -> str:
@@ -357,3 +479,64 @@ def _parse_echo(resp: Any, prompt: str, generated_max: int) -> dict[str, Any]:
                     covered += len(tokens[keep])
                     keep += 1
     return {"tokens": [str(t) for t in tokens[:keep]], "top_logprobs": top[:keep], "text_offset": offsets[:keep]}
+
+
+def _parse_next(resp: Any, prompt: Prompt) -> dict[str, Any]:
+    """The top logprobs of the first generated token (legacy completions shape, or the chat-style
+    `logprobs.content[]` some servers answer /completions with)."""
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise _Malformed(f"no choices in the response (got {type(resp).__name__})")
+    lp = getattr(choices[0], "logprobs", None)
+    raw_top = getattr(lp, "top_logprobs", None)
+    if isinstance(raw_top, list) and raw_top and isinstance(raw_top[0], dict):
+        entry = raw_top[0]
+        return {"top": {str(t): float(v) for t, v in entry.items() if isinstance(v, int | float) and math.isfinite(v)}}
+    content = getattr(lp, "content", None) if lp is not None else None
+    if content is None and isinstance(lp, dict):
+        content = lp.get("content")
+    if isinstance(content, list) and content:
+        return {"top": _top_from_chat_entry(content[0])}
+    raise _Fatal("server returned no logprobs for the generated token")
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _top_from_chat_entry(entry: Any) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for cand in _field(entry, "top_logprobs") or []:
+        token, value = _field(cand, "token"), _field(cand, "logprob")
+        if isinstance(token, str) and isinstance(value, int | float) and math.isfinite(value):
+            # Tokens that decode alike (e.g. partial UTF-8) keep the likelier one.
+            top[token] = max(top.get(token, -math.inf), float(value))
+    return top
+
+
+def _parse_chat_reply(resp: Any, want_logprobs: bool) -> ChatReply:
+    """The reply's text and, per generated token, its bytes and top logprobs."""
+    parsed = _parse_completion(resp, 1, chat=True)
+    choice = resp.choices[0]
+    tokens: list[tuple[bytes, dict[str, float]]] = []
+    if want_logprobs:
+        lp = getattr(choice, "logprobs", None)
+        content = _field(lp, "content") if lp is not None else None
+        if not isinstance(content, list) or (not content and parsed["texts"][0]):
+            raise _Fatal(NO_CHAT_LOGPROBS)
+        for entry in content:
+            token, raw = _field(entry, "token"), _field(entry, "bytes")
+            if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+                data = bytes(raw)
+            elif isinstance(token, str):
+                data = token.encode("utf-8")
+            else:
+                raise _Malformed("a logprobs entry has no token")
+            tokens.append((data, _top_from_chat_entry(entry)))
+    return ChatReply(
+        text=parsed["texts"][0],
+        tokens=tokens,
+        truncated=parsed["truncated"][0],
+        prompt_tokens=parsed["prompt_tokens"],
+        completion_tokens=parsed["completion_tokens"],
+    )

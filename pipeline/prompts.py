@@ -9,6 +9,7 @@ are our own. Bump a version when its text changes: it is stored beside every res
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -184,3 +185,77 @@ def few_shot_explanations() -> list[str]:
     """Every explanation the prompts show as an example: an explanation repeating one of these
     describes the prompt, not the unit."""
     return [shot.explanation for shot in (*FEW_SHOT, *SIMULATE_FEW_SHOT)]
+
+
+# -- Chat prompts (system/user/assistant turns) for instruct models and chat-only servers --------------------------
+# The same header, few-shot neurons and explanation ending as above; a few-shot neuron's answer is an
+# assistant turn, so the model learns the form of its reply from them.
+
+EXPLAIN_CHAT_VERSION = "explain-chat-v1"
+SIMULATE_CHAT_VERSION = "simulate-chat-v1"  # expected values from the level tokens' top logprobs
+SIMULATE_CHAT_SAMPLED_VERSION = "simulate-chat-sampled-v1"  # the written levels (servers without logprobs)
+
+_EXPLAIN_CHAT_REPLY = (
+    " Reply with the description only: a short phrase that completes the sentence"
+    f' "{EXPLANATION_ENDING} ...", on one line.'
+)
+_SIMULATE_CHAT_REPLY = (
+    " The user gives a neuron's description and a text, one token per line, each token in double quotes."
+    " Reply with the same quoted tokens in the same order, one per line, each followed by a tab and the number"
+    " predicted for it, and nothing else."
+)
+
+
+def chat_token(token: str) -> str:
+    """A token as a chat simulation line shows it: JSON-quoted, so a token of spaces stays visible."""
+    return json.dumps(token, ensure_ascii=False)
+
+
+def explanation_messages(records: Sequence[Sequence[tuple[str, int]]], repeat_nonzero: bool = True) -> list[dict]:
+    """The explainer's few-shot prompt as turns: each neuron's records are a user turn, its
+    explanation the assistant's reply; the target's records are the last user turn."""
+    messages = [{"role": "system", "content": _HEADER + _EXPLAIN_TASK + _EXPLAIN_CHAT_REPLY}]
+    for i, shot in enumerate(FEW_SHOT, 1):
+        user = _explain_section(i, shot.records, repeat_nonzero).lstrip("\n") + _explanation_line(i, None)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": f"{shot.explanation}."}]
+    n = len(FEW_SHOT) + 1
+    user = _explain_section(n, records, repeat_nonzero).lstrip("\n") + _explanation_line(n, None)
+    return messages + [{"role": "user", "content": user}]
+
+
+def parse_chat_explanation(reply: str) -> tuple[str | None, str | None]:
+    """Like `parse_explanation`, from the reply's first non-empty line, tolerating a model that
+    repeats the prompt's sentence ("Explanation of neuron 3 behavior: the main thing ... find")."""
+    line = next((ln.strip() for ln in reply.splitlines() if ln.strip()), "")
+    if line.lower().startswith("explanation of neuron") and ":" in line:
+        line = line.split(":", 1)[1].strip()
+    if line.lower().startswith(EXPLANATION_ENDING):
+        line = line[len(EXPLANATION_ENDING) :].strip()
+    return parse_explanation(line)
+
+
+def _chat_tokens_turn(explanation: str, tokens: Sequence[str]) -> str:
+    lines = "".join(chat_token(tok) + "\n" for tok in tokens)
+    return f"Explanation of the neuron's behavior: {EXPLANATION_ENDING} {explanation}.\nText:\n{lines}"
+
+
+def chat_simulation_messages(explanation: str, tokens: Sequence[str]) -> list[dict]:
+    """The simulator's few-shot prompt as turns; the reply is to be one `token<TAB>level` line per token."""
+    messages = [{"role": "system", "content": _HEADER + _SIMULATE_TASK + _SIMULATE_CHAT_REPLY}]
+    for shot in SIMULATE_FEW_SHOT:
+        for record in shot.records:
+            answer = "".join(f"{chat_token(tok)}\t{level}\n" for tok, level in record)
+            messages += [
+                {"role": "user", "content": _chat_tokens_turn(shot.explanation, [tok for tok, _ in record])},
+                {"role": "assistant", "content": answer},
+            ]
+    return messages + [{"role": "user", "content": _chat_tokens_turn(explanation, tokens)}]
+
+
+def chat_simulation_retry(messages: Sequence[dict], reply: str, problem: str, n_tokens: int) -> list[dict]:
+    """The conversation asked once more after a reply whose lines do not match the tokens."""
+    ask = (
+        f"That reply does not match the text ({problem}). Write exactly {n_tokens} lines, one for each token of"
+        " the text in order: the token, a tab, and a whole number from 0 to 10."
+    )
+    return [*messages, {"role": "assistant", "content": reply}, {"role": "user", "content": ask}]

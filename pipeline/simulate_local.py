@@ -152,6 +152,9 @@ class _LocalBase(Simulator):
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
         if not sequences:
             return []
+        # One "request" per explanation; its tokens are what a server would have read (prefix per sequence).
+        n_prefix = len(self.prompt.prefix(explanation))
+        self.usage.add(requests=1, prompt_tokens=sum(n_prefix + len(self.prompt.row(t).ids) for t in sequences))
         try:
             return self._simulate(explanation, sequences)
         except torch.OutOfMemoryError as exc:

@@ -1,10 +1,22 @@
-"""Simulators over a remote `LLMBackend`: exact-ish level odds from echoed logprobs, or a JSON fallback.
+"""Simulators over an OpenAI-compatible server: expected levels from echoed prompt logprobs, or from a
+chat reply's logprobs.
 
-`EchoSimulator` is the paper's "all at once" method over HTTP: one echoed prompt per sequence, the
-level read from the top logprobs at each `unknown` slot. It needs a completions server that echoes
-the prompt with logprobs (OpenAI's legacy completions models, vLLM). `JsonSimulator` is the
-fallback for servers that cannot (chat-only models): it asks for the levels as a JSON list, so it
-yields a single sampled level per token rather than an expected value.
+`EchoSimulator` is the paper's "all at once" method over HTTP (completions with `echo` + `logprobs`:
+vLLM, llama-cpp-python's server, OpenAI's legacy completion models): one echoed prompt per sequence,
+each token's level read from the top logprobs at its `unknown` slot. Only the per-slot level
+distributions are cached, not the echoed prompt.
+
+`ChatSimulator` is for chat servers (OpenAI's chat models, llama.cpp, Ollama, OpenRouter): the
+model writes the sequence back as one `token<TAB>level` line per token, and each token's value is
+the expected level over the top logprobs at its level token. Without logprobs it takes the written
+levels, under its own prompt version so the two are never mixed.
+
+Where a tokenizer writes "10" as "1" + "0" (Gemma, Llama, Qwen), p("1") at a level position is
+shared by 1 and 10. The echo simulator splits it exactly with one more request per affected slot
+(the prompt up to the slot followed by "1": p("0") against the line end after it), skipped where
+p("1") is below `branch_min_share` of the slot's level mass (so the error stays under
+`9 * branch_min_share` levels). The chat simulator splits it with the next generated token's top
+logprobs when the model wrote a "1" there; otherwise p("1") counts as 1.
 """
 
 from __future__ import annotations
@@ -12,16 +24,28 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.llm import EchoLogprobs, GenerationParams, LLMBackend, LLMFailure
-from pipeline.prompts import EXPLANATION_ENDING, SIMULATE_VERSION, simulation_pieces, simulation_prefix
-from pipeline.simulator import LEVELS, Simulator, expected_level, parse_level
+from pipeline.llm import ChatReply, EchoLogprobs, GenerationParams, LLMFailure, Unusable, Usage
+from pipeline.llm_openai import OpenAIBackend
+from pipeline.prompts import (
+    SIMULATE_CHAT_SAMPLED_VERSION,
+    SIMULATE_CHAT_VERSION,
+    SIMULATE_VERSION,
+    chat_simulation_messages,
+    chat_simulation_retry,
+    chat_token,
+    simulation_pieces,
+    simulation_prefix,
+)
+from pipeline.simulator import LEVELS, Simulator, parse_level
 
-JSON_SIMULATE_VERSION = "simulate-json-v1"
+MAX_TOP_LOGPROBS = 20  # what chat APIs allow (OpenAI, Ollama); vLLM's default --max-logprobs
+ECHO_READ = "slot-levels-v1"  # what the echo cache entries hold: bump if the reduction changes
+CHAT_READ = "line-levels-v1"
+Distribution = list[float]  # unnormalised probability of each level 0..10
 
 
 def _prompt_and_slots(prefix: str, tokens: Sequence[str]) -> tuple[str, list[int]]:
@@ -35,133 +59,258 @@ def _prompt_and_slots(prefix: str, tokens: Sequence[str]) -> tuple[str, list[int
     return "".join(parts), slots
 
 
-def read_slot_levels(echo: EchoLogprobs, prompt: str, slots: Sequence[int]) -> np.ndarray | str:
-    """Expected level at each slot from an echoed prompt's top logprobs, or the reason it cannot be read."""
+def _levels_of(top: dict[str, float], prefix: str = "") -> Distribution:
+    """Probability of each level among top candidates (spellings like "3" and " 3" add up); with a
+    prefix, only candidates that start with it count, read after it."""
+    probs = [0.0] * len(LEVELS)
+    for token, logprob in top.items():
+        if not token.startswith(prefix):
+            continue
+        level = parse_level(token[len(prefix) :])
+        if level is not None:
+            probs[level] += math.exp(logprob)
+    return probs
+
+
+def expected(dist: Distribution) -> float | None:
+    total = sum(dist)
+    return sum(level * p for level, p in zip(LEVELS, dist, strict=True)) / total if total > 0 else None
+
+
+def _split_ten(dist: Distribution, after_one: dict[str, float]) -> Distribution | None:
+    """Share p("1") between 1 and 10 by what follows a written "1": "0" (10) or the line's end (1)."""
+    zero = sum(math.exp(v) for t, v in after_one.items() if t[:1] == "0" and not t[1:].strip())
+    end = sum(math.exp(v) for t, v in after_one.items() if not t.strip())
+    if not zero + end > 0:
+        return None
+    out = list(dist)
+    out[10] += dist[1] * zero / (zero + end)
+    out[1] = dist[1] * end / (zero + end)
+    return out
+
+
+def slot_distributions(echo: EchoLogprobs, prompt: str, slots: Sequence[int]) -> list[Distribution]:
+    """Each slot's level distribution from an echoed prompt's top logprobs (`Unusable` if unreadable)."""
     if len(echo.text_offset) == len(echo.tokens):
         starts = list(echo.text_offset)
     else:  # no offsets from the server: the token strings must spell the prompt
         if "".join(echo.tokens) != prompt:
-            return "the echoed tokens do not spell the prompt and the server gave no text offsets"
+            raise Unusable("the echoed tokens do not spell the prompt and the server gave no text offsets")
         starts, pos = [], 0
         for tok in echo.tokens:
             starts.append(pos)
             pos += len(tok)
     if len(echo.top_logprobs) != len(echo.tokens):
-        return "the server returned no logprobs for some echoed tokens"
-    levels = np.empty(len(slots), dtype=np.float64)
+        raise Unusable("the server returned no logprobs for some echoed tokens")
+    out: list[Distribution] = []
     for k, slot in enumerate(slots):
         i = bisect.bisect_right(starts, slot) - 1
         # The slot's token may carry the tab before it ("\tunknown"); its candidates then do too ("\t3").
-        if i < 0 or prompt[starts[i] : slot].strip():
-            return f"slot {k} does not start a token of the echoed prompt"
-        probs: dict[int, float] = {}
-        for tok, logprob in (echo.top_logprobs[i] or {}).items():
-            level = parse_level(tok)
-            if level is not None:
-                probs[level] = probs.get(level, 0.0) + math.exp(logprob)
-        value = expected_level(probs)
-        if value is None:
-            return f"no 0-10 level among the top logprobs at token {i}"
-        levels[k] = value
-    return levels
+        before = prompt[starts[i] : slot] if i >= 0 else ""
+        if i < 0 or before.strip():
+            raise Unusable(f"slot {k} does not start a token of the echoed prompt")
+        dist = _levels_of(echo.top_logprobs[i] or {}, before)
+        if not sum(dist) > 0:
+            raise Unusable(f"no 0-10 level among the top logprobs at token {i}")
+        out.append([round(p, 9) for p in dist])
+    return out
 
 
 class EchoSimulator(Simulator):
-    """Expected level per token from `echo_logprobs` of the simulation prompt, one request per sequence.
-
-    Tokens that spell the same level ("3", " 3") have their probabilities summed, and only the
-    levels among the top `top_logprobs` count (renormalised among themselves). With echo a level is
-    read from a single token, so "10" is exact only where the tokenizer writes it as one token (as
-    OpenAI's do); where it is "1" + "0", p("1") is counted as 1. Multi-token numerals are handled
-    exactly by the local simulator (`pipeline.simulate_local`).
-    """
+    """Expected level per token from echoed prompt logprobs, one request per sequence (see the module doc)."""
 
     prompt_version = SIMULATE_VERSION
 
-    def __init__(self, backend: LLMBackend, top_logprobs: int = 5):
+    def __init__(self, backend: OpenAIBackend, top_logprobs: int = 15, branch_min_share: float = 0.01):
+        if top_logprobs < 1:
+            raise ValueError(f"top_logprobs must be at least 1, got {top_logprobs}")
         self.llm = backend
         self.backend, self.model = backend.backend, backend.model
         self.top_logprobs = top_logprobs
+        self.branch_min_share = branch_min_share
+
+    @property
+    def usage(self) -> Usage:
+        return self.llm.usage
 
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
+        return all_or_failure(self.simulate_each(explanation, sequences))
+
+    def simulate_each(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray | LLMFailure]:
         prefix = simulation_prefix(explanation)
         built = [_prompt_and_slots(prefix, seq) for seq in sequences]
         asked = [j for j, seq in enumerate(sequences) if len(seq)]  # an empty sequence needs no request
-        replies = self.llm.echo_logprobs([built[j][0] for j in asked], top_logprobs=self.top_logprobs)
-        out = [np.zeros(0, dtype=np.float64) for _ in sequences]
+        replies = self.llm.echo_levels(
+            [built[j][0] for j in asked],
+            self.top_logprobs,
+            [lambda echo, prompt, slots=built[j][1]: slot_distributions(echo, prompt, slots) for j in asked],
+            version=ECHO_READ,
+        )
+        out: list[np.ndarray | LLMFailure] = [np.zeros(0, dtype=np.float64) for _ in sequences]
+        dists: dict[int, list[Distribution]] = {}
         for j, reply in zip(asked, replies, strict=True):
             if isinstance(reply, LLMFailure):
-                return LLMFailure(f"sequence {j}: {reply.reason}", reply.attempts)
-            levels = read_slot_levels(reply, *built[j])
-            if isinstance(levels, str):
-                return LLMFailure(f"sequence {j}: {levels}")
-            out[j] = levels
+                out[j] = reply
+            else:
+                dists[j] = [list(d) for d in reply]
+        # "10" written as "1" + "0": what follows a "1" at each slot where p("1") matters.
+        branches = [
+            (j, k)
+            for j, ds in dists.items()
+            for k, d in enumerate(ds)
+            if d[1] > 0 and d[10] == 0 and d[1] >= self.branch_min_share * sum(d)
+        ]
+        if branches:
+            prompts = [built[j][0][: built[j][1][k]] + "1" for j, k in branches]
+            for (j, k), after in zip(branches, self.llm.next_logprobs(prompts, self.top_logprobs), strict=True):
+                if isinstance(after, LLMFailure):
+                    out[j] = LLMFailure(f"reading 10 at token {k}: {after.reason}", after.attempts)
+                elif (split := _split_ten(dists[j][k], after)) is not None:
+                    dists[j][k] = split
+        for j, ds in dists.items():
+            if not isinstance(out[j], LLMFailure):
+                out[j] = np.array([expected(d) for d in ds], dtype=np.float64)
         return out
 
 
-def json_simulation_prompt(explanation: str, tokens: Sequence[str]) -> str:
-    """Asks for one 0-10 integer per token as a JSON list; the tokens are given as a JSON list too."""
-    return (
-        "We are studying a neuron in a language model. A neuron reads a text one token at a time and responds to "
-        "some of the tokens with a whole number from 0 (not at all) to 10 (its strongest response).\n"
-        f"Explanation of the neuron's behavior: {EXPLANATION_ENDING} {explanation}.\n"
-        f"Tokens of the text, as a JSON list: {json.dumps(list(tokens), ensure_ascii=False)}\n"
-        f"Predict the neuron's response to each token from the explanation. Reply with only a JSON list of "
-        f"{len(tokens)} integers from 0 to 10, one per token, in order.\n"
-        "Levels: "
-    )
+def all_or_failure(results: list[np.ndarray | LLMFailure]) -> list[np.ndarray] | LLMFailure:
+    """Every sequence's levels, or the first failure (for callers that need all of them)."""
+    for j, r in enumerate(results):
+        if isinstance(r, LLMFailure):
+            return LLMFailure(f"sequence {j}: {r.reason}", r.attempts)
+    return [r for r in results if not isinstance(r, LLMFailure)]
 
 
-def parse_json_levels(text: str, n: int) -> np.ndarray | str:
-    """The first JSON list in a reply as n levels in 0..10, or why it is not that."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\[", text):
+def _byte_starts(reply: ChatReply) -> list[int]:
+    starts, pos = [], 0
+    for data, _ in reply.tokens:
+        starts.append(pos)
+        pos += len(data)
+    return starts
+
+
+def _same_token(written: str, token: str) -> bool:
+    """A line's token as written, quoted as asked (JSON) or bare; spaces around it do not count."""
+    text = written.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
         try:
-            value, _ = decoder.raw_decode(text, match.start())
+            text = str(json.loads(text))
         except json.JSONDecodeError:
+            text = text[1:-1]
+    return text.strip() == token.strip()
+
+
+def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) -> dict:
+    """The reply's lines aligned one by one with the tokens, as {"levels": [distribution per token]},
+    or {"bad": why, "text": reply} when they do not align (a wrong count, a line for another token,
+    no level): never shifted to fit."""
+    text = reply.text
+    lines = text.split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    first = 0
+    while first < len(lines) and not lines[first].strip():
+        first += 1
+
+    def bad(why: str) -> dict:
+        return {"bad": why, "text": text}
+
+    if len(lines) - first < len(tokens):
+        return bad(f"{len(lines) - first} lines for {len(tokens)} tokens")
+    lines = lines[: first + len(tokens)]  # lines after one per token (a model running on) are not read
+    # Some servers list the stop sequence's tokens too (after the text they cut there): ignore those.
+    if logprobs and not b"".join(d for d, _ in reply.tokens).startswith(text.encode("utf-8")):
+        raise Unusable("the reply's logprob tokens do not spell its text")
+    starts = _byte_starts(reply) if logprobs else []
+    out: list[Distribution] = []
+    pos = sum(len(line) + 1 for line in lines[:first])
+    for k, (line, token) in enumerate(zip(lines[first:], tokens, strict=True)):
+        written, tab, level_text = line.rpartition("\t")
+        expected_text = chat_token(token)
+        if not tab:
+            return bad(f"line {k + 1} has no tab: {line[:40]!r}")
+        if not _same_token(written, token):
+            return bad(f"line {k + 1} is for {written.strip()[:40]}, not the token {expected_text[:40]}")
+        level = parse_level(level_text)
+        if level is None:
+            return bad(f"line {k + 1} gives {level_text[:20]!r}, not a level from 0 to 10")
+        if not logprobs:
+            out.append([1.0 if v == level else 0.0 for v in LEVELS])
+            pos += len(line) + 1
             continue
-        if isinstance(value, list):
-            break
-    else:
-        return "no JSON list in the reply"
-    if len(value) != n:
-        return f"the reply lists {len(value)} values for {n} tokens"
-    for k, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            return f"value {k} of the reply is not a number: {json.dumps(v)[:40]}"
-        if not LEVELS[0] <= v <= LEVELS[-1]:
-            return f"value {k} of the reply is {v}, outside 0..10"
-    return np.asarray(value, dtype=np.float64)
+        at = pos + len(written) + 1 + (len(level_text) - len(level_text.lstrip()))
+        byte_at = len(text[:at].encode("utf-8"))
+        i = bisect.bisect_right(starts, byte_at) - 1
+        data, top = reply.tokens[i]
+        before = data[: byte_at - starts[i]].decode("utf-8", errors="replace")
+        dist = _levels_of(top, before)
+        if not sum(dist) > 0:
+            return bad(f"no 0-10 level among the top logprobs of line {k + 1}")
+        # The model wrote a "1" token here: the next token's odds split p("1") between 1 and 10.
+        written_piece = data[byte_at - starts[i] :].decode("utf-8", errors="replace")
+        if dist[10] == 0 and dist[1] > 0 and written_piece == "1" and i + 1 < len(reply.tokens):
+            dist = _split_ten(dist, reply.tokens[i + 1][1]) or dist
+        out.append([round(p, 9) for p in dist])
+        pos += len(line) + 1
+    return {"levels": out}
 
 
-class JsonSimulator(Simulator):
-    """Levels from a JSON list the model writes (greedy): the fallback for servers without echo+logprobs.
+class ChatSimulator(Simulator):
+    """Expected levels from a chat reply that writes the sequence back with levels (see the module doc);
+    `top_logprobs=None` reads the written levels for servers without logprobs."""
 
-    One sampled level per token is a coarser score than an expected value, so results carry their
-    own prompt version and are not mixed with echo/local ones.
-    """
-
-    prompt_version = JSON_SIMULATE_VERSION
-
-    def __init__(self, backend: LLMBackend):
+    def __init__(self, backend: OpenAIBackend, top_logprobs: int | None = 15, max_tokens_per_token: int = 12):
+        if top_logprobs is not None and not 1 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 1 and {MAX_TOP_LOGPROBS} for chat, got {top_logprobs}")
         self.llm = backend
         self.backend, self.model = backend.backend, backend.model
+        self.top_logprobs = top_logprobs
+        self.max_tokens_per_token = max_tokens_per_token
+        self.prompt_version = SIMULATE_CHAT_VERSION if top_logprobs is not None else SIMULATE_CHAT_SAMPLED_VERSION
+
+    @property
+    def usage(self) -> Usage:
+        return self.llm.usage
 
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
+        return all_or_failure(self.simulate_each(explanation, sequences))
+
+    def _ask(self, conversations: list[list[dict]], tokens: list[Sequence[str]]) -> list[dict | LLMFailure]:
+        # Room for each line (token, tab, level, line end) plus a little chatter.
+        longest = max(len(t) for t in tokens)
+        params = GenerationParams(
+            max_tokens=self.max_tokens_per_token * longest + 32, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0
+        )
+        logprobs = self.top_logprobs is not None
+        readers = [lambda reply, toks=toks: read_chat_levels(reply, toks, logprobs) for toks in tokens]
+        return self.llm.chat_levels(conversations, params, self.top_logprobs, readers, version=CHAT_READ)
+
+    def simulate_each(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray | LLMFailure]:
+        out: list[np.ndarray | LLMFailure] = [np.zeros(0, dtype=np.float64) for _ in sequences]
         asked = [j for j, seq in enumerate(sequences) if len(seq)]
-        out = [np.zeros(0, dtype=np.float64) for _ in sequences]
         if not asked:
             return out
-        longest = max(len(sequences[j]) for j in asked)
-        # Up to ~3 tokens per value (", 10") plus room for brackets and a little chatter.
-        params = GenerationParams(max_tokens=4 * longest + 32, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0)
-        prompts = [json_simulation_prompt(explanation, sequences[j]) for j in asked]
-        replies = self.llm.complete(prompts, params)
-        for j, reply in zip(asked, replies, strict=True):
-            if isinstance(reply, LLMFailure):
-                return LLMFailure(f"sequence {j}: {reply.reason}", reply.attempts)
-            levels = parse_json_levels(reply.texts[0] if reply.texts else "", len(sequences[j]))
-            if isinstance(levels, str):
-                return LLMFailure(f"sequence {j}: {levels}")
-            out[j] = levels
+        conversations = {j: chat_simulation_messages(explanation, sequences[j]) for j in asked}
+        first = self._ask([conversations[j] for j in asked], [sequences[j] for j in asked])
+        retry: list[int] = []
+        results: dict[int, dict | LLMFailure] = dict(zip(asked, first, strict=True))
+        for j in asked:
+            value = results[j]
+            if isinstance(value, dict) and "bad" in value:
+                retry.append(j)
+        if retry:  # one more ask, showing the model its reply and what is wrong with it
+            again = [
+                chat_simulation_retry(conversations[j], results[j]["text"], results[j]["bad"], len(sequences[j]))  # type: ignore[index]
+                for j in retry
+            ]
+            for j, value in zip(retry, self._ask(again, [sequences[j] for j in retry]), strict=True):
+                results[j] = value
+        for j in asked:
+            value = results[j]
+            if isinstance(value, LLMFailure):
+                out[j] = value
+            elif "bad" in value:
+                out[j] = LLMFailure(f"the reply does not match the tokens: {value['bad']}")
+            else:
+                out[j] = np.array([expected(d) for d in value["levels"]], dtype=np.float64)
         return out

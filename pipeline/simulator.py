@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.llm import LLMFailure
+from pipeline.llm import LLMFailure, Usage
 
 LEVELS = tuple(range(11))
 
@@ -23,9 +23,22 @@ class Simulator(ABC):
     model: str
     prompt_version: str
 
+    @property
+    def usage(self) -> Usage:
+        """Requests, tokens and cache hits spent simulating (shared with the backend it calls, if any)."""
+        if "_usage" not in self.__dict__:
+            self.__dict__["_usage"] = Usage()
+        return self.__dict__["_usage"]
+
     @abstractmethod
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
         """Expected level per token of each sequence (same lengths as the sequences)."""
+
+    def simulate_each(
+        self, explanation: str, sequences: Sequence[Sequence[str]]
+    ) -> list[np.ndarray | LLMFailure] | LLMFailure:
+        """Like `simulate`, but a simulator that asks per sequence may fail one sequence alone."""
+        return self.simulate(explanation, sequences)
 
 
 def expected_level(probs: Mapping[int, float]) -> float | None:

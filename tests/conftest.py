@@ -23,9 +23,10 @@ from assets.io import WarehouseIOManager  # noqa: E402
 from assets.resources import (  # noqa: E402
     AblationResource,
     CorpusResource,
+    ExplainerResource,
     ExplainResource,
-    LLMResource,
     SamplingResource,
+    SimulatorResource,
     SubjectModelResource,
 )
 from assets.stages import build_stage_assets, layer_partitions  # noqa: E402
@@ -65,13 +66,14 @@ def run_stages(
     sampling: SamplingResource,
     selection: str | list[str] | None = None,
     instance: DagsterInstance | None = None,
-    llm: LLMResource | None = None,
+    explainer: ExplainerResource | None = None,
+    simulator: SimulatorResource | None = None,
     explain: ExplainResource | None = None,
     ablation: AblationResource | None = None,
     raise_on_error: bool = True,
 ) -> Any:
-    """Materialize the stage assets (and, given an LLM, explanations/simulations/scores) for a range
-    of layer partitions in one run, for real."""
+    """Materialize the stage assets (and, given an explainer and simulator, explanations/simulations/
+    scores/ablations/viewer) for a range of layer partitions in one run, for real."""
     assets = build_stage_assets(n_layers)
     resources: dict[str, Any] = {
         "subject": subject,
@@ -79,12 +81,17 @@ def run_stages(
         "sampling": sampling,
         "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
     }
-    if llm is not None:
+    if explainer is not None or simulator is not None:
         layers_def = layer_partitions(n_layers)
         assets += (
             build_interpret_assets(layers_def) + build_ablation_assets(layers_def) + build_viewer_assets(layers_def)
         )
-        resources |= {"llm": llm, "explain": explain or ExplainResource(), "ablation": ablation or AblationResource()}
+        resources |= {
+            "explainer": explainer or ExplainerResource(),
+            "simulator": simulator or SimulatorResource(),
+            "explain": explain or ExplainResource(),
+            "ablation": ablation or AblationResource(),
+        }
     keys = {key for a in assets for key in a.keys}
     checks = [c for c in build_asset_checks() if all(k.asset_key in keys for k in c.check_keys)]
     return materialize(
@@ -100,9 +107,21 @@ def run_stages(
     )
 
 
-def loopback_llm(server: Any, **settings: Any) -> LLMResource:
-    """The openai backend pointed at a `loopback_llm.LoopbackServer`."""
-    return LLMResource(backend="openai", model="loop-model", base_url=server.base_url, **settings)
+def local_llm() -> dict[str, Any]:
+    """`run_stages` keyword arguments: the in-process explainer and simulator (the embedded Gemma)."""
+    return {"explainer": ExplainerResource(), "simulator": SimulatorResource()}
+
+
+def loopback_llm(
+    server: Any, explainer: dict[str, Any] | None = None, simulator: dict[str, Any] | None = None, **shared: Any
+) -> dict[str, Any]:
+    """`run_stages` keyword arguments: explainer and simulator on the openai backend pointed at a
+    `loopback_llm.LoopbackServer` (shared settings, then each role's own)."""
+    common = {"backend": "openai", "model": "loop-model", "base_url": server.base_url} | shared
+    return {
+        "explainer": ExplainerResource(**common | (explainer or {})),
+        "simulator": SimulatorResource(**common | (simulator or {})),
+    }
 
 
 def query(database: Path) -> Callable[..., list[tuple]]:

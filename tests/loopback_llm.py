@@ -26,9 +26,10 @@ from typing import Any
 FAULTS = ("429", "500", "slow", "malformed", "empty", "401", "reset", "truncated")
 
 
-def simple_tokens(text: str) -> list[str]:
-    """Words and single other characters: `unknown` is always a token of its own, after a "\\t" token."""
-    return re.findall(r"\w+|\W", text)
+def simple_tokens(text: str, split_digits: bool = False) -> list[str]:
+    """Words and single other characters: `unknown` is always a token of its own, after a "\\t" token.
+    With `split_digits`, every digit is a token of its own (as Gemma, Llama and Qwen write "10")."""
+    return re.findall(r"\d|[^\W\d]+|\W" if split_digits else r"\w+|\W", text)
 
 
 @dataclass
@@ -43,6 +44,14 @@ class ServerState:
     slot_probs: list[dict[str, float]] = field(default_factory=list)
     echo_logprobs: bool = True  # False: a server that ignores echo/logprobs
     echo_offsets: bool = True  # False: omit text_offset
+    # Completions without echo but with logprobs (one generated token): its top candidates.
+    next_probs: dict[str, float] = field(default_factory=lambda: {"\n": 0.5})
+    # Chat with logprobs: the k-th level token of a reply (a digit token after a tab) gets
+    # level_probs[k % len] as its top candidates, the token after a "1" gets after_one.
+    level_probs: list[dict[str, float]] = field(default_factory=list)
+    after_one: dict[str, float] = field(default_factory=lambda: {"\n": 0.5})
+    chat_logprobs: bool = True  # False: a chat server that ignores logprobs
+    split_digits: bool = False  # tokenize replies digit by digit
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -93,6 +102,27 @@ def _echo_logprobs(state: ServerState, prompt: str, k: int, max_tokens: int) -> 
     if state.echo_offsets:
         out["text_offset"] = offsets
     return out
+
+
+def _chat_logprobs(state: ServerState, text: str, k: int) -> dict[str, Any]:
+    """`logprobs.content[]` for a chat reply: scripted candidates at level tokens, the token itself elsewhere."""
+    tokens = simple_tokens(text, state.split_digits)
+    content, level, previous = [], 0, ""
+    for i, tok in enumerate(tokens):
+        if tok.isdigit() and previous == "\t" and state.level_probs:
+            cands = state.level_probs[level % len(state.level_probs)]
+            level += 1
+        elif previous == "1" and i >= 2 and tokens[i - 2] == "\t" and state.split_digits:
+            cands = state.after_one
+        else:
+            cands = {tok: 0.9}
+        top = sorted(cands.items(), key=lambda kv: -kv[1])[:k]
+        content.append({
+            "token": tok, "bytes": list(tok.encode()), "logprob": math.log(cands.get(tok, 1e-6)),
+            "top_logprobs": [{"token": t, "bytes": list(t.encode()), "logprob": math.log(p)} for t, p in top],
+        })  # fmt: skip
+        previous = tok
+    return {"content": content}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -183,8 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
         finish = "length" if stops and not any(s in text for s in stops) else "stop"
         usage = {"prompt_tokens": len(simple_tokens(prompt)), "completion_tokens": n, "total_tokens": 0}
         if chat:
+            lp = None
+            if body.get("logprobs") and state.chat_logprobs:
+                lp = _chat_logprobs(state, text, int(body.get("top_logprobs") or 0))
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": lp}
                 for i in range(n)
             ]
             return self._json(200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -193,7 +226,12 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("echo") and body.get("logprobs") is not None and state.echo_logprobs:
             logprobs = _echo_logprobs(state, prompt, int(body["logprobs"]), int(body.get("max_tokens") or 0))
             text = prompt + "\n" * int(body.get("max_tokens") or 0)
-        if logprobs is not None:
+        elif not body.get("echo") and body.get("logprobs") is not None:
+            top = sorted(state.next_probs.items(), key=lambda kv: -kv[1])[: int(body["logprobs"])]
+            first = simple_tokens(text)[:1] or [""]
+            logprobs = {"tokens": first, "token_logprobs": [-1.0], "text_offset": [len(prompt)],
+                        "top_logprobs": [{t: math.log(p) for t, p in top}]}  # fmt: skip
+        if logprobs is not None and body.get("echo"):
             finish = "length"  # the echoed prompt plus max_tokens generated tokens
         choices = [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish} for i in range(n)]
         self._json(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],

@@ -60,7 +60,7 @@ def test_a_dead_neuron_gets_null_rows_with_reasons_and_the_layer_completes(
             n_layers=2,
             layers=(0, 0),
             **_resources(model_dir, digit_corpus, "float32"),
-            llm=loopback_llm(server),
+            **loopback_llm(server),
             explain=ExplainResource(neuron_ids=[DIGIT_NEURON, DEAD], samples=1, temperature=0),
             selection=[*STAGES, "explanations", "simulations", "scores"],
         )

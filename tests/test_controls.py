@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import query, run_stages
+from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import SET_GAIN, TOKEN_SETS, write_sets_corpus, write_sets_model
 
-from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, ExplainResource, SamplingResource, SimulatorResource, SubjectModelResource
 from pipeline.llm import LLMFailure
 from pipeline.simulator import Simulator
 from pipeline.viewer import load_layer, render_index
@@ -62,12 +62,12 @@ class Blind(Simulator):
 RULES = {"quoted": QuotedTokens, "shifted": ShiftedQuotedTokens, "blind": Blind}
 
 
-class RuleLLM(LLMResource):
-    """The loopback server explains (always the same reply); a rule simulates."""
+class RuleSimulator(SimulatorResource):
+    """A rule simulates (the loopback server explains, always with the same reply)."""
 
     rule: str = "quoted"
 
-    def simulator_client(self) -> Simulator:
+    def client(self) -> Simulator:
         return RULES[self.rule]()
 
 
@@ -82,13 +82,8 @@ def _run(root: Path, rule: str, server: LoopbackServer) -> tuple[Path, object]:
         subject=SubjectModelResource(model=str(model)),
         corpus=CorpusResource(source=str(corpus), seq_len=16, n_sequences=64, seed=0),
         sampling=SamplingResource(top_k=16, random_k=16, quantile_bins=2, per_quantile=2, batch_size=16),
-        llm=RuleLLM(
-            rule=rule,
-            backend="openai",
-            model="loop-model",
-            base_url=server.base_url,
-            cache_path=str(root / "cache.sqlite"),
-        ),  # fmt: skip
+        explainer=loopback_llm(server, cache_path=str(root / "cache.sqlite"))["explainer"],
+        simulator=RuleSimulator(rule=rule),
         explain=ExplainResource(neuron_ids=NEURONS),
         selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
         + ["explanations", "simulations", "scores"],

@@ -51,22 +51,34 @@ def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
 
 def test_launchpad_config_of_one_field_keeps_the_environments_choices(tmp_path: Path) -> None:
     """Dagster replaces a resource's constructed values with any run config given for it, so the
-    NEURON_ATLAS_* choices live in the fields' defaults: editing max_concurrency keeps the backend."""
+    NEURON_ATLAS_* choices live in the fields' defaults: editing one field of the explainer or the
+    simulator keeps the backend, model, server and api chosen by environment. The role-specific
+    variables win over the shared NEURON_ATLAS_LLM_* ones, which still set what they leave out."""
     script = """
 from dagster import asset, materialize
 from assets.definitions import defs
-llm, subject = defs.resources["llm"], defs.resources["subject"]
+res = {k: defs.resources[k] for k in ("explainer", "simulator", "subject")}
 @asset
-def probe(llm: type(llm), subject: type(subject)) -> None:
-    print("CHOSEN", llm.backend, llm.model, llm.base_url, llm.max_concurrency, subject.model)
-materialize([probe], resources={"llm": llm, "subject": subject}, run_config={
-    "resources": {"llm": {"config": {"max_concurrency": 1}}, "subject": {"config": {"revision": "main"}}}})
+def probe(explainer: type(res["explainer"]), simulator: type(res["simulator"]), subject: type(res["subject"])) -> None:
+    for role in (explainer, simulator):
+        print("CHOSEN", role.backend, role.model, role.base_url, role.api, role.max_concurrency, role.top_logprobs
+              if hasattr(role, "top_logprobs") else "-")
+    print("SUBJECT", subject.model)
+materialize([probe], resources=res, run_config={"resources": {
+    "explainer": {"config": {"max_concurrency": 1}},
+    "simulator": {"config": {"top_logprobs": 5}},
+    "subject": {"config": {"revision": "main"}}}})
 """
     env = project_env(tmp_path, EMBEDDED) | {
         "NEURON_ATLAS_LLM_BACKEND": "openai",
         "NEURON_ATLAS_LLM_MODEL": "served-model",
         "NEURON_ATLAS_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+        "NEURON_ATLAS_EXPLAINER_MODEL": "big-chat-model",
+        "NEURON_ATLAS_EXPLAINER_API": "chat",
+        "NEURON_ATLAS_SIMULATOR_BASE_URL": "http://127.0.0.1:10/v1",
     }
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"CHOSEN openai served-model http://127.0.0.1:9/v1 1 {EMBEDDED}" in done.stdout
+    assert "CHOSEN openai big-chat-model http://127.0.0.1:9/v1 chat 1 -" in done.stdout
+    assert "CHOSEN openai served-model http://127.0.0.1:10/v1 completions 4 5" in done.stdout
+    assert f"SUBJECT {EMBEDDED}" in done.stdout

@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import query, run_stages
+from conftest import local_llm, query, run_stages
 
 from assets.resources import (
     AblationResource,
     CorpusResource,
     ExplainResource,
-    LLMResource,
     SamplingResource,
     SubjectModelResource,
 )
@@ -35,7 +34,7 @@ def test_two_layers_eight_neurons_explained_simulated_scored_ablated(
         subject=SubjectModelResource(model=EMBEDDED),
         corpus=CorpusResource(n_sequences=64),
         sampling=SamplingResource(),
-        llm=LLMResource(),
+        **local_llm(),
         explain=ExplainResource(n_neurons=8),
         ablation=AblationResource(top_n=4),
     )

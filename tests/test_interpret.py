@@ -4,17 +4,20 @@ embedded Gemma as explainer and simulator, and with an OpenAI-compatible server 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
 import polars as pl
 import pytest
-from conftest import loopback_llm, query, run_stages
+from conftest import local_llm, loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
-from assets.resources import CorpusResource, ExplainResource, LLMResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from pipeline.errors import AtlasInputError
 from pipeline.interpret import KINDS, LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
 from pipeline.llm import Completion, GenerationParams, LLMFailure
 from pipeline.llm_local import LocalBackend
@@ -42,7 +45,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
         n_layers=2,
         layers=(0, 0),
         **digit_resources(digit_model_dir, digit_corpus),
-        llm=LLMResource(),
+        **local_llm(),
         explain=ExplainResource(neuron_ids=NEURONS),
     )
     assert result.success
@@ -219,6 +222,39 @@ def test_the_embedded_explainer_can_be_kept_from_copying_its_examples() -> None:
     assert kept.texts[0].strip() and "apple pie and cream" not in kept.texts[0], kept.texts
 
 
+GEMMA_TURNS = (  # Gemma's turn format, as an instruct model's tokenizer would carry it
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_local_chat_explainer_renders_the_turns_through_the_models_chat_template() -> None:
+    import copy
+
+    from pipeline.errors import AtlasInputError
+    from pipeline.prompts import FEW_SHOT, explanation_messages
+
+    gemma = load_subject_model("embedded")
+    with pytest.raises(AtlasInputError, match="needs a model with a chat template"):
+        LocalBackend(gemma.model, gemma.tokenizer, "embedded", api="chat")  # the embedded Gemma is a base model
+    tokenizer = copy.copy(gemma.tokenizer)
+    tokenizer.chat_template = GEMMA_TURNS
+    explainer = LocalBackend(gemma.model, tokenizer, "embedded+turns", api="chat")
+    assert explainer.render([{"role": "user", "content": "Hi"}]) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    messages = explanation_messages([[("a", 0), ("7", 10)]])
+    text = explainer.render(messages)
+    assert text.count("<start_of_turn>model\n") == len(FEW_SHOT) + 1
+    assert f"<start_of_turn>model\n{FEW_SHOT[0].explanation}.<end_of_turn>" in text
+    (reply,) = explainer.complete([messages], GenerationParams(max_tokens=4, temperature=0.0, stop=("\n",)))
+    assert isinstance(reply, Completion)
+    assert reply.prompt_tokens == len(tokenizer(text, add_special_tokens=False).input_ids), (
+        "one <bos>, from the template"
+    )
+    assert explainer.usage.snapshot()["requests"] == 1
+
+
 def test_openai_backend_on_loopback_records_failures_per_neuron(
     tmp_path: Path, digit_model_dir: Path, digit_corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,11 +271,12 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
             n_layers=2,
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
-            llm=loopback_llm(
+            **loopback_llm(
                 server,
                 api_key_env="LOOP_KEY",
                 max_attempts=1,
                 cache_path=str(tmp_path / "cache.sqlite"),
+                explainer={"max_failure_share": 0.7},  # 2 of 3 failing is allowed here: the layer completes
             ),
             explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5, 6], samples=1, temperature=0),
         )
@@ -273,11 +310,12 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
             n_layers=2,
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
-            llm=loopback_llm(
+            **loopback_llm(
                 server,
                 max_concurrency=1,
                 max_attempts=3,
                 cache_path=str(tmp_path / "cache.sqlite"),
+                explainer={"max_failure_share": 0.8},  # 3 of 4 unusable is allowed here: the layer completes
             ),
             explain=ExplainResource(neuron_ids=neurons, samples=1, temperature=0),
         )
@@ -302,6 +340,102 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
     assert "| empty explanation | 1 | " in reasons and "| explanation longer than 300 characters | 1 | 5 |" in reasons
     sim_meta = result.asset_materializations_for_node("simulations")[0].metadata
     assert "no explanation: empty explanation" in sim_meta["failure_reasons"].value
+
+
+def step_error(result: Any, step: str) -> str:
+    (event,) = [e for e in result.get_step_failure_events() if e.step_key == step]
+    error = event.event_specific_data.error
+    return "\n".join(e.message for e in [error, *([error.cause] if error.cause else [])])
+
+
+def test_a_server_failing_most_requests_fails_the_step_naming_the_reason_and_a_rerun_resumes(
+    tmp_path: Path, digit_model_dir: Path, digit_corpus: Path
+) -> None:
+    """More than max_failure_share (0.5) of a layer's requests failing is an error naming the main
+    reasons with counts, not a green step of NULLs; the answers that did arrive are cached, so the rerun
+    asks only for the rest. The same for the simulator's requests."""
+    neurons = [DIGIT_NEURON, 5, 6, 7]
+    state = ServerState(
+        plan={"the main thing this neuron does is find": ["500"] * 3},  # one at a time: the first three fail
+        replies=[("the main thing this neuron does is find", " digits.\n")],
+        slot_probs=[{"0": 0.5, "10": 0.5}],
+    )
+    database = tmp_path / "neuron_atlas.duckdb"
+    settings = {"max_concurrency": 1, "max_attempts": 1, "cache_path": str(tmp_path / "cache.sqlite")}
+    stages = {"activation_records", "top_k_examples", "subject_model", "corpus_tokens"}
+
+    def run(selection: set[str]) -> Any:
+        return run_stages(
+            database,
+            n_layers=2,
+            layers=(0, 0),
+            **digit_resources(digit_model_dir, digit_corpus),
+            **loopback_llm(server, **settings),
+            explain=ExplainResource(neuron_ids=neurons),
+            selection=sorted(selection),
+            raise_on_error=False,
+        )
+
+    with LoopbackServer(state) as server:
+        failed = run(stages | {"explanations"})
+        assert not failed.success
+        message = step_error(failed, "explanations")
+        assert "3 of 4 explainer requests failed (more than max_failure_share=0.5)" in message
+        assert "3 x explainer request failed after 1 attempt(s): HTTP 500" in message
+        assert state.requests == 4
+
+        rerun = run({"explanations"})
+        assert rerun.success and state.requests == 4 + 3, "the neuron answered before came from the cache"
+        meta = rerun.asset_materializations_for_node("explanations")[0].metadata
+        assert (meta["explainer_requests"].value, meta["explainer_cache_hits"].value) == (3, 1)
+
+        state.plan = {"\tunknown": ["500"] * 1000}  # every simulation request fails
+        sims = run({"simulations"})
+        assert not sims.success
+        message = step_error(sims, "simulations")
+        failed_share = re.search(r"(\d+) of (\d+) simulated sequences failed", message)
+        assert failed_share and failed_share[1] == failed_share[2] and "HTTP 500" in message, message
+    written = query(database)("select count(explanation) from atlas.explanations where kind = 'llm'")
+    assert written == [(len(neurons) * ExplainResource().samples,)]
+
+
+def test_cost_command_predicts_the_requests_and_tokens_the_run_spent(
+    local_run: tuple, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The estimate, made from the warehouse before explaining, against what the run recorded: the
+    explainer's (the embedded Gemma's) prompt tokens per request exactly, and the simulator's
+    requests at most what the flow can ask (per unit: every candidate on valid, two chosen ones on
+    calibration and test, their controls on test)."""
+    from pipeline.cost import main
+
+    database, result = local_run
+    q = query(database)
+    spent = q("select count(distinct neuron), sum(prompt_tokens) / 2 from atlas.explanations where kind = 'llm'")[0]
+    asked = q("select count(*) from atlas.simulations where kind in ('llm', 'token_space') and seq_id is not null")
+    split = dict(
+        q(
+            "select split, count(*) from atlas.examples_long where split <> 'train' and list_contains(?, neuron)"
+            " group by all",
+            [NEURONS],
+        )
+    )
+    samples = ExplainResource().samples
+    bound = split["valid"] * (samples + 1) + split["calibration"] * 2 + split["test"] * 4
+    ids = ",".join(map(str, NEURONS))
+    common = ["--db", str(database), "--layers", "0", "--neuron-ids", ids]  # tokens counted as Gemma counts them
+    main([*common, "--simulator-backend", "openai", "--simulator-api", "completions"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows["explanations"][1:3] == [str(spent[0]), f"{int(spent[1]):,}"]  # samples share a request
+    assert int(rows["simulations"][1].replace(",", "")) == bound >= asked[0][0] > 0
+    assert rows["explanations"][3] == f"{len(NEURONS) * samples * 40}", "samples x max_tokens"
+
+    main([*common, "--simulator-backend", "openai", "--simulator-api", "chat"])
+    chat = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert chat["simulations"][1] == f"{bound:,}" and chat["simulations"][-1] == f"{bound:,}", "one re-ask each"
+    assert int(chat["simulations"][3].replace(",", "")) >= 3 * 16 * bound  # token, tab, level per line
+    with pytest.raises(AtlasInputError, match="not in the warehouse"):
+        main([*common, "--layers", "0-5"])
 
 
 def test_every_shipped_query_runs(local_run: tuple) -> None:

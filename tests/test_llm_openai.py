@@ -7,8 +7,10 @@ caching and key hygiene are observed on the wire rather than mocked.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +21,12 @@ import numpy as np
 import pytest
 from loopback_llm import LoopbackServer, ServerState, simple_tokens
 
+from pipeline.errors import AtlasInputError
 from pipeline.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
 from pipeline.llm_cache import LLMCache, cache_key
-from pipeline.llm_openai import NO_LOGPROBS, OpenAIBackend, retry_after_seconds
-from pipeline.prompts import SIMULATE_VERSION, simulation_prompt
-from pipeline.simulate_remote import JSON_SIMULATE_VERSION, EchoSimulator, JsonSimulator, parse_json_levels
+from pipeline.llm_openai import NO_CHAT_LOGPROBS, NO_LOGPROBS, OpenAIBackend, retry_after_seconds
+from pipeline.prompts import SIMULATE_CHAT_SAMPLED_VERSION, SIMULATE_CHAT_VERSION, SIMULATE_VERSION, simulation_prompt
+from pipeline.simulate_remote import ChatSimulator, EchoSimulator
 
 KEY = "sk-test-PLANTED-123"
 KEY_ENV = "NEURON_ATLAS_TEST_LLM_KEY"
@@ -62,7 +65,7 @@ def test_retries_each_fault_then_succeeds(server: LoopbackServer) -> None:
     state.retry_after = "1"
     state.replies = [("FLAKY", "flaky done\n"), ("LIMITED", "limited do")]  # the second runs into max_tokens
     start = time.monotonic()
-    flaky, limited = backend(server).complete(["FLAKY prompt", "LIMITED prompt"], PARAMS)
+    flaky, limited = backend(server, retry_timeouts=True).complete(["FLAKY prompt", "LIMITED prompt"], PARAMS)
     elapsed = time.monotonic() - start
     assert flaky == Completion(["flaky done\n"], prompt_tokens=3, completion_tokens=1, truncated=(False,))
     assert limited == Completion(["limited do"], prompt_tokens=3, completion_tokens=1, truncated=(True,))
@@ -86,10 +89,12 @@ def test_gives_up_after_max_attempts_and_the_rest_succeed(server: LoopbackServer
     doomed, timeout, refused = results[1], results[3], results[4]
     assert isinstance(doomed, LLMFailure) and doomed.attempts == 3
     assert doomed.reason.startswith("HTTP 500") and "gave up after 3 attempts" in doomed.reason
-    assert isinstance(timeout, LLMFailure) and timeout.attempts == 3 and "timed out" in timeout.reason
+    # A timed-out request is not resent into a server that may still be working on it.
+    assert isinstance(timeout, LLMFailure) and timeout.attempts == 1 and "timed out" in timeout.reason
+    assert "not resent" in timeout.reason
     # A 4xx other than 429 is not retried.
     assert isinstance(refused, LLMFailure) and refused.attempts == 1 and refused.reason.startswith("HTTP 401")
-    assert server.state.requests == 3 + 3 + 3 + 1
+    assert server.state.requests == 3 + 3 + 1 + 1
     assert server.state.plan["DOOMED"] == ["500"] * 7
 
 
@@ -201,52 +206,128 @@ def test_echo_simulator_expected_levels(server: LoopbackServer, offsets: bool, e
     assert prompts == sorted(simulation_prompt("cats", seq) for seq in sequences if seq)
 
 
-def test_echo_simulator_failures(server: LoopbackServer) -> None:
+def test_echo_simulator_failures_are_per_sequence(server: LoopbackServer) -> None:
     server.state.slot_probs = [{"unknown": 0.6, "3": 0.3, "cat": 0.1}]
     sim = EchoSimulator(backend(server), top_logprobs=1)  # only "unknown" survives the top-1 cut
-    out = sim.simulate("cats", [["a", "b"]])
-    assert isinstance(out, LLMFailure) and out.reason.startswith("sequence 0: no 0-10 level among the top logprobs")
+    (out,) = sim.simulate_each("cats", [["a", "b"]])
+    assert isinstance(out, LLMFailure) and out.reason.startswith("no 0-10 level among the top logprobs")
+    assert sim.simulate("cats", [["a", "b"]]) == LLMFailure(f"sequence 0: {out.reason}")
 
     server.state.echo_logprobs = False
-    out = EchoSimulator(backend(server)).simulate("cats", [["a"], ["b"]])
-    assert isinstance(out, LLMFailure) and NO_LOGPROBS in out.reason
+    out = EchoSimulator(backend(server)).simulate_each("cats", [["a"], ["b"]])
+    assert all(isinstance(o, LLMFailure) and NO_LOGPROBS in o.reason for o in out)
 
 
-def test_parse_json_levels() -> None:
-    np.testing.assert_array_equal(parse_json_levels("Levels: [0, 3, 10]\n", 3), [0.0, 3.0, 10.0])
-    np.testing.assert_array_equal(parse_json_levels("[[x] nope] then [1, 2.5]", 2), [1.0, 2.5])
-    assert parse_json_levels("[1, 2]", 3) == "the reply lists 2 values for 3 tokens"
-    assert parse_json_levels("three, four", 2) == "no JSON list in the reply"
-    assert parse_json_levels("[1, 11]", 2) == "value 1 of the reply is 11, outside 0..10"
-    assert parse_json_levels("[1, -1]", 2) == "value 1 of the reply is -1, outside 0..10"
-    assert parse_json_levels('[1, "2"]', 2) == 'value 1 of the reply is not a number: "2"'
-    assert parse_json_levels("[true, 2]", 2) == "value 0 of the reply is not a number: true"
+def test_echo_simulator_splits_ten_exactly_where_the_tokenizer_writes_1_0(server: LoopbackServer) -> None:
+    """p("1") at a slot is shared by 1 and 10 when "10" is two tokens: one more request (the prompt up to
+    the slot, then "1") reads p("0") against the line end, and splits it."""
+    server.state.slot_probs = [{"1": 0.6, "3": 0.4}, {"1": 0.001, "2": 0.999}]
+    server.state.next_probs = {"0": 0.6, "\n": 0.2, "x": 0.2}  # after "1": 10 three times as likely as 1
+    sim = EchoSimulator(backend(server, max_concurrency=1), top_logprobs=5, branch_min_share=0.01)
+    (levels,) = sim.simulate_each("cats", [["a", "b"]])
+    split = 0.6 * 0.25 * 1 + 0.6 * 0.75 * 10 + 0.4 * 3  # by hand
+    # The second slot's p("1") is under 1% of its level mass: counted as 1, no request.
+    assert levels.tolist() == pytest.approx([split, (0.001 * 1 + 0.999 * 2) / 1.0])
+    branch = [b for b in server.state.bodies if not b.get("echo")]
+    assert len(branch) == 1 and branch[0]["max_tokens"] == 1 and branch[0]["logprobs"] == 5
+    echo_prompt = next(b["prompt"] for b in server.state.bodies if b.get("echo"))
+    assert branch[0]["prompt"] == echo_prompt[: echo_prompt.index("\tunknown") + 1] + "1"
+
+    # Negative control: with the split turned off (threshold above every share), p("1") counts as 1.
+    plain = EchoSimulator(backend(server), top_logprobs=5, branch_min_share=1.1).simulate_each("cats", [["a", "b"]])
+    assert plain[0][0] == pytest.approx(0.6 * 1 + 0.4 * 3) and plain[0][0] != pytest.approx(split)
 
 
-@pytest.mark.parametrize("chat", [True, False])
-def test_json_simulator(server: LoopbackServer, chat: bool) -> None:
-    server.state.replies = [
-        ('"GOOD"', "Sure! [0, 4, 10]"),
-        ('"SHORT"', "[1, 2]"),
-        ('"PROSE"', "I would say low, then high."),
-        ('"HIGH"', "[3, 11, 0]"),
+def test_echo_cache_keeps_slot_levels_not_the_echoed_prompt(server: LoopbackServer, tmp_path: Path) -> None:
+    server.state.slot_probs = [{"3": 0.5, "7": 0.5}]
+    cache = LLMCache(tmp_path / "cache.sqlite")
+    tokens = [f"word{i}" for i in range(40)]
+    first = EchoSimulator(backend(server, cache=cache)).simulate_each("cats", [tokens])
+    again = EchoSimulator(backend(server, cache=LLMCache(cache.path))).simulate_each("cats", [tokens])
+    assert server.state.requests == 1, "the second simulator read the cache"
+    assert first[0].tolist() == again[0].tolist() == [5.0] * 40
+    with sqlite3.connect(cache.path) as conn:
+        ((kind, value),) = conn.execute("select kind, value from responses").fetchall()
+    assert kind.startswith("echo:") and json.loads(value) == [[0.0] * 3 + [0.5] + [0.0] * 3 + [0.5] + [0.0] * 3] * 40
+    assert "word1" not in value and "unknown" not in value
+
+
+CHAT_TOKENS = ["The", " cat", " sat"]
+
+
+def chat_reply(levels: list[str], tokens: list[str] = CHAT_TOKENS) -> str:
+    return "".join(f'"{t}"\t{v}\n' for t, v in zip(tokens, levels, strict=True))
+
+
+def test_chat_simulator_expected_levels_from_top_logprobs(server: LoopbackServer) -> None:
+    state = server.state
+    state.split_digits = True  # "10" is "1" + "0", as in Gemma's and Qwen's tokenizers
+    state.queued = [chat_reply(["0", "10", "1"])]
+    state.level_probs = [{"0": 0.5, "2": 0.25, "x": 0.25}, {"1": 0.8, "7": 0.2}, {"1": 0.6, "3": 0.4}]
+    state.after_one = {"0": 0.75, "\n": 0.25}
+    sim = ChatSimulator(backend(server, api="chat"), top_logprobs=7)
+    assert (sim.backend, sim.model, sim.prompt_version) == ("openai", "test-model", SIMULATE_CHAT_VERSION)
+    (levels,) = sim.simulate_each("cats", [CHAT_TOKENS])
+    by_hand = [
+        (0 * 0.5 + 2 * 0.25) / 0.75,
+        0.8 * 0.75 * 10 + 0.8 * 0.25 * 1 + 0.2 * 7,  # a written "1": the next token splits p("1")
+        0.6 * 0.75 * 10 + 0.6 * 0.25 * 1 + 0.4 * 3,
     ]
-    sim = JsonSimulator(backend(server, chat=chat))
-    assert (sim.backend, sim.model, sim.prompt_version) == ("openai", "test-model", JSON_SIMULATE_VERSION)
-    out = sim.simulate("cats", [["GOOD", " cat", " sat"], []])
-    assert not isinstance(out, LLMFailure)
-    assert [o.tolist() for o in out] == [[0.0, 4.0, 10.0], []]
-    body = server.state.bodies[-1]
-    prompt = body["messages"][-1]["content"] if chat else body["prompt"]
-    assert body["temperature"] == 0 and 'as a JSON list: ["GOOD", " cat", " sat"]\n' in prompt
+    assert levels.tolist() == pytest.approx(by_hand)
+    body = state.bodies[-1]
+    assert (body["logprobs"], body["top_logprobs"], body["temperature"]) == (True, 7, 0)
+    assert body["messages"][0]["role"] == "system" and body["messages"][-1]["content"].endswith(
+        '"The"\n" cat"\n" sat"\n'
+    )
+    assert [m["role"] for m in body["messages"][1:3]] == ["user", "assistant"]
 
-    for marker, reason in [
-        ("SHORT", "the reply lists 2 values for 3 tokens"),
-        ("PROSE", "no JSON list in the reply"),
-        ("HIGH", "value 1 of the reply is 11, outside 0..10"),
-    ]:
-        out = sim.simulate("cats", [["GOOD", "a", "b"], [marker, "a", "b"]])
-        assert out == LLMFailure(f"sequence 1: {reason}", attempts=1)
+
+def test_chat_simulator_reasks_once_then_fails_the_sequence_alone(server: LoopbackServer) -> None:
+    state = server.state
+    state.level_probs = [{"4": 1.0}]
+    state.queued = [  # in request order (one in flight): both sequences, then both re-asks
+        '"The"\t4\n" cat"\t4\n',  # sequence 0: two lines for three tokens
+        '"P"\t4\n"X"\t4\n',  # sequence 1: a line for another token
+        chat_reply(["4", "4", "4"]),  # sequence 0, asked again: right
+        '"P"\t4\n"X"\t4\n',  # sequence 1, asked again: still wrong
+    ]
+    sim = ChatSimulator(backend(server, api="chat", max_concurrency=1), top_logprobs=5)
+    out = sim.simulate_each("cats", [CHAT_TOKENS, ["P", "Q"]])
+    assert not isinstance(out[0], LLMFailure) and out[0].tolist() == [4.0, 4.0, 4.0]
+    assert out[1] == LLMFailure('the reply does not match the tokens: line 2 is for "X", not the token "Q"')
+    assert state.requests == 4, "each sequence asked once, then once more"
+    first, retry = state.bodies[0]["messages"], state.bodies[2]["messages"]
+    assert retry[: len(first)] == first and retry[-2] == {"role": "assistant", "content": '"The"\t4\n" cat"\t4\n'}
+    assert "(3 lines for 2 tokens)" not in retry[-1]["content"] and "(2 lines for 3 tokens)" in retry[-1]["content"]
+
+
+def test_chat_simulator_without_logprobs_takes_the_written_levels(server: LoopbackServer) -> None:
+    server.state.queued = [chat_reply(["0", "10", "3"])]
+    sim = ChatSimulator(backend(server, api="chat"), top_logprobs=None)
+    assert sim.prompt_version == SIMULATE_CHAT_SAMPLED_VERSION != SIMULATE_CHAT_VERSION
+    (levels,) = sim.simulate_each("cats", [CHAT_TOKENS])
+    assert levels.tolist() == [0.0, 10.0, 3.0]
+    assert "logprobs" not in server.state.bodies[-1]
+
+
+def test_chat_simulator_on_a_server_without_logprobs_says_what_to_set(server: LoopbackServer) -> None:
+    server.state.chat_logprobs = False
+    server.state.queued = [chat_reply(["0", "1", "3"])]
+    (out,) = ChatSimulator(backend(server, api="chat")).simulate_each("cats", [CHAT_TOKENS])
+    assert isinstance(out, LLMFailure) and out.reason == NO_CHAT_LOGPROBS and "logprobs: false" in out.reason
+
+
+def test_usage_counts_requests_tokens_and_cache_hits(server: LoopbackServer, tmp_path: Path) -> None:
+    server.state.plan = {"FLAKY": ["500"]}
+    llm = backend(server, cache=LLMCache(tmp_path / "cache.sqlite"))
+    llm.complete(["FLAKY one two", "three"], PARAMS)
+    llm.complete(["FLAKY one two", "three"], PARAMS)
+    assert llm.usage.snapshot() == {
+        "requests": 3,  # one retry
+        "prompt_tokens": 5 + 1,  # what the server reported
+        "completion_tokens": 2,
+        "cache_hits": 2,
+    }
 
 
 def test_complete_from_inside_a_running_event_loop(server: LoopbackServer) -> None:
@@ -271,3 +352,31 @@ def test_cache_is_shared_safely_by_threads(tmp_path: Path) -> None:
         got = list(pool.map(work, range(40)))
     assert got == [{"texts": [str(i % 5)]} for i in range(40)]
     assert len(cache) == 5
+
+
+def test_chat_explainer_sends_the_few_shot_prompt_as_turns_and_parses_the_reply(server: LoopbackServer) -> None:
+    from pipeline.interpret import explain_layer
+    from pipeline.prompts import EXPLAIN_CHAT_VERSION, FEW_SHOT
+    from pipeline.units import Example, Unit
+
+    n = len(FEW_SHOT) + 1
+    # A chatty reply that repeats the prompt's sentence: the explanation is what follows it.
+    server.state.queued = [f"Explanation of neuron {n} behavior: the main thing this neuron does is find digits.\n"]
+    train = Example("top", "train", 0, 0, ("a", "1"), (5, 6), np.array([0.0, 3.0], dtype=np.float32))
+    unit = Unit(0, 7, "+", 3.0, (train,), ({"token_id": 6, "token": "1", "mean_activation": 3.0, "count": 2},))
+    frame = explain_layer([unit], backend(server, api="chat"), PARAMS)
+    row = frame.filter(frame["kind"] == "llm").row(0, named=True)
+    assert (row["explanation"], row["failure_reason"], row["prompt_version"]) == ("digits", None, EXPLAIN_CHAT_VERSION)
+    messages = server.state.bodies[-1]["messages"]
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(FEW_SHOT) + ["user"]
+    assert messages[2]["content"] == f"{FEW_SHOT[0].explanation}."
+    assert messages[-1]["content"] == (
+        f"Neuron {n}\nActivations:\n<start>\na\t0\n1\t10\n<end>\nSame activations, with the zeros left out:\n"
+        f"<start>\n1\t10\n<end>\nExplanation of neuron {n} behavior: the main thing this neuron does is find"
+    )
+
+
+def test_completions_backend_refuses_a_chat_prompt(server: LoopbackServer) -> None:
+    with pytest.raises(AtlasInputError, match="needs api: chat"):
+        backend(server).complete([[{"role": "user", "content": "hi"}]], PARAMS)
+    assert server.state.requests == 0

@@ -95,7 +95,8 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
         )
         cli = materialize_command(
             SMALL_RESOURCES
-            | {"explain": {"config": {"neuron_ids": [DIGIT_NEURON, 5, 6]}}, "llm": {"config": {"max_concurrency": 1}}}
+            | {"explain": {"config": {"neuron_ids": [DIGIT_NEURON, 5, 6]}}}
+            | {"explainer": {"config": {"max_concurrency": 1}}}
         )
         outputs = []
         for select in ("subject_model,corpus_tokens", "activation_records,top_k_examples,explanations,simulations"):

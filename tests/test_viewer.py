@@ -53,7 +53,7 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             subject=SubjectModelResource(model=str(model)),
             corpus=CorpusResource(source=str(corpus), seq_len=16, n_sequences=48, seed=3),
             sampling=SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
-            llm=loopback_llm(server, max_concurrency=2),
+            **loopback_llm(server, max_concurrency=2),
             explain=ExplainResource(neuron_ids=NEURONS),
             ablation=AblationResource(top_n=len(NEURONS), random_n=0),
         )

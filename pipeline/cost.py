@@ -1,0 +1,212 @@
+"""What explaining and simulating a selection of layers and neurons will ask of the LLMs, before launch:
+`python -m pipeline.cost --layers 0-3 --neurons 8 [--db FILE]`.
+
+Counts come from the warehouse's `top_k_examples` and `corpus_tokens` (materialize those first): the
+explainer's prompts are built exactly as the `explanations` step builds them. The simulator's are
+those the `simulations` step sends at most per unit: every candidate (the LLM's samples and the
+token-space explanation) on the valid split, the two chosen ones on calibration and test, and their
+controls on test (degenerate candidates and kinds chosen for one unit only ask less). The
+explanations do not exist yet, so the simulator's prompts use a placeholder explanation of typical
+length. Tokens are counted with the tokenizer given
+(default: the embedded Gemma's), a proxy for a server model's own tokenizer; completion tokens are upper
+bounds where the model decides (explanations) and exact where the format fixes them (echo: the prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from pipeline.errors import AtlasInputError
+from pipeline.interpret import CANDIDATE_KINDS
+from pipeline.llm import role_env
+from pipeline.prompts import (
+    chat_simulation_messages,
+    explanation_messages,
+    explanation_prompt,
+    format_token,
+    simulation_prompt,
+)
+from pipeline.units import Unit, select_units, units_from_frames
+
+PLACEHOLDER_EXPLANATION = "words about food and cooking"  # the length of a typical explanation
+CountTokens = Callable[[str], int]
+
+
+@dataclass
+class StageCost:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Requests that may be added: re-asks (chat) or the splits of p("1") between 1 and 10 (echo).
+    extra_requests_max: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _text(prompt: str | list[dict]) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def explanation_cost(units: Sequence[Unit], count: CountTokens, api: str, samples: int, max_tokens: int) -> StageCost:
+    """One request per live unit (its samples share it); completion tokens at most samples x max_tokens."""
+    cost = StageCost()
+    build = explanation_messages if api == "chat" else explanation_prompt
+    for unit in units:
+        if unit.dead:
+            continue
+        cost.requests += 1
+        cost.prompt_tokens += count(_text(build(unit.train_records())))
+        cost.completion_tokens += samples * max_tokens
+    return cost
+
+
+def simulated_sequences(unit: Unit, samples: int) -> list[tuple[tuple[str, ...], int]]:
+    """(tokens, times simulated) at most: valid for every candidate (samples + the token-space
+    explanation), calibration and test for each of the two kinds' chosen one, and the control on test."""
+    times = {"valid": samples + len(CANDIDATE_KINDS) - 1, "calibration": 2, "test": 4}
+    return [(e.tokens, times[e.split]) for e in unit.examples if e.split in times and e.tokens]
+
+
+def simulation_cost(units: Sequence[Unit], count: CountTokens, backend: str, api: str, samples: int) -> StageCost:
+    """Requests and tokens of the simulator (the lookup reference asks no LLM)."""
+    cost = StageCost()
+    for unit in units:
+        if unit.dead:
+            continue
+        for tokens, times in simulated_sequences(unit, samples):
+            if backend == "local":
+                cost.prompt_tokens += times * count(simulation_prompt(PLACEHOLDER_EXPLANATION, tokens))
+            elif api == "chat":
+                prompt = _text(chat_simulation_messages(PLACEHOLDER_EXPLANATION, tokens))
+                reply = "".join(f"{format_token(t)}\t0\n" for t in tokens)
+                cost.requests += times
+                cost.prompt_tokens += times * count(prompt)
+                cost.completion_tokens += times * count(reply)
+                cost.extra_requests_max += times  # one re-ask per sequence at most
+            else:
+                cost.requests += times
+                cost.prompt_tokens += times * count(simulation_prompt(PLACEHOLDER_EXPLANATION, tokens))
+                cost.completion_tokens += times  # echo generates one token (max_tokens=1)
+                cost.extra_requests_max += times * len(tokens)  # "10" splits, one per token at most
+        if backend == "local":  # in process: one batched pass per explanation and split group, nothing sent
+            cost.requests += samples + len(CANDIDATE_KINDS) - 1 + 2 * len(CANDIDATE_KINDS)
+    return cost
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """'all', '3', '0-3' (or Dagster's '0...3') or '0,2,5', checked against the layers the warehouse holds."""
+    text = text.replace("...", "-")
+    if text == "all":
+        return list(range(n_layers))
+    layers: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            layers += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError as exc:
+            raise AtlasInputError(f"layers must look like 3, 0-3 or 0,2,5 (or all), got {text!r}") from exc
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise AtlasInputError(f"layers {bad} are not in the warehouse (it holds layers 0..{n_layers - 1})")
+    return sorted(set(layers))
+
+
+def estimate(
+    examples: pl.DataFrame,
+    corpus_tokens: pl.DataFrame,
+    layers: Sequence[int],
+    count: CountTokens,
+    *,
+    n_neurons: int | None = 8,
+    neuron_ids: Sequence[int] | None = None,
+    samples: int = 2,
+    max_tokens: int = 40,
+    explainer_api: str = "completions",
+    simulator_backend: str = "local",
+    simulator_api: str = "completions",
+) -> dict[str, StageCost]:
+    """Requests and tokens (at most) of the explanations and simulations steps for these layers and neurons."""
+    units = units_from_frames(examples.filter(pl.col("layer").is_in(list(layers))), corpus_tokens)
+    chosen: list[Unit] = []
+    for layer in layers:
+        n = len({neuron for (lay, neuron, _) in units if lay == layer})
+        chosen += select_units(units, layer, n, n_neurons, neuron_ids)
+    return {
+        "explanations": explanation_cost(chosen, count, explainer_api, samples, max_tokens),
+        "simulations": simulation_cost(chosen, count, simulator_backend, simulator_api, samples),
+    }
+
+
+def report(costs: dict[str, StageCost]) -> str:
+    rows = [f"{'stage':<14}{'requests':>10}{'prompt tokens':>16}{'completion tokens':>20}  may add requests"]
+    for name, c in [*costs.items(), ("total", _total(costs.values()))]:
+        rows.append(
+            f"{name:<14}{c.requests:>10,}{c.prompt_tokens:>16,}{c.completion_tokens:>20,}  "
+            + (f"up to {c.extra_requests_max:,}" if c.extra_requests_max else "-")
+        )
+    return "\n".join(rows)
+
+
+def _total(costs: Sequence[StageCost] | object) -> StageCost:
+    total = StageCost()
+    for c in costs:  # type: ignore[attr-defined]
+        total.requests += c.requests
+        total.prompt_tokens += c.prompt_tokens
+        total.completion_tokens += c.completion_tokens
+        total.extra_requests_max += c.extra_requests_max
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.warehouse import default_database, open_warehouse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", default=str(default_database()), help="warehouse file")
+    parser.add_argument("--layers", default="all", help="'all', '3', '0-3' or '0,2,5'")
+    parser.add_argument("--neurons", type=int, default=8, help="the first N neurons of each layer (explain.n_neurons)")
+    parser.add_argument("--neuron-ids", default=None, help="explicit neuron ids, e.g. 3,17 (explain.neuron_ids)")
+    parser.add_argument("--samples", type=int, default=2, help="explanations per unit (explain.samples)")
+    parser.add_argument("--max-tokens", type=int, default=40, help="longest explanation (explain.max_tokens)")
+    parser.add_argument("--explainer-api", default=role_env("EXPLAINER", "API") or "completions")
+    parser.add_argument("--simulator-backend", default=role_env("SIMULATOR", "BACKEND") or "local")
+    parser.add_argument("--simulator-api", default=role_env("SIMULATOR", "API") or "completions")
+    parser.add_argument("--tokenizer", default="embedded", help="model whose tokenizer counts the tokens")
+    args = parser.parse_args(argv)
+
+    from pipeline.models import load_tokenizer
+
+    tokenizer, identity = load_tokenizer(args.tokenizer)
+    with open_warehouse(args.db, read_only=True) as conn:
+        examples = conn.sql(
+            "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
+        ).pl()
+        corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
+    if examples.is_empty():
+        raise AtlasInputError("top_k_examples is empty: materialize activation_records and top_k_examples first")
+    layers = parse_layers(args.layers, int(examples["layer"].max()) + 1)
+    ids = [int(i) for i in args.neuron_ids.split(",")] if args.neuron_ids else None
+    costs = estimate(
+        examples,
+        corpus,
+        layers,
+        lambda text: len(tokenizer.encode(text)),
+        n_neurons=args.neurons,
+        neuron_ids=ids,
+        samples=args.samples,
+        max_tokens=args.max_tokens,
+        explainer_api=args.explainer_api,
+        simulator_backend=args.simulator_backend,
+        simulator_api=args.simulator_api,
+    )
+    print(f"layers {layers[0]}..{layers[-1]} ({len(layers)}), tokens counted with {identity.model_id}'s tokenizer")
+    print(f"explainer api: {args.explainer_api}; simulator: {args.simulator_backend}, api {args.simulator_api}")
+    print(report(costs))
+    if args.simulator_backend == "local":
+        print("(the local simulator runs in process: its requests are batched forward passes, nothing is sent)")
+
+
+if __name__ == "__main__":
+    main()
