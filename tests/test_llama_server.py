@@ -32,7 +32,7 @@ from assets.resources import (
 )
 from pipeline.corpus import token_strings
 from pipeline.interpret import LLM
-from pipeline.llm import LLMFailure
+from pipeline.llm import GenerationParams, LLMFailure
 from pipeline.llm_cache import LLMCache
 from pipeline.llm_openai import OpenAIBackend
 from pipeline.models import EMBEDDED, _embedded_gguf, load_subject_model, model_layer_count
@@ -117,7 +117,9 @@ def run_llm_stages(database: Path, neuron: int, explainer: Any, simulator: Any) 
         **small_resources(),
         explainer=explainer,
         simulator=simulator,
-        explain=ExplainResource(neuron_ids=[neuron], max_tokens=24),
+        # One sample: each unit's candidates (the sample and the token-space explanation) are echoed on
+        # valid, the two chosen ones on calibration and test, their controls on test.
+        explain=ExplainResource(neuron_ids=[neuron], max_tokens=24, samples=1, temperature=0),
         selection=LLM_STAGES,
     )
     assert result.success
@@ -157,8 +159,10 @@ def test_completions_explain_simulate_and_score_through_dagster(
         served(server, SimulatorResource, "completions", tmp_path),
     )
     check_run(database, result, EXPLAIN_VERSION, SIMULATE_VERSION)
-    scores = query(database)("select corr_all, failure_reason from atlas.scores where kind = 'llm'")
+    scores = query(database)("select corr_all, failure_reason from atlas.scores where kind = 'llm' and split = 'valid'")
     assert len(scores) == 1 and (scores[0][0] is not None or scores[0][1])
+    test = query(database)("select count(*) from atlas.scores where split = 'test' and best")
+    assert test == [(1,)], "the unit's chosen explanation is reported on the test split"
 
 
 def test_chat_explain_simulate_and_score_through_dagster(
@@ -241,3 +245,13 @@ def test_echo_expected_values_agree_with_the_local_simulator_on_the_same_weights
     assert truth.std() > 0.5, "the explanation must make the levels vary, or a correlation says nothing"
     assert r_exact >= 0.95 and r_default >= 0.95
     assert r_one < 0.95, "the negative control must fail the check"
+
+
+def test_samples_from_a_server_that_ignores_n(chat_server: str) -> None:
+    """llama.cpp's server answers one choice whatever `n` asks: the explainer's default two samples
+    still come back as two (asked one at a time), not as a malformed response."""
+    llm = OpenAIBackend(CHAT_SERVED, chat_server, api="chat", max_concurrency=1, timeout_s=300)
+    params = GenerationParams(max_tokens=6, temperature=1.0, n=2, seed=3, stop=("\n",))
+    (done,) = llm.complete([[{"role": "user", "content": "Name a fruit."}]], params)
+    assert not isinstance(done, LLMFailure), done
+    assert len(done.texts) == 2 and llm.usage.snapshot()["requests"] == 2
