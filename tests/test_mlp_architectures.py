@@ -366,5 +366,5 @@ def test_opt_blocks_without_an_mlp_module_are_captured_per_token() -> None:
     subject = SubjectModel(model=model, tokenizer=None, identity=ModelIdentity("opt", "0"), path=Path("."))
     rec = collect_activation_records(subject, ids.numpy(), [1], SamplingSpec(top_k=2, random_k=2, batch_size=4))[1]
     for neuron in (0, 17):
-        for seq_id, acts in zip(rec.top_ids[neuron], rec.top_acts[neuron], strict=True):
+        for seq_id, acts in zip(rec.top.ids[neuron], rec.top.acts[neuron], strict=True):
             torch.testing.assert_close(torch.from_numpy(acts), expected[seq_id, :, neuron])

@@ -23,7 +23,7 @@ def _acts(seed: int = 0, ties: bool = False) -> torch.Tensor:
 
 
 def _stream(acts: torch.Tensor, spec: SamplingSpec, batch: int) -> object:
-    acc = LayerAccumulator(0, N, T, spec, torch.device("cpu"))
+    acc = LayerAccumulator(0, N, acts.shape[0], T, spec, torch.device("cpu"))
     for lo in range(0, acts.shape[0], batch):
         chunk = acts[lo : lo + batch]
         acc.update(chunk, torch.arange(lo, lo + chunk.shape[0]))
@@ -39,9 +39,9 @@ def test_top_k_matches_brute_force(ties: bool, batch: int) -> None:
     seq_max = acts.amax(dim=1).numpy()
     for n in range(N):
         expected = sorted(range(N_SEQ), key=lambda s: (-seq_max[s, n], s))[:7]
-        assert rec.top_ids[n].tolist() == expected
-        np.testing.assert_array_equal(rec.top_max[n], seq_max[expected, n])
-        np.testing.assert_array_equal(rec.top_acts[n], acts[expected, :, n].numpy())
+        assert rec.top.ids[n].tolist() == expected
+        np.testing.assert_array_equal(rec.top.max[n], seq_max[expected, n])
+        np.testing.assert_array_equal(rec.top.acts[n], acts[expected, :, n].numpy())
 
 
 @pytest.mark.parametrize("batch", [1, 5, 37])
@@ -61,12 +61,12 @@ def test_random_sample_is_without_replacement_and_holds_true_activations() -> No
     acts = _acts(2)
     rec = _stream(acts, SamplingSpec(top_k=3, random_k=10, quantile_bins=3, per_quantile=2), batch=4)
     for n in range(N):
-        ids = rec.random_ids[n].tolist()
+        ids = rec.random.ids[n].tolist()
         assert len(ids) == len(set(ids)) == 10
-        np.testing.assert_array_equal(rec.random_acts[n], acts[ids, :, n].numpy())
-        np.testing.assert_array_equal(rec.random_max[n], acts[ids, :, n].amax(dim=1).numpy())
+        np.testing.assert_array_equal(rec.random.acts[n], acts[ids, :, n].numpy())
+        np.testing.assert_array_equal(rec.random.max[n], acts[ids, :, n].amax(dim=1).numpy())
     # neurons draw their own samples
-    assert len({tuple(r) for r in rec.random_ids.tolist()}) > 1
+    assert len({tuple(r) for r in rec.random.ids.tolist()}) > 1
 
 
 def test_random_sample_is_uniform() -> None:
@@ -75,7 +75,7 @@ def test_random_sample_is_uniform() -> None:
     counts = np.zeros(N_SEQ)
     for seed in range(200):
         rec = _stream(acts, SamplingSpec(top_k=1, random_k=5, quantile_bins=1, per_quantile=0, seed=seed), batch=8)
-        np.add.at(counts, rec.random_ids.reshape(-1), 1)
+        np.add.at(counts, rec.random.ids.reshape(-1), 1)
     expected = 200 * N * 5 / N_SEQ  # ~135 per sequence
     assert counts.min() > 0.6 * expected and counts.max() < 1.4 * expected
 
@@ -90,8 +90,8 @@ def test_quantile_samples_cover_the_activation_range() -> None:
 
 def test_fewer_sequences_than_k_keeps_what_exists() -> None:
     acts = _acts(4)[:3]
-    acc = LayerAccumulator(0, N, T, SamplingSpec(top_k=20, random_k=20), torch.device("cpu"))
+    acc = LayerAccumulator(0, N, 3, T, SamplingSpec(top_k=20, random_k=20), torch.device("cpu"))
     acc.update(acts, torch.arange(3))
     rec = acc.finalize()
-    assert rec.top_ids.shape == (N, 3) and rec.random_ids.shape == (N, 3)
-    assert (rec.top_ids >= 0).all()
+    assert rec.top.ids.shape == (N, 3) and rec.random.ids.shape == (N, 3)
+    assert (rec.top.ids >= 0).all()
