@@ -76,10 +76,22 @@ class SamplingResource(ConfigurableResource):
     batch_size: int = Field(16, description="sequences per forward pass")
     n_top_tokens: int = Field(10, description="top tokens kept per neuron")
     seed: int = Field(0, description="seed of the random samples")
+    negative: str = Field(
+        "auto",
+        description="capture the negative direction too (bottom-k by min activation, negative quantile samples):"
+        " 'auto' = on for gated MLPs (act(gate) * up: Llama, Gemma, Qwen, Mistral), off for ReLU/GELU MLPs"
+        " (GPT-2, OPT, GPT-NeoX), whose negative side is small; 'on'; 'off'",
+    )
 
     def spec(self) -> SamplingSpec:
         return SamplingSpec(
-            self.top_k, self.random_k, self.quantile_bins, self.per_quantile, self.batch_size, self.seed
+            top_k=self.top_k,
+            random_k=self.random_k,
+            quantile_bins=self.quantile_bins,
+            per_quantile=self.per_quantile,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            negative=self.negative,
         )
 
 

@@ -411,18 +411,19 @@ def collect_activation_records(
 
 
 def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
-    """[N, k] records -> one row per neuron with a list of structs (rank, seq_id, max_act, min_act, acts[, bin])."""
+    """[N, k] records -> one row per neuron with a list of structs {rank, seq_id, max_act[, bin], acts,
+    min_act}: min_act comes last so tables written before it existed can be migrated by appending it."""
     n, k = records.ids.shape
     columns = {
         "neuron": np.repeat(neurons, k).astype(np.int32),
         "rank": np.tile(np.arange(k, dtype=np.int16), n),
         "seq_id": records.ids.reshape(-1).astype(np.int32),
         "max_act": records.max.reshape(-1).astype(np.float32),
-        "min_act": records.min.reshape(-1).astype(np.float32),
     }
     if records.bin is not None:
         columns["bin"] = records.bin.reshape(-1).astype(np.int16)
-    columns["acts"] = records.acts.reshape(n * k, -1).astype(np.float32)
+    columns["acts"] = records.acts.reshape(n * k, records.acts.shape[-1]).astype(np.float32)
+    columns["min_act"] = records.min.reshape(-1).astype(np.float32)
     flat = pl.DataFrame(columns).with_columns(pl.col("acts").cast(pl.List(pl.Float32)))
     fields = [c for c in flat.columns if c != "neuron"]
     nested = flat.group_by("neuron", maintain_order=True).agg(pl.struct(fields).alias(name))
@@ -433,25 +434,30 @@ def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
 
 
 def records_frame(rec: LayerRecords) -> pl.DataFrame:
-    """One row per neuron: statistics, whether the negative direction was captured, and the top,
-    bottom, random, quantile and quantile_neg records."""
+    """One row per neuron: statistics and the top, random and quantile records, then (appended, so
+    older tables migrate by adding columns) the min, the negative share, whether the negative
+    direction was captured, and the bottom and quantile_neg records (empty lists when it was not)."""
     n = rec.max.shape[0]
     neurons = np.arange(n)
-    stats = pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "layer": np.full(n, rec.layer, dtype=np.int32),
             "neuron": neurons.astype(np.int32),
             "n_tokens": np.full(n, rec.n_tokens, dtype=np.int64),
             "max_activation": rec.max.astype(np.float32),
-            "min_activation": rec.min.astype(np.float32),
             "mean_activation": rec.mean,
             "variance": rec.variance,
             "nonzero_frac": rec.nonzero_frac,
             "positive_frac": rec.positive_frac,
-            "negative_frac": rec.negative_frac,
-            "negative_captured": np.full(n, rec.negative_captured),
         }
     )
-    for name in ("top", "bottom", "random", "quantile", "quantile_neg"):
-        stats = stats.join(_nested(neurons, getattr(rec, name), name), on="neuron", how="left", maintain_order="left")
-    return stats
+    for name in ("top", "random", "quantile"):
+        frame = frame.join(_nested(neurons, getattr(rec, name), name), on="neuron", how="left", maintain_order="left")
+    frame = frame.with_columns(
+        pl.Series("min_activation", rec.min.astype(np.float32)),
+        pl.Series("negative_frac", rec.negative_frac),
+        pl.lit(rec.negative_captured).alias("negative_captured"),
+    )
+    for name in ("bottom", "quantile_neg"):
+        frame = frame.join(_nested(neurons, getattr(rec, name), name), on="neuron", how="left", maintain_order="left")
+    return frame
