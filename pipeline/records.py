@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import AtlasInputError
 from pipeline.mlp import (
@@ -111,6 +112,11 @@ class _Admitted:
     row: torch.Tensor
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 rows of even length seen as int64 pairs: copies move half as many elements, bit for bit."""
+    return x.view(torch.int64)
+
+
 class _SlotPool:
     """What `rows x k` kept entries hold, by flat slot (row * k + slot): sequence id, max and min,
     activations [T]. Slots are never permuted; only entrants are written, so a batch costs
@@ -126,7 +132,10 @@ class _SlotPool:
     def write(self, dst: torch.Tensor, ids: torch.Tensor, extrema: torch.Tensor, acts: torch.Tensor) -> None:
         self.ids.index_copy_(0, dst, ids)
         self.extrema.index_copy_(0, dst, extrema)
-        self.acts.index_copy_(0, dst, acts)
+        if acts.shape[1] % 2:
+            self.acts.index_copy_(0, dst, acts)
+        else:
+            _bits(self.acts).index_copy_(0, dst, _bits(acts))
 
     def records(self, slots: torch.Tensor, rows: slice = slice(None), bins: np.ndarray | None = None) -> RecordSet:
         """The entries at `slots` [R', c] (slot numbers within each of the given rows), as numpy."""
@@ -277,8 +286,9 @@ class LayerAccumulator:
                 f" {int(seq_ids[0])}..{int(seq_ids[-1])} (fp16 overflow?): use dtype float32 or bfloat16"
             )
         mean_b = total / (b * t)
-        scratch = acts - mean_b  # two-pass variance: exact where the mean dwarfs the spread
-        m2_b = scratch.square_().sum(dim=1).sum(dim=0)
+        # Two-pass variance (accurate where the mean dwarfs the spread); mse_loss is (x - m)^2 in one kernel.
+        scratch = F.mse_loss(acts, mean_b.expand_as(acts), reduction="none")
+        m2_b = scratch.sum(dim=1).sum(dim=0)
         signs = torch.sign(acts, out=scratch)
         # Sums of -1/0/1 over at most B*T tokens are exact integers in float32.
         pos_minus_neg = signs.sum(dim=1).sum(dim=0)
