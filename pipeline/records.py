@@ -4,9 +4,9 @@ Per neuron and layer we keep, in one pass:
 - the top-k sequences by max activation (ties: lower sequence id first);
 - when the negative direction is captured, the bottom-k sequences by min activation (the most
   negative first; ties: lower sequence id first);
-- a uniform random sample without replacement, per neuron (selection sampling over the known
-  number of sequences), from a larger reservoir of the same kind from which the quantile samples
-  are drawn by activation level: by max for the positive direction, by -min for the negative one;
+- a uniform random sample without replacement, per neuron (drawn up front, knowing the number of
+  sequences), from a larger reservoir of the same kind from which the quantile samples are drawn
+  by activation level: by max for the positive direction, by -min for the negative one;
 - running mean/variance (Chan's parallel merge in float64), max, min, and positive/negative counts.
 
 Gated MLPs (`act(gate) * up`) fire both ways, so the negative direction defaults on for them and
@@ -198,7 +198,8 @@ class _Reservoir(_SlotPool):
     Knowing the corpus size, each row's k sequence positions are drawn up front (Floyd's
     algorithm), so streaming only copies the chosen sequences into their slots: no keys are
     compared or sorted, every slot is written once, and the sample does not depend on batching.
-    `shuffled_slots` gives the sample in a random order."""
+    Drawing costs O(k^2) comparisons per row, once. `shuffled_slots` gives the sample in a random
+    order."""
 
     def __init__(self, rows: int, k: int, total: int, seq_len: int, generator: torch.Generator):
         device = generator.device
