@@ -5,8 +5,10 @@ Per neuron and layer we keep, in one pass:
 - when the negative direction is captured, the bottom-k sequences by min activation (the most
   negative first; ties: lower sequence id first);
 - a uniform random sample without replacement, per neuron (drawn up front, knowing the number of
-  sequences), from a larger reservoir of the same kind from which the quantile samples are drawn
-  by activation level: by max for the positive direction, by -min for the negative one;
+  sequences), of the sequences that are not among its top (or bottom) records, so held-out random
+  records never repeat what the explainer was shown; it comes from a larger reservoir of the same
+  kind from which the quantile samples are drawn by activation level: by max for the positive
+  direction, by -min for the negative one;
 - running mean/variance (Chan's parallel merge in float64), max, min, and positive/negative counts.
 
 Gated MLPs (`act(gate) * up`) fire both ways, so the negative direction defaults on for them and
@@ -51,10 +53,11 @@ class SamplingSpec:
     seed: int = 0
     negative: str = "auto"  # capture the negative direction: 'auto' = for gated MLPs only, 'on', 'off'
 
-    @property
-    def reservoir_size(self) -> int:
-        """Random candidates kept per neuron: enough to stratify quantile samples from."""
-        return max(self.random_k, 2 * self.quantile_bins * self.per_quantile, 1)
+    def reservoir_size(self, negative: bool) -> int:
+        """Random candidates kept per neuron: enough to stratify quantile samples from, and enough
+        that `random_k` of them remain once the neuron's top (and bottom) sequences are left out."""
+        shown = self.top_k * (2 if negative else 1)
+        return max(self.random_k + shown, 2 * self.quantile_bins * self.per_quantile, 1)
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "quantile_bins"):
@@ -262,7 +265,7 @@ class LayerAccumulator:
         # largest -minima, so the two directions share every merge operation.
         self.extremes = _Kept(2 * n if negative else n, spec.top_k, seq_len, device)
         self.generator = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + layer)
-        self.reservoir = _Reservoir(n, spec.reservoir_size, n_sequences, seq_len, self.generator)
+        self.reservoir = _Reservoir(n, spec.reservoir_size(negative), n_sequences, seq_len, self.generator)
         self.sequences = 0
         self.count = 0
         self.mean = torch.zeros(n, device=device, dtype=torch.float64)
@@ -337,10 +340,17 @@ class LayerAccumulator:
             positions, bins = _quantile_positions(level, spec.quantile_bins, spec.per_quantile)
             return pool.records(slots.gather(1, torch.as_tensor(positions, device=slots.device)), bins=bins)
 
+        top = self.extremes.ranked(slice(0, n), top_n)
         if self.negative:
             bottom, quantile_neg = self.extremes.ranked(slice(n, 2 * n), top_n), quantiles(-extrema[..., 1])
         else:
             bottom, quantile_neg = _empty(n, self.seq_len), _empty(n, self.seq_len, binned=True)
+        # The random sample: the first random_k reservoir entries (in random order) whose sequence
+        # is none of the neuron's top or bottom records.
+        shown = torch.as_tensor(np.concatenate([top.ids, bottom.ids], axis=1), device=slots.device)
+        drawn = pool.ids.view(n, pool.k).gather(1, slots)
+        repeats = (drawn.unsqueeze(2) == shown.unsqueeze(1)).any(dim=2)
+        unseen_first = torch.argsort(repeats.to(torch.int8), dim=1, stable=True)[:, : spec.random_k]
         np_ = lambda x: x.cpu().numpy()  # noqa: E731
         return LayerRecords(
             layer=self.layer,
@@ -353,9 +363,9 @@ class LayerAccumulator:
             nonzero_frac=np_((self.positive + self.negative_count).double() / self.count),
             positive_frac=np_(self.positive.double() / self.count),
             negative_frac=np_(self.negative_count.double() / self.count),
-            top=self.extremes.ranked(slice(0, n), top_n),
+            top=top,
             bottom=bottom,
-            random=pool.records(slots[:, : spec.random_k]),
+            random=pool.records(slots.gather(1, unseen_first)),
             quantile=quantiles(extrema[..., 0]),
             quantile_neg=quantile_neg,
         )

@@ -199,6 +199,4 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     assert [(n, k, s) for n, k, s, _, _ in rows] == [(n, k, 0) for n in SECOND for k in KINDS]
     assert len({r[3] for r in rows}) == 1 and rows[0][3] not in run_ids.values()
     assert sum(1 for _, kind, _, _, cached in rows if kind == "llm" and cached) >= finished
-    assert [r[:4] for r in _explanations(database, 0)] == [
-        (n, k, 0, run_ids[0]) for n in FIRST for k in KINDS
-    ]
+    assert [r[:4] for r in _explanations(database, 0)] == [(n, k, 0, run_ids[0]) for n in FIRST for k in KINDS]

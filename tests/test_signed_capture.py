@@ -12,9 +12,12 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from conftest import query, run_stages
+from conftest import loopback_llm, query, run_stages
+from loopback_llm import LoopbackServer, ServerState
+from rule_simulators import RuleSimulator
 from tiny_models import (
     DIGIT_NEURON,
+    DIGITS,
     NEG_WORDS,
     SIGNED_NEURON,
     build_digit_model,
@@ -28,7 +31,7 @@ from tiny_models import (
     write_signed_model,
 )
 
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 from pipeline import checks
 from pipeline.corpus import CorpusSpec, tokenize_corpus
 from pipeline.errors import AtlasInputError
@@ -36,6 +39,7 @@ from pipeline.models import ModelIdentity, SubjectModel
 from pipeline.records import LayerRecords, RecordSet, SamplingSpec, collect_activation_records, records_frame
 
 SEQ_LEN, N_SEQ, K = 16, 64, 8
+RUN_K = 12  # the pipeline run's top_k and random_k: enough train records that every digit is a top token
 SPEC = SamplingSpec(top_k=K, random_k=K, quantile_bins=2, per_quantile=3, batch_size=5, seed=0)
 
 
@@ -132,9 +136,12 @@ def test_off_switch_drops_only_the_negative_direction(captured: dict, signed: tu
     on = captured[0]
     assert not off.negative_captured
     assert off.bottom.ids.shape == (16, 0) and off.quantile_neg.ids.shape == (16, 0)
-    for name in ("top", "random", "quantile"):
-        np.testing.assert_array_equal(getattr(off, name).ids, getattr(on, name).ids)
-        np.testing.assert_array_equal(getattr(off, name).acts, getattr(on, name).acts)
+    np.testing.assert_array_equal(off.top.ids, on.top.ids)
+    np.testing.assert_array_equal(off.top.acts, on.top.acts)
+    # Off, the random sample need not leave out bottom sequences; on, it leaves out both.
+    n = SIGNED_NEURON
+    assert not set(off.random.ids[n].tolist()) & set(off.top.ids[n].tolist())
+    assert not set(on.random.ids[n].tolist()) & (set(on.top.ids[n].tolist()) | set(on.bottom.ids[n].tolist()))
     np.testing.assert_array_equal(off.min, on.min)  # the statistics are kept either way
     np.testing.assert_array_equal(off.negative_frac, on.negative_frac)
     frame = records_frame(off)
@@ -173,21 +180,99 @@ def test_unknown_negative_setting_is_refused(signed: tuple) -> None:
 
 @pytest.fixture(scope="module")
 def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """Capture of both layers, and the signed neuron explained and scored in layer 1 (its
+    token-space explanation simulated by a rule that follows the tokens it quotes)."""
     root = tmp_path_factory.mktemp("signed_run")
     database = root / "neuron_atlas.duckdb"
-    result = run_stages(
-        database,
-        n_layers=2,
-        layers=(0, 1),
-        subject=SubjectModelResource(model=str(write_signed_model(root / "model"))),
-        corpus=CorpusResource(
-            source=str(write_signed_corpus(root / "signed.jsonl")), seq_len=SEQ_LEN, n_sequences=N_SEQ, seed=3
-        ),
-        sampling=SamplingResource(top_k=K, random_k=K, quantile_bins=2, per_quantile=3, batch_size=5),
-        selection=["subject_model", "corpus_tokens", "activation_records"],
-    )
+    with LoopbackServer(ServerState(replies=[("neuron", " a pattern the explainer double always writes.\n")])) as srv:
+        result = run_stages(
+            database,
+            n_layers=2,
+            layers=(0, 1),
+            subject=SubjectModelResource(model=str(write_signed_model(root / "model"))),
+            corpus=CorpusResource(
+                source=str(write_signed_corpus(root / "signed.jsonl")), seq_len=SEQ_LEN, n_sequences=N_SEQ, seed=3
+            ),
+            # min_token_count 1: on 64 short sequences some digits occur once in the train records.
+            sampling=SamplingResource(
+                top_k=RUN_K, random_k=RUN_K, quantile_bins=2, per_quantile=3, batch_size=5, min_token_count=1
+            ),
+            explainer=loopback_llm(srv, cache_path=str(root / "cache.sqlite"))["explainer"],
+            simulator=RuleSimulator(rule="quoted"),
+            explain=ExplainResource(neuron_ids=[SIGNED_NEURON], samples=1),
+            selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+            + ["explanations", "simulations", "scores", "ablations"],
+        )
     assert result.success
     return database, result
+
+
+def test_each_direction_is_a_unit_with_exact_records_and_top_tokens(signed_run: tuple) -> None:
+    """The '-' unit reads the bottom records as its top records, levels from relu(-a)/|min|; its top
+    tokens are NEG_WORDS by mean -a, the '+' unit's are digits: both exact from the formula."""
+    database, _ = signed_run
+    q = query(database)
+    for polarity, sign, words in (("+", 1.0, DIGITS), ("-", -1.0, NEG_WORDS)):
+        ((max_activation, top_tokens),) = q(
+            "select max_activation, top_tokens from atlas.top_k_examples where layer = 1 and neuron = ?"
+            " and polarity = ?",
+            [SIGNED_NEURON, polarity],
+        )
+        column = "top" if polarity == "+" else "bottom"
+        captured = q(
+            f"select seq_id from atlas.records_long where layer = 1 and neuron = ? and kind = '{column}' order by rank",
+            [SIGNED_NEURON],
+        )
+        shown = q(
+            "select seq_id, tokens, acts, levels from atlas.examples_long where layer = 1 and neuron = ?"
+            " and polarity = ? and kind = 'top' order by rank",
+            [SIGNED_NEURON, polarity],
+        )
+        assert [r[0] for r in shown] == [r[0] for r in captured]
+        strongest = max(sign * signed_activation(t) for _, tokens, _, _ in shown for t in tokens)
+        assert max_activation == pytest.approx(strongest, abs=1e-4) and strongest > 1
+        for _, tokens, acts, levels in shown:
+            assert any(t in words for t in tokens)
+            assert acts == pytest.approx([signed_activation(t) for t in tokens], abs=1e-4)  # raw, signed
+            expected = [min(10, int(10 * max(sign * signed_activation(t), 0) / strongest + 1e-6)) for t in tokens]
+            assert [abs(a - b) <= (1 if 0 < a < 10 else 0) for a, b in zip(levels, expected, strict=True)]
+        assert top_tokens, polarity
+        names = [t["token"] for t in top_tokens]
+        assert set(names) <= set(words), (polarity, names)
+        for t in top_tokens:
+            assert t["mean_activation"] == pytest.approx(sign * signed_activation(t["token"]), abs=1e-4)
+        assert names == sorted(names, key=lambda w: -sign * signed_activation(w))
+
+
+def test_the_token_space_baseline_scores_each_direction(signed_run: tuple) -> None:
+    database, _ = signed_run
+    rows = query(database)(
+        "select polarity, control_polarity, corr_all, control_corr_all from atlas.scores"
+        " where layer = 1 and neuron = ? and split = 'test' and kind = 'token_space' order by polarity",
+        [SIGNED_NEURON],
+    )
+    print("token-space test scores:", rows)
+    assert [r[:2] for r in rows] == [("+", "-"), ("-", "+")]  # each direction is the other's control
+    assert all(score >= 0.95 for _, _, score, _ in rows), rows
+    # The negative control: the other direction's tokens explain nothing of this one.
+    assert all(control < 0.2 for _, _, _, control in rows), rows
+
+
+def test_each_direction_is_ablated_on_its_own(signed_run: tuple) -> None:
+    """Each unit replaces its own side of the neuron by its calibrated simulation (the other side
+    keeps its true activations): both directions get an ablation row, with a score or its reason."""
+    database, _ = signed_run
+    rows = query(database)(
+        "select polarity, kind, ablation_score, ablation_score_reason, failure_reason, mean_activation"
+        " from atlas.ablations where layer = 1 and neuron = ? order by polarity",
+        [SIGNED_NEURON],
+    )
+    print("ablations:", rows)
+    assert [r[0] for r in rows] == ["+", "-"]
+    for polarity, kind, score, reason, failure, mean in rows:
+        assert failure is None and kind == "token_space", rows
+        assert score is not None or reason, rows
+        assert (mean > 0) if polarity == "+" else (mean < 0)  # the direction's mean, with the neuron's sign
 
 
 def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> None:
@@ -196,18 +281,18 @@ def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> No
     assert q("select distinct negative_captured from atlas.activation_records") == [(True,)]
     kinds = q("select kind, count(*) from atlas.records_long where layer = 0 group by kind order by kind")
     assert kinds == [
-        ("bottom", 16 * K),
+        ("bottom", 16 * RUN_K),
         ("quantile", 16 * 6),
         ("quantile_neg", 16 * 6),
-        ("random", 16 * K),
-        ("top", 16 * K),
+        ("random", 16 * RUN_K),
+        ("top", 16 * RUN_K),
     ]
     rows = q(
         "select rank, seq_id, min_act, tokens, acts from atlas.records_long where layer = 1 and neuron = ?"
         " and kind = 'bottom' order by rank",
         [SIGNED_NEURON],
     )
-    assert [r[0] for r in rows] == list(range(K))
+    assert [r[0] for r in rows] == list(range(RUN_K))
     for _rank, _seq, min_act, tokens, acts in rows:
         assert any(t in NEG_WORDS for t in tokens)
         assert min_act == pytest.approx(min(signed_activation(t) for t in tokens), abs=1e-4)
@@ -231,7 +316,7 @@ def test_records_check_fails_on_a_missing_direction(signed_run: tuple, tmp_path:
     database = tmp_path / "corrupt.duckdb"
     database.write_bytes(signed_run[0].read_bytes())
     with duckdb.connect(str(database)) as conn:
-        assert checks.activation_records_complete(conn, K, K).passed
+        assert checks.activation_records_complete(conn, RUN_K, RUN_K).passed
         conn.execute(corruption)
-        outcome = checks.activation_records_complete(conn, K, K)
+        outcome = checks.activation_records_complete(conn, RUN_K, RUN_K)
     assert not outcome.passed and outcome.bad_rows == 1
