@@ -92,7 +92,8 @@ def small_resources() -> dict[str, Any]:
         "subject": SubjectModelResource(model=EMBEDDED),
         "corpus": CorpusResource(source=EMBEDDED, seq_len=8, n_sequences=48),
         # One train top record for the explainer, one valid top sequence to simulate (each echo costs minutes).
-        "sampling": SamplingResource(top_k=4, random_k=1, quantile_bins=1, per_quantile=1),
+        # The positive direction only: each unit costs echoes of minutes, one unit is what is checked.
+        "sampling": SamplingResource(top_k=4, random_k=1, quantile_bins=1, per_quantile=1, negative="off"),
     }
 
 
