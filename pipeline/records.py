@@ -17,6 +17,7 @@ off for ReLU/GELU MLPs (`SamplingSpec.negative`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,11 +54,23 @@ class SamplingSpec:
     seed: int = 0
     negative: str = "auto"  # capture the negative direction: 'auto' = for gated MLPs only, 'on', 'off'
 
-    def reservoir_size(self, negative: bool) -> int:
+    def reservoir_size(self, negative: bool, n_sequences: int) -> int:
         """Random candidates kept per neuron: enough to stratify quantile samples from, and enough
-        that `random_k` of them remain once the neuron's top (and bottom) sequences are left out."""
-        shown = self.top_k * (2 if negative else 1)
-        return max(self.random_k + shown, 2 * self.quantile_bins * self.per_quantile, 1)
+        that `random_k` of them remain once the neuron's top (and bottom) sequences are left out.
+
+        Of R uniform draws, about R * p are top or bottom sequences (p = their share of the corpus):
+        R is the smallest size whose expected remainder stays `random_k` or more three standard
+        deviations below its mean (all of a small corpus, so there it is certain); a shortfall
+        leaves the random sample a little smaller, never holding a top or bottom sequence."""
+        need = max(2 * self.quantile_bins * self.per_quantile, 1)
+        shown = min(self.top_k * (2 if negative else 1), n_sequences)
+        if self.random_k == 0 or shown >= n_sequences:
+            return need
+        p = shown / n_sequences
+        size = self.random_k
+        while size < n_sequences and size * (1 - p) - 3 * math.sqrt(size * p * (1 - p)) < self.random_k:
+            size += 1
+        return max(size, need)
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "quantile_bins"):
@@ -265,7 +278,7 @@ class LayerAccumulator:
         # largest -minima, so the two directions share every merge operation.
         self.extremes = _Kept(2 * n if negative else n, spec.top_k, seq_len, device)
         self.generator = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + layer)
-        self.reservoir = _Reservoir(n, spec.reservoir_size(negative), n_sequences, seq_len, self.generator)
+        self.reservoir = _Reservoir(n, spec.reservoir_size(negative, n_sequences), n_sequences, seq_len, self.generator)
         self.sequences = 0
         self.count = 0
         self.mean = torch.zeros(n, device=device, dtype=torch.float64)

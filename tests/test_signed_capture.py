@@ -39,7 +39,9 @@ from pipeline.models import ModelIdentity, SubjectModel
 from pipeline.records import LayerRecords, RecordSet, SamplingSpec, collect_activation_records, records_frame
 
 SEQ_LEN, N_SEQ, K = 16, 64, 8
-RUN_K = 12  # the pipeline run's top_k and random_k: enough train records that every digit is a top token
+# The pipeline run: a larger corpus and top_k/random_k, so every digit and NEG_WORDS word occurs in
+# the train and calibration records and each direction's token-space explanation names them all.
+RUN_N_SEQ, RUN_K = 128, 16
 SPEC = SamplingSpec(top_k=K, random_k=K, quantile_bins=2, per_quantile=3, batch_size=5, seed=0)
 
 
@@ -191,9 +193,12 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             layers=(0, 1),
             subject=SubjectModelResource(model=str(write_signed_model(root / "model"))),
             corpus=CorpusResource(
-                source=str(write_signed_corpus(root / "signed.jsonl")), seq_len=SEQ_LEN, n_sequences=N_SEQ, seed=3
+                source=str(write_signed_corpus(root / "signed.jsonl", n_docs=120)),
+                seq_len=SEQ_LEN,
+                n_sequences=RUN_N_SEQ,
+                seed=3,
             ),
-            # min_token_count 1: on 64 short sequences some digits occur once in the train records.
+            # min_token_count 1: on short sequences a digit may occur once in the train records.
             sampling=SamplingResource(
                 top_k=RUN_K, random_k=RUN_K, quantile_bins=2, per_quantile=3, batch_size=5, min_token_count=1
             ),
