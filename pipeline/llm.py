@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +152,23 @@ class LLMBackend(ABC):
     @abstractmethod
     def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
         """One result per prompt, in order, each with `params.n` samples."""
+
+    def complete_each(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        on_result: Callable[[int, Completion | LLMFailure], None] | None = None,
+    ) -> list[Completion | LLMFailure]:
+        """`complete` of every prompt, with `on_result(index, result)` as each one is known. This default
+        asks `batch_hint` prompts per call; a server backend sends them all under its concurrency limit."""
+        out: list[Completion | LLMFailure] = []
+        step = max(1, self.batch_hint)
+        for lo in range(0, len(prompts), step):
+            for result in self.complete(prompts[lo : lo + step], params):
+                if on_result is not None:
+                    on_result(len(out), result)
+                out.append(result)
+        return out
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
         """Each prompt's tokens with the top log-probabilities at every position, one result per prompt."""
