@@ -81,7 +81,7 @@ class EchoLogprobs:
     given everything before it (what `completions(echo=True, logprobs=k, max_tokens=0)` returns)."""
 
     tokens: list[str]
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    top_logprobs: Sequence[dict[str, float]] = field(default_factory=list)
     # Character offset of each token in the prompt, when the server gives it: byte-level tokens
     # (e.g. "bytes:\\xe2\\x80") do not add up to the prompt's text, offsets always do.
     text_offset: list[int] = field(default_factory=list)

@@ -29,7 +29,7 @@ import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
@@ -74,6 +74,15 @@ def _public_url(url: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+@dataclasses.dataclass
+class _Session:
+    """What the requests of one `OpenAIBackend.run` share."""
+
+    client: AsyncOpenAI
+    semaphore: asyncio.Semaphore
+    pending: dict[tuple[str, str, str], asyncio.Future[Any]] = dataclasses.field(default_factory=dict)
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -149,9 +158,7 @@ class OpenAIBackend(LLMBackend):
         self._scope = f"{self.backend}@{_public_url(self.base_url)}"  # different servers, different answers
         self._n_ignored = False  # set once the server has answered n > 1 with a single choice
         # The client and concurrency limit of the `run` under way in this context (see `session`).
-        self._session: ContextVar[tuple[AsyncOpenAI, asyncio.Semaphore] | None] = ContextVar(
-            f"openai-session-{id(self)}", default=None
-        )
+        self._session: ContextVar[_Session | None] = ContextVar(f"openai-session-{id(self)}", default=None)
 
     def __repr__(self) -> str:
         return (
@@ -253,8 +260,10 @@ class OpenAIBackend(LLMBackend):
         self._require_completions("next-token logprobs")
 
         def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            return client.completions.create(
-                model=self.model, prompt=prompt, max_tokens=1, logprobs=top_logprobs, temperature=0
+            return _json_body(
+                client.completions.with_raw_response.create(
+                    model=self.model, prompt=prompt, max_tokens=1, logprobs=top_logprobs, temperature=0
+                )
             )
 
         values = await self._acached_batch(prompts, "next", {"top_logprobs": top_logprobs}, request, _parse_next)
@@ -286,7 +295,11 @@ class OpenAIBackend(LLMBackend):
             extra: dict[str, Any] = {}
             if top_logprobs is not None:
                 extra = {"logprobs": True, "top_logprobs": top_logprobs}
-            return client.chat.completions.create(messages=_messages(prompt), **self._sampling(params), **extra)
+            return _json_body(
+                client.chat.completions.with_raw_response.create(
+                    messages=_messages(prompt), **self._sampling(params), **extra
+                )
+            )
 
         def parse(resp: Any, prompt: Prompt) -> Any:
             return by_id[id(prompt)](_parse_chat_reply(resp, top_logprobs is not None))
@@ -324,13 +337,15 @@ class OpenAIBackend(LLMBackend):
         by_id = {id(p): r for p, r in zip(prompts, reducers, strict=True)}
 
         def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            return client.completions.create(
-                model=self.model,
-                prompt=prompt,
-                echo=True,
-                logprobs=top_logprobs,
-                max_tokens=self.echo_max_tokens,
-                temperature=0,
+            return _json_body(
+                client.completions.with_raw_response.create(
+                    model=self.model,
+                    prompt=prompt,
+                    echo=True,
+                    logprobs=top_logprobs,
+                    max_tokens=self.echo_max_tokens,
+                    temperature=0,
+                )
             )
 
         def parse(resp: Any, prompt: Prompt) -> Any:
@@ -352,7 +367,7 @@ class OpenAIBackend(LLMBackend):
         return self._run_sync(main)
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[tuple[AsyncOpenAI, asyncio.Semaphore]]:
+    async def session(self) -> AsyncIterator[_Session]:
         """The client and the `max_concurrency` limit for requests made inside; a nested session is
         the outer one."""
         current = self._session.get()
@@ -366,7 +381,7 @@ class OpenAIBackend(LLMBackend):
             timeout=self.timeout_s,
             max_retries=0,
         )
-        token = self._session.set(session := (client, asyncio.Semaphore(self.max_concurrency)))
+        token = self._session.set(session := _Session(client, asyncio.Semaphore(self.max_concurrency)))
         try:
             async with client:
                 yield session
@@ -397,7 +412,9 @@ class OpenAIBackend(LLMBackend):
         handed to `on_result(index, value, cached)` as soon as it is known; `kind` None caches nothing.
         The misses are asked at once under the session's limit, and each answer is stored as soon as
         it arrives, so a run stopped (or failed) mid-batch redoes nothing. The cache is read and
-        written off the event loop, which keeps reading the other replies meanwhile."""
+        written off the event loop, which keeps reading the other replies meanwhile. A request the
+        same as one in flight in this session (two samples that wrote the same explanation) waits
+        for that one's answer instead of asking again, as it would have found it in the cache."""
         cache = self.cache if kind is not None else None
         keys = [_key_text(p) for p in prompts]
         hits: list[Any | None] = [None] * len(prompts)
@@ -406,16 +423,26 @@ class OpenAIBackend(LLMBackend):
                 lambda: [cache.get(self._scope, self.model, kind, k, key_params) for k in keys]
             )
         self.usage.add(cache_hits=sum(h is not None for h in hits))
-        async with self.session() as (client, semaphore):
+        async with self.session() as session:
+
+            async def ask(i: int) -> Any | LLMFailure:
+                value = await self._with_retries(session.client, session.semaphore, prompts[i], request, parse)
+                if cache is not None and not isinstance(value, LLMFailure):
+                    await asyncio.to_thread(cache.put, self._scope, self.model, kind, keys[i], key_params, value)
+                return value
 
             async def one(i: int) -> tuple[Any | LLMFailure, bool]:
                 if hits[i] is not None:
                     result: tuple[Any | LLMFailure, bool] = (hits[i], True)
+                elif kind is None:
+                    result = (await ask(i), False)
+                elif (same := (kind, keys[i], json.dumps(key_params, sort_keys=True))) in session.pending:
+                    result = (await session.pending[same], True)
+                    self.usage.add(cache_hits=1)
                 else:
-                    value = await self._with_retries(client, semaphore, prompts[i], request, parse)
-                    if cache is not None and not isinstance(value, LLMFailure):
-                        await asyncio.to_thread(cache.put, self._scope, self.model, kind, keys[i], key_params, value)
-                    result = (value, False)
+                    session.pending[same] = task = asyncio.ensure_future(ask(i))
+                    task.add_done_callback(lambda _, same=same: session.pending.pop(same, None))
+                    result = (await task, False)
                 if on_result is not None:
                     on_result(i, *result)
                 return result
@@ -501,6 +528,22 @@ class OpenAIBackend(LLMBackend):
         return text.replace(key, "<api key>") if key else text
 
 
+class _Json(dict):
+    """A JSON object whose fields read as attributes too (None when absent), as the SDK's models do."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.get(name)
+
+
+async def _json_body(call: Awaitable[Any]) -> Any:
+    """The body of a raw SDK response as `_Json`, for the bulk logprob requests: building the SDK's
+    models costs ~40 ms for one echoed prompt's logprobs, which caps a client at ~25 requests/s."""
+    raw = await call
+    return json.loads(raw.http_response.content, object_hook=_Json)
+
+
 def _key_text(prompt: Prompt) -> str:
     """A prompt as cache key material: a chat prompt as canonical JSON of its turns."""
     return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
@@ -566,11 +609,7 @@ def _parse_echo(resp: Any, prompt: str, generated_max: int) -> dict[str, Any]:
     raw_top = getattr(lp, "top_logprobs", None)
     if not isinstance(raw_top, list) or len(raw_top) != len(tokens):
         raise _Fatal(NO_LOGPROBS if not raw_top else "top_logprobs and tokens differ in length")
-    top: list[dict[str, float]] = []
-    for entry in raw_top:  # null for the first token: nothing precedes it
-        top.append(
-            {str(t): float(v) for t, v in (entry or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
-        )
+    top = _TopLogprobs(raw_top)
     offsets = getattr(lp, "text_offset", None)
     offsets = [int(o) for o in offsets] if isinstance(offsets, list) and len(offsets) == len(tokens) else []
     keep = len(tokens)
@@ -588,6 +627,30 @@ def _parse_echo(resp: Any, prompt: str, generated_max: int) -> dict[str, Any]:
                     covered += len(tokens[keep])
                     keep += 1
     return {"tokens": [str(t) for t in tokens[:keep]], "top_logprobs": top[:keep], "text_offset": offsets[:keep]}
+
+
+class _TopLogprobs(Sequence[dict[str, float]]):
+    """Each echoed token's top logprobs (finite numbers only; {} for the first token's null), cleaned
+    when read: a simulator reads a few positions of a long prompt, and cleaning every position cost
+    more than the rest of the client's work on the reply."""
+
+    def __init__(self, raw: Sequence[Any]):
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, float]: ...
+    @overload
+    def __getitem__(self, i: slice) -> _TopLogprobs: ...
+    def __getitem__(self, i: int | slice) -> dict[str, float] | _TopLogprobs:
+        if isinstance(i, slice):
+            return _TopLogprobs(self._raw[i])
+        entry = self._raw[i]
+        if not isinstance(entry, dict):
+            return {}
+        return {str(t): float(v) for t, v in entry.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
 def _parse_next(resp: Any, prompt: Prompt) -> dict[str, Any]:

@@ -11,6 +11,7 @@ it arrives, so a killed run resumes.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -78,6 +79,7 @@ def expected_level(probs: Mapping[int, float]) -> float | None:
     return float(sum(v * p for v, p in probs.items() if v in LEVELS) / total)
 
 
+@functools.lru_cache(maxsize=4096)  # a few distinct candidates, read at every slot of every sequence
 def parse_level(token: str) -> int | None:
     """The level a (possibly space-padded) token spells, if it is one of 0..10."""
     text = token.strip()

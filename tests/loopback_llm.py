@@ -4,7 +4,8 @@ Stdlib only: a `ThreadingHTTPServer` on an ephemeral port in a daemon thread, se
 POST /v1/completions and /v1/chat/completions with OpenAI-shaped JSON. Faults are scripted per
 prompt marker (the first plan entry whose marker is in the prompt): each request for that prompt
 consumes the next fault; when none is left it succeeds. It counts requests, keeps the
-Authorization headers it saw, and tracks the most requests in flight at once.
+Authorization headers it saw, tracks the most requests in flight at once, and keeps the prompts
+that were in flight together (which units' work overlapped).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class ServerState:
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    active: list[str] = field(default_factory=list)  # prompts of the requests in flight now
+    together: list[tuple[str, ...]] = field(default_factory=list)  # in flight at a request's start (if > 1)
     auth_headers: list[str] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -126,6 +129,12 @@ def _chat_logprobs(state: ServerState, text: str, k: int) -> dict[str, Any]:
     return {"content": content}
 
 
+def _prompt_of(body: dict[str, Any]) -> str:
+    """A request's prompt: a completion's text, or a chat's turns as JSON."""
+    prompt = body.get("prompt", body.get("messages", ""))
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: LoopbackServer
 
@@ -138,6 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
         if getattr(self, "_counted", False):
             with self.server.state.lock:
                 self.server.state.in_flight -= 1
+                self.server.state.active.remove(self._prompt)
             self._counted = False
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -177,6 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             self._counted = True
+            self._prompt = _prompt_of(body)
+            state.active.append(self._prompt)
+            if len(state.active) > 1:
+                state.together.append(tuple(state.active))
             state.auth_headers.append(self.headers.get("Authorization", ""))
             state.bodies.append(body)
         try:
