@@ -11,13 +11,16 @@ lock) answers every request after `--delay-s` (100 ms), and the backend allows `
 printed as a share of that ideal. Both paths use a fresh response cache on disk (each answer is
 committed as it arrives, as in a real run). The old path is the same simulator driven one
 explanation at a time (`Simulator.simulate_many`'s sequential default) and the explainer in
-chunks of `batch_hint` prompts, which is what `simulate_layer` and `explain_layer` did before.
+chunks of `batch_hint` prompts, which is what `simulate_layer` and `explain_layer` did before;
+it runs on the layer's first `--old-units` (16) units, since one explanation at a time its rate
+does not depend on the layer's size (and the whole layer would take minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -131,8 +134,9 @@ class Server:
 
 def run_path(
     old: bool, units: dict[UnitKey, Unit], args: argparse.Namespace, root: Path
-) -> dict[str, tuple[int, float, int]]:
-    """{stage: (requests, seconds, most in flight)} for one path, on a fresh server and cache."""
+) -> tuple[dict[str, tuple[int, float, int]], float, float]:
+    """({stage: (requests, seconds, most in flight)}, client CPU s, server CPU s) for one path, on a
+    fresh server and cache."""
     n_explainer_requests = len(units)
     replies = [f" words about topic {i}.\n" for i in range(n_explainer_requests)]
     server = Server(args.delay_s, replies)
@@ -146,7 +150,8 @@ def run_path(
         if old:
             simulator = OneAtATime(simulator)
         out = {}
-        before, _, _ = server.stats()
+        before, _, server_cpu = server.stats()
+        client_cpu = time.process_time()
         start = time.perf_counter()
         explanations = explain_layer(list(units.values()), explainer, GenerationParams(n=args.samples))
         seconds = time.perf_counter() - start
@@ -155,12 +160,13 @@ def run_path(
         start = time.perf_counter()
         simulations = simulate_layer(explanations, units, simulator)
         seconds = time.perf_counter() - start
-        total, in_flight, _ = server.stats()
+        total, in_flight, server_end = server.stats()
         out["simulate"] = (total - requests, seconds, in_flight)
+        client_cpu = time.process_time() - client_cpu
         failed = simulations.filter(simulations["failure_reason"].is_not_null()).height
         if failed:
             raise SystemExit(f"{failed} simulation rows failed: {simulations['failure_reason'].drop_nulls()[0]}")
-        return out
+        return out, client_cpu, server_end - server_cpu
     finally:
         server.close()
 
@@ -173,25 +179,42 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2, help="LLM explanations per unit")
     parser.add_argument("--per-kind", type=int, default=5, help="top and random sequences per split")
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument(
+        "--old-units",
+        type=int,
+        default=16,
+        help="units the old path runs on: one explanation at a time, its rate does not grow with the layer",
+    )
     args = parser.parse_args()
 
     units = make_units(args.units, args.per_kind, args.seq_len)
     ideal = args.concurrency / args.delay_s
+    load = os.getloadavg()[0]
     print(
         f"layer of {args.units} units, {args.samples} LLM explanations + token-space each; {2 * args.per_kind}"
         f" held-out sequences of {args.seq_len} tokens per split; server latency {args.delay_s * 1000:g} ms,"
-        f" max_concurrency {args.concurrency}: ideal {ideal:g} requests/s"
+        f" max_concurrency {args.concurrency}: ideal {ideal:g} requests/s; {os.cpu_count()} CPUs, load"
+        f" average {load:.1f} before the run"
     )
+    old_units = dict(list(units.items())[: args.old_units])
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: run_path(name == "old", units, args, Path(tmp)) for name in ("old", "new")}
+        results = {"old": run_path(True, old_units, args, Path(tmp)), "new": run_path(False, units, args, Path(tmp))}
     rates = {}
-    for name, label in (("old", "one explanation at a time (before)"), ("new", "across units (now)")):
-        stages = results[name]
+    labels = {
+        "old": f"one explanation at a time (before; first {len(old_units)} units)",
+        "new": f"across units (now; {len(units)} units)",
+    }
+    for name, label in labels.items():
+        stages, client_cpu, server_cpu = results[name]
         requests = sum(r for r, _, _ in stages.values())
         seconds = sum(s for _, s, _ in stages.values())
         rates[name] = requests / seconds
         detail = ", ".join(f"{stage} {r} req in {s:.2f} s, max {m} in flight" for stage, (r, s, m) in stages.items())
         print(f"{label}: {rates[name]:.0f} req/s = {rates[name] / ideal:.0%} of ideal ({detail})")
+        print(
+            f"  CPU per request: client {client_cpu / requests * 1000:.1f} ms + loopback server"
+            f" {server_cpu / requests * 1000:.1f} ms"
+        )
     share = rates["new"] / ideal
     print(
         f"speed-up {rates['new'] / rates['old']:.2f}x; now at {share:.0%} of ideal"

@@ -80,6 +80,13 @@ class ServerState:
         return "reply to " + prompt[-12:]
 
 
+_LIKELY, _OTHER = math.log(0.9), math.log(0.05)
+
+
+def _top(probs: dict[str, float], k: int) -> dict[str, float]:
+    return dict(sorted(((t, math.log(p)) for t, p in probs.items()), key=lambda kv: -kv[1])[:k])
+
+
 def _echo_logprobs(state: ServerState, prompt: str, k: int, max_tokens: int) -> dict[str, Any]:
     """tokens/top_logprobs/text_offset for the prompt, plus `max_tokens` generated "\\n" tokens."""
     tokens = simple_tokens(prompt)
@@ -88,15 +95,15 @@ def _echo_logprobs(state: ServerState, prompt: str, k: int, max_tokens: int) -> 
         offsets.append(pos)
         pos += len(tok)
     top: list[dict[str, float] | None] = [None]
+    slots = [_top(probs, k) for probs in state.slot_probs]
     slot = 0
     for tok in tokens[1:]:
-        if tok == "unknown" and state.slot_probs:
-            probs = state.slot_probs[slot % len(state.slot_probs)]
+        if tok == "unknown" and slots:
+            top.append(slots[slot % len(slots)])
             slot += 1
-            cands = {t: math.log(p) for t, p in probs.items()}
-        else:
-            cands = {tok: math.log(0.9), "the": math.log(0.05)}
-        top.append(dict(sorted(cands.items(), key=lambda kv: -kv[1])[:k]))
+        else:  # the token itself, likely, and one other candidate
+            cands = {tok: _LIKELY, "the": _OTHER}
+            top.append(cands if k >= len(cands) else dict(sorted(cands.items(), key=lambda kv: -kv[1])[:k]))
     for _ in range(max_tokens):
         tokens.append("\n")
         offsets.append(pos)
@@ -137,6 +144,7 @@ def _prompt_of(body: dict[str, Any]) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     server: LoopbackServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers: no new connection (and thread) per request
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
@@ -255,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a client opening many connections at once is not refused
 
     def __init__(self, state: ServerState):
         super().__init__(("127.0.0.1", 0), _Handler)
