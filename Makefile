@@ -56,3 +56,4 @@ bench: install
 	$(PY) -m bench.capture
 	$(PY) -m bench.simulate
 	$(PY) -m bench.ablate
+	$(PY) -m bench.server

@@ -44,7 +44,7 @@ from pipeline.scoring import (
     fit_calibration,
     score_split,
 )
-from pipeline.simulator import Simulator
+from pipeline.simulator import Job, JobResult, Simulator
 from pipeline.units import Example, Unit, UnitKey, derangement
 
 LLM = "llm"  # explanations written by the explainer model
@@ -85,17 +85,14 @@ def explain_layer(
     rows: list[dict] = []
     llm_lineage = {"explainer_backend": backend.backend, "explainer_model": backend.model}
     alive = [u for u in units if not u.dead]
-    results: dict[UnitKey, Completion | LLMFailure] = {}
-    step = max(1, backend.batch_hint)
     chat = backend.api == "chat"  # the same few-shot prompt as system/user/assistant turns
     prompt = explanation_messages if chat else explanation_prompt
     progress = Progress("explained units", len(alive), log)
-    for lo in range(0, len(alive), step):
-        chunk = alive[lo : lo + step]
-        completions = backend.complete([prompt(u.train_records()) for u in chunk], params)
-        for unit, result in zip(chunk, completions, strict=True):
-            results[unit.key] = result
-        progress.step(len(chunk))
+    # Every unit's prompt in one call: a server backend keeps all of its slots busy across units.
+    completions = backend.complete_each(
+        [prompt(u.train_records()) for u in alive], params, on_result=lambda i, result: progress.step()
+    )
+    results: dict[UnitKey, Completion | LLMFailure] = {u.key: r for u, r in zip(alive, completions, strict=True)}
     for unit in units:
         base = {"layer": unit.layer, "neuron": unit.neuron, "polarity": unit.polarity}
         if unit.dead:
@@ -233,6 +230,16 @@ def candidates(explanations: pl.DataFrame, units: Mapping[UnitKey, Unit]) -> tup
     return usable, skipped
 
 
+@dataclass(frozen=True)
+class _Task:
+    """A candidate's (or, as a control, another unit's) explanation to simulate on a unit's splits."""
+
+    candidate: Candidate
+    target: Unit
+    splits: tuple[str, ...]
+    control: Candidate | None = None
+
+
 class _Runner:
     """Simulates candidates on splits of a unit and turns the results into rows."""
 
@@ -248,11 +255,33 @@ class _Runner:
             raise ValueError(f"a {candidate.kind} explanation needs a simulator")
         return self.simulator
 
-    def run(self, candidate: Candidate, target: Unit, splits: Sequence[str], control: Candidate | None = None) -> None:
-        """Simulate `control`'s text (else the candidate's) on `target`'s examples of `splits`."""
-        source = control or candidate
-        sim = self._simulator(source)  # a lookup control uses the other unit's table
-        examples = [e for s in splits for e in target.split(s)]
+    def run(self, tasks: Sequence[_Task], what: str) -> None:
+        """Every task's simulation. The simulator gets them in one `simulate_many` call, so a server
+        simulator has the sequences of many units in flight at once (up to its concurrency limit)."""
+        progress = Progress(what, len(tasks), self.log)
+        remote: list[tuple[_Task, dict, list[Example]]] = []
+        for task in tasks:
+            source = task.control or task.candidate
+            sim = self._simulator(source)  # a lookup control uses the other unit's table
+            examples = [e for s in task.splits for e in task.target.split(s)]
+            base = self._base(task, sim)
+            if not examples:
+                self.rows += [base | {"split": s, "failure_reason": f"no {s} examples"} for s in task.splits]
+                progress.step()
+            elif isinstance(sim, TokenLookupSimulator):
+                self._add(task, base, examples, sim.simulate_ids([e.token_ids for e in examples]))
+                progress.step()
+            else:
+                remote.append((task, base, examples))
+        if remote:
+            assert self.simulator is not None
+            jobs = [Job((t.control or t.candidate).text, [list(e.tokens) for e in ex]) for t, _, ex in remote]
+            results = self.simulator.simulate_many(jobs, on_result=lambda i, result: progress.step())
+            for (task, base, examples), result in zip(remote, results, strict=True):
+                self._add(task, base, examples, result)
+
+    def _base(self, task: _Task, sim: Simulator) -> dict:
+        target, candidate, control = task.target, task.candidate, task.control
         base = {
             "layer": target.layer,
             "neuron": target.neuron,
@@ -270,19 +299,15 @@ class _Runner:
                 "control_polarity": control.unit.polarity,
                 "control_sample_index": control.sample_index,
             }
-        if not examples:
-            self.rows += [base | {"split": s, "failure_reason": f"no {s} examples"} for s in splits]
-            return
-        if isinstance(sim, TokenLookupSimulator):
-            result: list[np.ndarray] | LLMFailure = sim.simulate_ids([e.token_ids for e in examples])
-        else:
-            result = sim.simulate_each(source.text, [list(e.tokens) for e in examples])
+        return base
+
+    def _add(self, task: _Task, base: dict, examples: Sequence[Example], result: JobResult | list[np.ndarray]) -> None:
         if isinstance(result, LLMFailure):
             reason = f"simulation failed: {result.reason}"
-            self.rows += [base | {"split": s, "failure_reason": reason} for s in splits]
+            self.rows += [base | {"split": s, "failure_reason": reason} for s in task.splits]
             return
         for example, simulated in zip(examples, result, strict=True):
-            fields = base | _example_fields(target, example)
+            fields = base | _example_fields(task.target, example)
             if isinstance(simulated, LLMFailure):  # this sequence alone (a remote simulator asks per sequence)
                 self.rows.append(fields | {"failure_reason": f"simulation failed: {simulated.reason}"})
             else:
@@ -310,23 +335,20 @@ def simulate_layer(
     usable, skipped = candidates(explanations, units)
     runner = _Runner(simulator, log)
     runner.rows += skipped
-    progress = Progress("simulated explanations on the valid split", len(usable), log)
-    for cand in usable:
-        runner.run(cand, cand.unit, ["valid"])
-        progress.step()
+    runner.run([_Task(c, c.unit, ("valid",)) for c in usable], "simulated explanations on the valid split")
     valid = {
         (r["layer"], r["neuron"], r["polarity"], r["kind"], r["sample_index"]): r
         for r in _scores(pl.DataFrame(runner.rows, schema=SIMULATION_SCHEMA)).iter_rows(named=True)
     }
     chosen = choose(usable, valid)
     controls = {kind: derangement(key for (key, k) in chosen if k == kind) for kind in KINDS}
-    jobs = [(c, None) for c in chosen.values()]
-    jobs += [(c, chosen[(controls[c.kind][key], c.kind)]) for (key, kind), c in chosen.items() if key in controls[kind]]
-    progress = Progress("simulated chosen explanations and controls", len(jobs), log)
-    for cand, control in jobs:
-        splits = ["test"] if control is not None else ["calibration", "test"]
-        runner.run(cand, cand.unit, splits, control)
-        progress.step()
+    tasks = [_Task(c, c.unit, ("calibration", "test")) for c in chosen.values()]
+    tasks += [
+        _Task(c, c.unit, ("test",), chosen[(controls[c.kind][key], c.kind)])
+        for (key, kind), c in chosen.items()
+        if key in controls[kind]
+    ]
+    runner.run(tasks, "simulated chosen explanations and controls")
     order = [*EXPLANATION_KEY, "control", "split", "record_kind", "split_rank"]
     return pl.DataFrame(runner.rows, schema=SIMULATION_SCHEMA).sort(
         order, descending=[c == "record_kind" for c in order], nulls_last=True

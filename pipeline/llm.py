@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +81,7 @@ class EchoLogprobs:
     given everything before it (what `completions(echo=True, logprobs=k, max_tokens=0)` returns)."""
 
     tokens: list[str]
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    top_logprobs: Sequence[dict[str, float]] = field(default_factory=list)
     # Character offset of each token in the prompt, when the server gives it: byte-level tokens
     # (e.g. "bytes:\\xe2\\x80") do not add up to the prompt's text, offsets always do.
     text_offset: list[int] = field(default_factory=list)
@@ -152,6 +152,23 @@ class LLMBackend(ABC):
     @abstractmethod
     def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
         """One result per prompt, in order, each with `params.n` samples."""
+
+    def complete_each(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        on_result: Callable[[int, Completion | LLMFailure], None] | None = None,
+    ) -> list[Completion | LLMFailure]:
+        """`complete` of every prompt, with `on_result(index, result)` as each one is known. This default
+        asks `batch_hint` prompts per call; a server backend sends them all under its concurrency limit."""
+        out: list[Completion | LLMFailure] = []
+        step = max(1, self.batch_hint)
+        for lo in range(0, len(prompts), step):
+            for result in self.complete(prompts[lo : lo + step], params):
+                if on_result is not None:
+                    on_result(len(out), result)
+                out.append(result)
+        return out
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
         """Each prompt's tokens with the top log-probabilities at every position, one result per prompt."""

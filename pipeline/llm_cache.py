@@ -5,10 +5,11 @@ Two stores, chosen by the location (NEURON_ATLAS_LLM_CACHE or `llm.cache_path`):
   mode plus a busy timeout make that safe);
 - PostgreSQL (`postgres:<libpq connection string>` or a `postgresql://` URL; the default when the
   warehouse is a DuckLake, whose catalog database it then shares), for runs on many machines.
-Each call opens its own connection and commits at once, so threads need no shared handle and
-every answer is stored the moment it arrives. Values are JSON, never pickle: the store is data,
-not code. The key is a sha256 of what determines the answer (backend, model, kind of request,
-prompt, parameters); credentials are no part of it and are never written.
+Each call commits at once, so every answer is stored the moment it arrives; each thread keeps its
+own SQLite connection (opening one per call costs ~7 ms, more than a fast server's answer). Values
+are JSON, never pickle: the store is data, not code. The key is a sha256 of what determines the
+answer (backend, model, kind of request, prompt, parameters); credentials are no part of it and
+are never written.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class LLMCache:
             return
         self.path = Path(location)
         self._lock = threading.Lock()  # serialises this process's writers; SQLite's lock does the rest
+        self._local = threading.local()  # this thread's connection, and the process that opened it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as conn, conn:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -107,7 +109,17 @@ class LLMCache:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.timeout_s)
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+        # WAL + NORMAL: a commit survives the process being killed (what a resumed run needs), not
+        # an OS crash, which at worst loses the last answers: a cache, so they are asked again.
+        conn.execute("PRAGMA synchronous=NORMAL")
         return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (a forked child opens its own)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.conn, local.pid = self._connect(), os.getpid()
+        return local.conn
 
     def _pg_connect(self) -> Any:
         import psycopg2  # installed with dagster-postgres
@@ -128,8 +140,7 @@ class LLMCache:
                 cur.execute(f"SELECT value FROM {PG_TABLE} WHERE key = %s", (key,))
                 row = cur.fetchone()
         else:
-            with closing(self._connect()) as conn:
-                row = conn.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+            row = self._conn().execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def put(self, backend: str, model: str, kind: str, prompt: str, params: dict[str, Any], value: Any) -> None:
@@ -146,7 +157,7 @@ class LLMCache:
                     (key, kind, text, time.time()),
                 )
             return
-        with self._lock, closing(self._connect()) as conn, conn:
+        with self._lock, self._conn() as conn:  # commits on leaving
             conn.execute(
                 "INSERT OR REPLACE INTO responses (key, kind, value, created) VALUES (?, ?, ?, ?)",
                 (key, kind, text, time.time()),
@@ -159,8 +170,8 @@ class LLMCache:
             with closing(self._pg_connect()) as conn, conn, conn.cursor() as cur:
                 cur.execute(f"SELECT count(*) FROM {PG_TABLE} {where}", args)
                 return int(cur.fetchone()[0])
-        with closing(self._connect()) as conn:
-            return int(conn.execute(f"SELECT count(*) FROM responses {where.replace('%s', '?')}", args).fetchone()[0])
+        conn = self._conn()
+        return int(conn.execute(f"SELECT count(*) FROM responses {where.replace('%s', '?')}", args).fetchone()[0])
 
     def __len__(self) -> int:
         return self.count()

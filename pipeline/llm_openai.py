@@ -1,10 +1,12 @@
 """Text completion and echoed logprobs from any OpenAI-compatible server (OpenAI, vLLM, llama.cpp, Ollama).
 
 Requests run concurrently (bounded by `max_concurrency`) under a synchronous `complete`, so the
-pipeline stays plain Python. The SDK's own retries are off: ours retry 429 (honouring
-Retry-After), 5xx, timeouts, connection errors and malformed bodies with exponential backoff and
-full jitter, and then give up with an `LLMFailure` for that prompt only. Other 4xx fail at once:
-retrying a bad request only costs money.
+pipeline stays plain Python. Each method has an async twin (`acomplete`, `aecho_levels`, ...): a
+caller with many jobs (a simulator over a layer's explanations) awaits them all inside one `run`,
+so one client and one limit cover every request and a server with N slots gets N in flight.
+The SDK's own retries are off: ours retry 429 (honouring Retry-After), 5xx, timeouts,
+connection errors and malformed bodies with exponential backoff and full jitter, and then give up
+with an `LLMFailure` for that prompt only. Other 4xx fail at once: retrying a bad request only costs money.
 
 The API key is read from the environment at request time and never kept on the instance, written
 to the cache, logged, or put in a failure reason (reasons are scrubbed of it, since a server may
@@ -14,6 +16,7 @@ quote the key back in an error body).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -23,9 +26,10 @@ import os
 import random
 import time
 import types
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from contextvars import ContextVar
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
@@ -70,6 +74,15 @@ def _public_url(url: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+@dataclasses.dataclass
+class _Session:
+    """What the requests of one `OpenAIBackend.run` share."""
+
+    client: AsyncOpenAI
+    semaphore: asyncio.Semaphore
+    pending: dict[tuple[str, str, str], asyncio.Future[Any]] = dataclasses.field(default_factory=dict)
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -144,6 +157,8 @@ class OpenAIBackend(LLMBackend):
         self.cache = cache
         self._scope = f"{self.backend}@{_public_url(self.base_url)}"  # different servers, different answers
         self._n_ignored = False  # set once the server has answered n > 1 with a single choice
+        # The client and concurrency limit of the `run` under way in this context (see `session`).
+        self._session: ContextVar[_Session | None] = ContextVar(f"openai-session-{id(self)}", default=None)
 
     def __repr__(self) -> str:
         return (
@@ -154,6 +169,23 @@ class OpenAIBackend(LLMBackend):
     # -- public API -------------------------------------------------------------------------------
 
     def complete(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Completion | LLMFailure]:
+        return self.run(lambda: self.acomplete(prompts, params))
+
+    def complete_each(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        on_result: Callable[[int, Completion | LLMFailure], None] | None = None,
+    ) -> list[Completion | LLMFailure]:
+        """All prompts at once under the one limit, each reported to `on_result` as it finishes."""
+        return self.run(lambda: self.acomplete(prompts, params, on_result))
+
+    async def acomplete(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        on_result: Callable[[int, Completion | LLMFailure], None] | None = None,
+    ) -> list[Completion | LLMFailure]:
         chat = self.api == "chat"
         if not chat and any(not isinstance(p, str) for p in prompts):
             raise AtlasInputError("a chat prompt (a list of turns) needs api: chat; this backend uses completions")
@@ -185,13 +217,18 @@ class OpenAIBackend(LLMBackend):
         def parse(resp: Any, prompt: Prompt) -> dict[str, Any]:
             return _parse_completion(resp, params.n, chat=chat)
 
-        values = self._cached_batch(prompts, kind, key_params, request, parse)
-        return [v if isinstance(v, LLMFailure) else Completion.from_record(v, cached=c) for v, c in values]
+        def done(value: Any, cached: bool) -> Completion | LLMFailure:
+            return value if isinstance(value, LLMFailure) else Completion.from_record(value, cached=cached)
+
+        report = None if on_result is None else (lambda i, value, cached: on_result(i, done(value, cached)))
+        values = await self._acached_batch(prompts, kind, key_params, request, parse, report)
+        return [done(v, c) for v, c in values]
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
         """The raw echo (not cached: it is large; `echo_levels` caches only what it reads from it)."""
         self._require_completions("echo with logprobs")
-        return self._echo(prompts, top_logprobs, [lambda echo, prompt: echo] * len(prompts), kind=None)
+        raw = [lambda echo, prompt: echo] * len(prompts)
+        return self.run(lambda: self._aecho(prompts, top_logprobs, raw, kind=None))
 
     def echo_levels(
         self,
@@ -203,19 +240,33 @@ class OpenAIBackend(LLMBackend):
         """Each prompt echoed with logprobs and passed through its reducer `(echo, prompt) -> JSON`,
         whose value is what gets cached (under `version`). A reducer raises `Unusable` for a reply
         it cannot read: that is a failure, neither retried nor cached."""
+        return self.run(lambda: self.aecho_levels(prompts, top_logprobs, reducers, version))
+
+    async def aecho_levels(
+        self,
+        prompts: Sequence[str],
+        top_logprobs: int,
+        reducers: Sequence[Callable[[EchoLogprobs, str], Any]],
+        version: str,
+    ) -> list[Any | LLMFailure]:
         self._require_completions("echo with logprobs")
-        return self._echo(prompts, top_logprobs, reducers, kind=f"echo:{version}")
+        return await self._aecho(prompts, top_logprobs, reducers, kind=f"echo:{version}")
 
     def next_logprobs(self, prompts: Sequence[str], top_logprobs: int) -> list[dict[str, float] | LLMFailure]:
         """Top log-probabilities of the token after each prompt (one greedy generated token)."""
+        return self.run(lambda: self.anext_logprobs(prompts, top_logprobs))
+
+    async def anext_logprobs(self, prompts: Sequence[str], top_logprobs: int) -> list[dict[str, float] | LLMFailure]:
         self._require_completions("next-token logprobs")
 
         def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            return client.completions.create(
-                model=self.model, prompt=prompt, max_tokens=1, logprobs=top_logprobs, temperature=0
+            return _json_body(
+                client.completions.with_raw_response.create(
+                    model=self.model, prompt=prompt, max_tokens=1, logprobs=top_logprobs, temperature=0
+                )
             )
 
-        values = self._cached_batch(prompts, "next", {"top_logprobs": top_logprobs}, request, _parse_next)
+        values = await self._acached_batch(prompts, "next", {"top_logprobs": top_logprobs}, request, _parse_next)
         return [v if isinstance(v, LLMFailure) else v["top"] for v, _ in values]
 
     def chat_levels(
@@ -228,19 +279,33 @@ class OpenAIBackend(LLMBackend):
     ) -> list[Any | LLMFailure]:
         """Each conversation answered on /chat/completions (with `logprobs` and `top_logprobs` unless
         None) and passed through its reducer; the reducer's JSON value is what gets cached."""
+        return self.run(lambda: self.achat_levels(conversations, params, top_logprobs, reducers, version))
+
+    async def achat_levels(
+        self,
+        conversations: Sequence[Messages],
+        params: GenerationParams,
+        top_logprobs: int | None,
+        reducers: Sequence[Callable[[ChatReply], Any]],
+        version: str,
+    ) -> list[Any | LLMFailure]:
         by_id = {id(c): r for c, r in zip(conversations, reducers, strict=True)}
 
         def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
             extra: dict[str, Any] = {}
             if top_logprobs is not None:
                 extra = {"logprobs": True, "top_logprobs": top_logprobs}
-            return client.chat.completions.create(messages=_messages(prompt), **self._sampling(params), **extra)
+            return _json_body(
+                client.chat.completions.with_raw_response.create(
+                    messages=_messages(prompt), **self._sampling(params), **extra
+                )
+            )
 
         def parse(resp: Any, prompt: Prompt) -> Any:
             return by_id[id(prompt)](_parse_chat_reply(resp, top_logprobs is not None))
 
         key = dataclasses.asdict(params) | {"top_logprobs": top_logprobs}
-        values = self._cached_batch(conversations, f"chat:{version}", key, request, parse)
+        values = await self._acached_batch(conversations, f"chat:{version}", key, request, parse)
         return [v for v, _ in values]
 
     # -- machinery --------------------------------------------------------------------------------
@@ -262,7 +327,7 @@ class OpenAIBackend(LLMBackend):
             common["stop"] = list(params.stop)
         return common
 
-    def _echo(
+    async def _aecho(
         self,
         prompts: Sequence[str],
         top_logprobs: int,
@@ -272,13 +337,15 @@ class OpenAIBackend(LLMBackend):
         by_id = {id(p): r for p, r in zip(prompts, reducers, strict=True)}
 
         def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            return client.completions.create(
-                model=self.model,
-                prompt=prompt,
-                echo=True,
-                logprobs=top_logprobs,
-                max_tokens=self.echo_max_tokens,
-                temperature=0,
+            return _json_body(
+                client.completions.with_raw_response.create(
+                    model=self.model,
+                    prompt=prompt,
+                    echo=True,
+                    logprobs=top_logprobs,
+                    max_tokens=self.echo_max_tokens,
+                    temperature=0,
+                )
             )
 
         def parse(resp: Any, prompt: Prompt) -> Any:
@@ -286,8 +353,40 @@ class OpenAIBackend(LLMBackend):
             echo = _parse_echo(resp, prompt, self.echo_max_tokens)
             return by_id[id(prompt)](EchoLogprobs(echo["tokens"], echo["top_logprobs"], echo["text_offset"]), prompt)
 
-        values = self._cached_batch(prompts, kind, {"top_logprobs": top_logprobs}, request, parse)
+        values = await self._acached_batch(prompts, kind, {"top_logprobs": top_logprobs}, request, parse)
         return [v for v, _ in values]
+
+    def run(self, make: Callable[[], Awaitable[T]]) -> T:
+        """`await make()` from sync code inside one `session`: every request it makes through this
+        backend, from however many calls of the async methods, shares one client and one limit."""
+
+        async def main() -> T:
+            async with self.session():
+                return await make()
+
+        return self._run_sync(main)
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[_Session]:
+        """The client and the `max_concurrency` limit for requests made inside; a nested session is
+        the outer one."""
+        current = self._session.get()
+        if current is not None:
+            yield current
+            return
+        # A client per session: its connection pool belongs to this event loop, which `run` closes.
+        client = AsyncOpenAI(
+            api_key=os.environ.get(self.api_key_env) or NO_KEY,
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            max_retries=0,
+        )
+        token = self._session.set(session := _Session(client, asyncio.Semaphore(self.max_concurrency)))
+        try:
+            async with client:
+                yield session
+        finally:
+            self._session.reset(token)
 
     def _cached_batch(
         self,
@@ -297,28 +396,58 @@ class OpenAIBackend(LLMBackend):
         request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
         parse: Callable[[Any, Prompt], Any],
     ) -> list[tuple[Any | LLMFailure, bool]]:
-        """(JSON value or failure, whether it came from the cache) per prompt, in order; `kind` None
-        caches nothing."""
-        cache = self.cache if kind is not None else None
-        out: list[tuple[Any | LLMFailure, bool] | None] = [None] * len(prompts)
-        misses: list[int] = []
-        for i, prompt in enumerate(prompts):
-            hit = cache.get(self._scope, self.model, kind, _key_text(prompt), key_params) if cache else None
-            if hit is not None:
-                out[i] = (hit, True)
-            else:
-                misses.append(i)
-        self.usage.add(cache_hits=len(prompts) - len(misses))
-        if misses:
-            # Each answer is stored as soon as it arrives, so a run stopped (or failed) mid-batch redoes nothing.
-            def store(i: int, value: Any) -> None:
-                if cache is not None and not isinstance(value, LLMFailure):
-                    cache.put(self._scope, self.model, kind, _key_text(prompts[misses[i]]), key_params, value)
+        """`_acached_batch` from sync code."""
+        return self.run(lambda: self._acached_batch(prompts, kind, key_params, request, parse))
 
-            results = self._run_sync(lambda: self._gather([prompts[i] for i in misses], request, parse, store))
-            for i, result in zip(misses, results, strict=True):
-                out[i] = (result, False)
-        return [r for r in out if r is not None]
+    async def _acached_batch(
+        self,
+        prompts: Sequence[Prompt],
+        kind: str | None,
+        key_params: dict[str, Any],
+        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
+        parse: Callable[[Any, Prompt], Any],
+        on_result: Callable[[int, Any, bool], None] | None = None,
+    ) -> list[tuple[Any | LLMFailure, bool]]:
+        """(JSON value or failure, whether it came from the cache) per prompt, in order, each also
+        handed to `on_result(index, value, cached)` as soon as it is known; `kind` None caches nothing.
+        The misses are asked at once under the session's limit, and each answer is stored as soon as
+        it arrives, so a run stopped (or failed) mid-batch redoes nothing. The cache is read and
+        written off the event loop, which keeps reading the other replies meanwhile. A request the
+        same as one in flight in this session (two samples that wrote the same explanation) waits
+        for that one's answer instead of asking again, as it would have found it in the cache."""
+        cache = self.cache if kind is not None else None
+        keys = [_key_text(p) for p in prompts]
+        hits: list[Any | None] = [None] * len(prompts)
+        if cache is not None:
+            hits = await asyncio.to_thread(
+                lambda: [cache.get(self._scope, self.model, kind, k, key_params) for k in keys]
+            )
+        self.usage.add(cache_hits=sum(h is not None for h in hits))
+        async with self.session() as session:
+
+            async def ask(i: int) -> Any | LLMFailure:
+                value = await self._with_retries(session.client, session.semaphore, prompts[i], request, parse)
+                if cache is not None and not isinstance(value, LLMFailure):
+                    await asyncio.to_thread(cache.put, self._scope, self.model, kind, keys[i], key_params, value)
+                return value
+
+            async def one(i: int) -> tuple[Any | LLMFailure, bool]:
+                if hits[i] is not None:
+                    result: tuple[Any | LLMFailure, bool] = (hits[i], True)
+                elif kind is None:
+                    result = (await ask(i), False)
+                elif (same := (kind, keys[i], json.dumps(key_params, sort_keys=True))) in session.pending:
+                    result = (await session.pending[same], True)
+                    self.usage.add(cache_hits=1)
+                else:
+                    session.pending[same] = task = asyncio.ensure_future(ask(i))
+                    task.add_done_callback(lambda _, same=same: session.pending.pop(same, None))
+                    result = (await task, False)
+                if on_result is not None:
+                    on_result(i, *result)
+                return result
+
+            return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
 
     @staticmethod
     def _run_sync(make: Callable[[], Awaitable[T]]) -> T:
@@ -333,30 +462,6 @@ class OpenAIBackend(LLMBackend):
             return asyncio.run(main())
         with ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(asyncio.run, main()).result()
-
-    async def _gather(
-        self,
-        prompts: list[Prompt],
-        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
-        parse: Callable[[Any, Prompt], Any],
-        store: Callable[[int, Any], None],
-    ) -> list[Any | LLMFailure]:
-        # A client per call: its connection pool belongs to this event loop, which asyncio.run closes.
-        semaphore = asyncio.Semaphore(self.max_concurrency)
-        client = AsyncOpenAI(
-            api_key=os.environ.get(self.api_key_env) or NO_KEY,
-            base_url=self.base_url,
-            timeout=self.timeout_s,
-            max_retries=0,
-        )
-
-        async def one(i: int, prompt: Prompt) -> Any | LLMFailure:
-            result = await self._with_retries(client, semaphore, prompt, request, parse)
-            store(i, result)
-            return result
-
-        async with client:
-            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
     async def _with_retries(
         self,
@@ -421,6 +526,22 @@ class OpenAIBackend(LLMBackend):
         """Remove the API key from text a server may have quoted it in."""
         key = os.environ.get(self.api_key_env)
         return text.replace(key, "<api key>") if key else text
+
+
+class _Json(dict):
+    """A JSON object whose fields read as attributes too (None when absent), as the SDK's models do."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.get(name)
+
+
+async def _json_body(call: Awaitable[Any]) -> Any:
+    """The body of a raw SDK response as `_Json`, for the bulk logprob requests: building the SDK's
+    models costs ~40 ms for one echoed prompt's logprobs, which caps a client at ~25 requests/s."""
+    raw = await call
+    return json.loads(raw.http_response.content, object_hook=_Json)
 
 
 def _key_text(prompt: Prompt) -> str:
@@ -488,11 +609,7 @@ def _parse_echo(resp: Any, prompt: str, generated_max: int) -> dict[str, Any]:
     raw_top = getattr(lp, "top_logprobs", None)
     if not isinstance(raw_top, list) or len(raw_top) != len(tokens):
         raise _Fatal(NO_LOGPROBS if not raw_top else "top_logprobs and tokens differ in length")
-    top: list[dict[str, float]] = []
-    for entry in raw_top:  # null for the first token: nothing precedes it
-        top.append(
-            {str(t): float(v) for t, v in (entry or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
-        )
+    top = _TopLogprobs(raw_top)
     offsets = getattr(lp, "text_offset", None)
     offsets = [int(o) for o in offsets] if isinstance(offsets, list) and len(offsets) == len(tokens) else []
     keep = len(tokens)
@@ -510,6 +627,30 @@ def _parse_echo(resp: Any, prompt: str, generated_max: int) -> dict[str, Any]:
                     covered += len(tokens[keep])
                     keep += 1
     return {"tokens": [str(t) for t in tokens[:keep]], "top_logprobs": top[:keep], "text_offset": offsets[:keep]}
+
+
+class _TopLogprobs(Sequence[dict[str, float]]):
+    """Each echoed token's top logprobs (finite numbers only; {} for the first token's null), cleaned
+    when read: a simulator reads a few positions of a long prompt, and cleaning every position cost
+    more than the rest of the client's work on the reply."""
+
+    def __init__(self, raw: Sequence[Any]):
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, float]: ...
+    @overload
+    def __getitem__(self, i: slice) -> _TopLogprobs: ...
+    def __getitem__(self, i: int | slice) -> dict[str, float] | _TopLogprobs:
+        if isinstance(i, slice):
+            return _TopLogprobs(self._raw[i])
+        entry = self._raw[i]
+        if not isinstance(entry, dict):
+            return {}
+        return {str(t): float(v) for t, v in entry.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
 def _parse_next(resp: Any, prompt: Prompt) -> dict[str, Any]:

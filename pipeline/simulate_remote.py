@@ -21,10 +21,11 @@ logprobs when the model wrote a "1" there; otherwise p("1") counts as 1.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from pipeline.prompts import (
     simulation_pieces,
     simulation_prefix,
 )
-from pipeline.simulator import LEVELS, Simulator, parse_level
+from pipeline.simulator import LEVELS, Job, JobResult, OnJob, Simulator, parse_level
 
 MAX_TOP_LOGPROBS = 20  # what chat APIs allow (OpenAI, Ollama); vLLM's default --max-logprobs
 ECHO_READ = "slot-levels-v1"  # what the echo cache entries hold: bump if the reduction changes
@@ -137,10 +138,19 @@ class EchoSimulator(Simulator):
         return all_or_failure(self.simulate_each(explanation, sequences))
 
     def simulate_each(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray | LLMFailure]:
+        return self.llm.run(lambda: self.asimulate_each(explanation, sequences))
+
+    def simulate_many(self, jobs: Sequence[Job], on_result: OnJob | None = None) -> list[JobResult]:
+        """Every job's requests at once, under the backend's one concurrency limit."""
+        return self.llm.run(lambda: gather_jobs(self.asimulate_each, jobs, on_result))
+
+    async def asimulate_each(
+        self, explanation: str, sequences: Sequence[Sequence[str]]
+    ) -> list[np.ndarray | LLMFailure]:
         prefix = simulation_prefix(explanation)
         built = [_prompt_and_slots(prefix, seq) for seq in sequences]
         asked = [j for j, seq in enumerate(sequences) if len(seq)]  # an empty sequence needs no request
-        replies = self.llm.echo_levels(
+        replies = await self.llm.aecho_levels(
             [built[j][0] for j in asked],
             self.top_logprobs,
             [lambda echo, prompt, slots=built[j][1]: slot_distributions(echo, prompt, slots) for j in asked],
@@ -162,7 +172,8 @@ class EchoSimulator(Simulator):
         ]
         if branches:
             prompts = [built[j][0][: built[j][1][k]] + "1" for j, k in branches]
-            for (j, k), after in zip(branches, self.llm.next_logprobs(prompts, self.top_logprobs), strict=True):
+            afters = await self.llm.anext_logprobs(prompts, self.top_logprobs)
+            for (j, k), after in zip(branches, afters, strict=True):
                 if isinstance(after, LLMFailure):
                     out[j] = LLMFailure(f"reading 10 at token {k}: {after.reason}", after.attempts)
                 elif (split := _split_ten(dists[j][k], after)) is not None:
@@ -171,6 +182,23 @@ class EchoSimulator(Simulator):
             if not isinstance(out[j], LLMFailure):
                 out[j] = np.array([expected(d) for d in ds], dtype=np.float64)
         return out
+
+
+async def gather_jobs(
+    simulate: Callable[[str, Sequence[Sequence[str]]], Awaitable[list[np.ndarray | LLMFailure]]],
+    jobs: Sequence[Job],
+    on_result: OnJob | None,
+) -> list[JobResult]:
+    """Every job at once (each a chain of requests: echo, then its "10" splits; or ask, then re-ask),
+    each reported as soon as its own chain ends."""
+
+    async def one(i: int, job: Job) -> JobResult:
+        result = await simulate(job.explanation, job.sequences)
+        if on_result is not None:
+            on_result(i, result)
+        return result
+
+    return list(await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs))))
 
 
 def all_or_failure(results: list[np.ndarray | LLMFailure]) -> list[np.ndarray] | LLMFailure:
@@ -275,7 +303,7 @@ class ChatSimulator(Simulator):
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
         return all_or_failure(self.simulate_each(explanation, sequences))
 
-    def _ask(self, conversations: list[list[dict]], tokens: list[Sequence[str]]) -> list[dict | LLMFailure]:
+    async def _ask(self, conversations: list[list[dict]], tokens: list[Sequence[str]]) -> list[dict | LLMFailure]:
         # Room for each line (token, tab, level, line end) plus a little chatter.
         longest = max(len(t) for t in tokens)
         params = GenerationParams(
@@ -283,15 +311,24 @@ class ChatSimulator(Simulator):
         )
         logprobs = self.top_logprobs is not None
         readers = [lambda reply, toks=toks: read_chat_levels(reply, toks, logprobs) for toks in tokens]
-        return self.llm.chat_levels(conversations, params, self.top_logprobs, readers, version=CHAT_READ)
+        return await self.llm.achat_levels(conversations, params, self.top_logprobs, readers, version=CHAT_READ)
 
     def simulate_each(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray | LLMFailure]:
+        return self.llm.run(lambda: self.asimulate_each(explanation, sequences))
+
+    def simulate_many(self, jobs: Sequence[Job], on_result: OnJob | None = None) -> list[JobResult]:
+        """Every job's requests at once, under the backend's one concurrency limit."""
+        return self.llm.run(lambda: gather_jobs(self.asimulate_each, jobs, on_result))
+
+    async def asimulate_each(
+        self, explanation: str, sequences: Sequence[Sequence[str]]
+    ) -> list[np.ndarray | LLMFailure]:
         out: list[np.ndarray | LLMFailure] = [np.zeros(0, dtype=np.float64) for _ in sequences]
         asked = [j for j, seq in enumerate(sequences) if len(seq)]
         if not asked:
             return out
         conversations = {j: chat_simulation_messages(explanation, sequences[j]) for j in asked}
-        first = self._ask([conversations[j] for j in asked], [sequences[j] for j in asked])
+        first = await self._ask([conversations[j] for j in asked], [sequences[j] for j in asked])
         retry: list[int] = []
         results: dict[int, dict | LLMFailure] = dict(zip(asked, first, strict=True))
         for j in asked:
@@ -303,7 +340,7 @@ class ChatSimulator(Simulator):
                 chat_simulation_retry(conversations[j], results[j]["text"], results[j]["bad"], len(sequences[j]))  # type: ignore[index]
                 for j in retry
             ]
-            for j, value in zip(retry, self._ask(again, [sequences[j] for j in retry]), strict=True):
+            for j, value in zip(retry, await self._ask(again, [sequences[j] for j in retry]), strict=True):
                 results[j] = value
         for j in asked:
             value = results[j]

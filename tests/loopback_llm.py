@@ -4,7 +4,8 @@ Stdlib only: a `ThreadingHTTPServer` on an ephemeral port in a daemon thread, se
 POST /v1/completions and /v1/chat/completions with OpenAI-shaped JSON. Faults are scripted per
 prompt marker (the first plan entry whose marker is in the prompt): each request for that prompt
 consumes the next fault; when none is left it succeeds. It counts requests, keeps the
-Authorization headers it saw, and tracks the most requests in flight at once.
+Authorization headers it saw, tracks the most requests in flight at once, and keeps the prompts
+that were in flight together (which units' work overlapped).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class ServerState:
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    active: list[str] = field(default_factory=list)  # prompts of the requests in flight now
+    together: list[tuple[str, ...]] = field(default_factory=list)  # in flight at a request's start (if > 1)
     auth_headers: list[str] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -77,6 +80,13 @@ class ServerState:
         return "reply to " + prompt[-12:]
 
 
+_LIKELY, _OTHER = math.log(0.9), math.log(0.05)
+
+
+def _top(probs: dict[str, float], k: int) -> dict[str, float]:
+    return dict(sorted(((t, math.log(p)) for t, p in probs.items()), key=lambda kv: -kv[1])[:k])
+
+
 def _echo_logprobs(state: ServerState, prompt: str, k: int, max_tokens: int) -> dict[str, Any]:
     """tokens/top_logprobs/text_offset for the prompt, plus `max_tokens` generated "\\n" tokens."""
     tokens = simple_tokens(prompt)
@@ -85,15 +95,15 @@ def _echo_logprobs(state: ServerState, prompt: str, k: int, max_tokens: int) -> 
         offsets.append(pos)
         pos += len(tok)
     top: list[dict[str, float] | None] = [None]
+    slots = [_top(probs, k) for probs in state.slot_probs]
     slot = 0
     for tok in tokens[1:]:
-        if tok == "unknown" and state.slot_probs:
-            probs = state.slot_probs[slot % len(state.slot_probs)]
+        if tok == "unknown" and slots:
+            top.append(slots[slot % len(slots)])
             slot += 1
-            cands = {t: math.log(p) for t, p in probs.items()}
-        else:
-            cands = {tok: math.log(0.9), "the": math.log(0.05)}
-        top.append(dict(sorted(cands.items(), key=lambda kv: -kv[1])[:k]))
+        else:  # the token itself, likely, and one other candidate
+            cands = {tok: _LIKELY, "the": _OTHER}
+            top.append(cands if k >= len(cands) else dict(sorted(cands.items(), key=lambda kv: -kv[1])[:k]))
     for _ in range(max_tokens):
         tokens.append("\n")
         offsets.append(pos)
@@ -126,8 +136,15 @@ def _chat_logprobs(state: ServerState, text: str, k: int) -> dict[str, Any]:
     return {"content": content}
 
 
+def _prompt_of(body: dict[str, Any]) -> str:
+    """A request's prompt: a completion's text, or a chat's turns as JSON."""
+    prompt = body.get("prompt", body.get("messages", ""))
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: LoopbackServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers: no new connection (and thread) per request
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
@@ -138,6 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
         if getattr(self, "_counted", False):
             with self.server.state.lock:
                 self.server.state.in_flight -= 1
+                self.server.state.active.remove(self._prompt)
             self._counted = False
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -177,6 +195,10 @@ class _Handler(BaseHTTPRequestHandler):
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             self._counted = True
+            self._prompt = _prompt_of(body)
+            state.active.append(self._prompt)
+            if len(state.active) > 1:
+                state.together.append(tuple(state.active))
             state.auth_headers.append(self.headers.get("Authorization", ""))
             state.bodies.append(body)
         try:
@@ -241,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a client opening many connections at once is not refused
 
     def __init__(self, state: ServerState):
         super().__init__(("127.0.0.1", 0), _Handler)
