@@ -237,11 +237,11 @@ _HEADER = (
     "some of the tokens. Each neuron comes with a short description of what it responds to."
 )
 _TASK = {
-    DETECTION: " For each numbered text below, decide from the description whether the neuron responds to "
-    "anything in it: 1 if it does, 0 if it does not.",
-    FUZZING: f" In each numbered text below, some tokens are marked between {MARK_OPEN} and {MARK_CLOSE}. Decide "
-    "from the description whether the marked tokens are the ones the neuron responds to: 1 if they are, 0 if "
-    "they are other tokens.",
+    DETECTION: " Below, numbered texts are followed by a neuron's description. For each text, decide from the "
+    "description whether the neuron responds to anything in it: 1 if it does, 0 if it does not.",
+    FUZZING: f" Below, numbered texts are followed by a neuron's description. In each text some tokens are marked "
+    f"between {MARK_OPEN} and {MARK_CLOSE}. For each text, decide from the description whether the marked tokens "
+    "are the ones the neuron responds to: 1 if they are, 0 if they are other tokens.",
 }
 _ANSWER = " The answer lists one 1 or 0 per text, in order."
 _DEMO_EXPLANATION = 'words for animals, such as " dog" and " horse"'
@@ -276,7 +276,7 @@ def render(shown: Shown) -> str:
 
 
 def _description(explanation: str) -> str:
-    return f"Description: {EXPLANATION_ENDING} {explanation}."
+    return f"Description: {EXPLANATION_ENDING} {explanation}.\n"
 
 
 def _texts(shown: Sequence[Shown]) -> str:
@@ -287,19 +287,25 @@ def answer_text(labels: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(v)) for v in labels) + "]"
 
 
-def classification_prompt(scorer: str, explanation: str, shown: Sequence[Shown]) -> str:
-    """Completion style: instructions, one worked example, then the texts up to 'Answer: ['."""
+def classification_prompt_parts(scorer: str, explanation: str, shown: Sequence[Shown]) -> tuple[str, str]:
+    """Completion style, as (the part every explanation shares: instructions, a worked example and
+    the texts; the explanation's own part, ending at 'Answer: ['). The texts come before the
+    description, so a unit's explanation and its control share all work on the texts."""
     demo = _DEMO[scorer]
-    return (
+    shared = (
         _HEADER + _TASK[scorer] + _ANSWER + "\n\n"
-        + _description(_DEMO_EXPLANATION) + "\n" + _texts([s for s, _ in demo])
-        + "Answer: " + answer_text([label for _, label in demo]) + "\n\n"
-        + _description(explanation) + "\n" + _texts(shown) + "Answer: ["
+        + _texts([s for s, _ in demo]) + _description(_DEMO_EXPLANATION)
+        + "Answer: " + answer_text([label for _, label in demo]) + "\n\n" + _texts(shown)
     )  # fmt: skip
+    return shared, _description(explanation) + "Answer: ["
+
+
+def classification_prompt(scorer: str, explanation: str, shown: Sequence[Shown]) -> str:
+    return "".join(classification_prompt_parts(scorer, explanation, shown))
 
 
 def _chat_user(explanation: str, shown: Sequence[Shown]) -> str:
-    return f"{_description(explanation)}\n{_texts(shown)}There are {len(shown)} texts: answer with {len(shown)} labels."
+    return f"{_texts(shown)}{_description(explanation)}There are {len(shown)} texts: answer with {len(shown)} labels."
 
 
 def classification_messages(scorer: str, explanation: str, shown: Sequence[Shown]) -> list[dict]:
@@ -359,6 +365,13 @@ class Classifier(ABC):
     @abstractmethod
     def classify(self, scorer: str, explanation: str, prompts: Sequence[Sequence[Shown]]) -> list[Answer | LLMFailure]:
         """One answer per prompt, in order; each lists one label per text shown."""
+
+    def classify_each(
+        self, scorer: str, explanations: Sequence[str], prompts: Sequence[Sequence[Shown]]
+    ) -> list[list[Answer | LLMFailure]]:
+        """Several explanations on the same prompts (a unit's and its control's), one list per
+        explanation; a backend that can share the work on the texts overrides this."""
+        return [self.classify(scorer, explanation, prompts) for explanation in explanations]
 
 
 # ---------------------------------------------------------------- metrics
@@ -482,34 +495,35 @@ class _Run:
     failure: str | None
 
 
-def _ask(classifier: Classifier, scorer: str, text: str, prompts: list[list[Item]]) -> _Run:
-    answers = classifier.classify(scorer, text, [[i.shown for i in p] for p in prompts])
-    predicted: list[int | None] = []
-    probs: list[float | None] = []
-    any_probs = False
-    failures: list[str] = []
-    spent = [0, 0]
-    for prompt, answer in zip(prompts, answers, strict=True):
-        if isinstance(answer, LLMFailure):
-            failures.append(answer.reason)
-            predicted += [None] * len(prompt)
-            probs += [None] * len(prompt)
-            continue
-        spent[0] += answer.prompt_tokens
-        spent[1] += answer.completion_tokens
-        if answer.problem is not None:
-            failures.append(answer.problem)
-        predicted += list(answer.labels)
-        if answer.probabilities is not None:
-            any_probs = True
-            probs += list(answer.probabilities)
-        else:
-            probs += [None] * len(prompt)
-    failure = None
-    if failures:
-        failure = f"{len(failures)} of {len(prompts)} prompts failed: {failures[0]}"
+def _ask(classifier: Classifier, scorer: str, texts: Sequence[str], prompts: list[list[Item]]) -> list[_Run]:
+    """Each explanation's answers on the same prompts, read into labels, probabilities and spent tokens."""
     labels = [i.label for p in prompts for i in p]
-    return _Run(labels, predicted, probs if any_probs else None, spent[0], spent[1], failure)
+    runs = []
+    for answers in classifier.classify_each(scorer, texts, [[i.shown for i in p] for p in prompts]):
+        predicted: list[int | None] = []
+        probs: list[float | None] = []
+        any_probs = False
+        failures: list[str] = []
+        spent = [0, 0]
+        for prompt, answer in zip(prompts, answers, strict=True):
+            if isinstance(answer, LLMFailure):
+                failures.append(answer.reason)
+                predicted += [None] * len(prompt)
+                probs += [None] * len(prompt)
+                continue
+            spent[0] += answer.prompt_tokens
+            spent[1] += answer.completion_tokens
+            if answer.problem is not None:
+                failures.append(answer.problem)
+            predicted += list(answer.labels)
+            if answer.probabilities is not None:
+                any_probs = True
+                probs += list(answer.probabilities)
+            else:
+                probs += [None] * len(prompt)
+        failure = f"{len(failures)} of {len(prompts)} prompts failed: {failures[0]}" if failures else None
+        runs.append(_Run(labels, predicted, probs if any_probs else None, spent[0], spent[1], failure))
+    return runs
 
 
 def chosen_explanations(scores: pl.DataFrame, explanations: pl.DataFrame) -> dict[UnitKey, dict]:
@@ -584,7 +598,9 @@ def _classify_unit(
     if classifier is None:
         raise ValueError("classification needs a classifier")
     prompts = pack(shown, spec.per_prompt)
-    own = _ask(classifier, scorer, best["explanation"], prompts)
+    other = controls.get(key)
+    texts = [best["explanation"]] + ([chosen[other]["explanation"]] if other is not None else [])
+    own, *ctrls = _ask(classifier, scorer, texts, prompts)
     metrics = class_scores(own.labels, own.predicted, own.probability)
     ordered = [i for p in prompts for i in p]
     marked = [[j for j, m in enumerate(i.shown.marked or ()) if m] for i in ordered]
@@ -599,11 +615,9 @@ def _classify_unit(
         "completion_tokens": own.completion_tokens,
         "failure_reason": own.failure,
     }
-    other = controls.get(key)
     if other is None:
         return row | {"control_reason": NO_CONTROL}
-    control = chosen[other]
-    ctrl = _ask(classifier, scorer, control["explanation"], prompts)
+    control, ctrl = chosen[other], ctrls[0]
     c = class_scores(ctrl.labels, ctrl.predicted, ctrl.probability)
     row |= {
         "control_neuron": other[1],

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import math
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from pipeline.classify import (
     cache_prompt,
     classification_messages,
     classification_prompt,
+    classification_prompt_parts,
 )
 from pipeline.errors import AtlasInputError
 from pipeline.llm import ChatReply, GenerationParams, LLMFailure, Usage
@@ -60,37 +62,59 @@ class LocalClassifier(Classifier):
         self.end = list(tokenizer.encode("]", add_special_tokens=False))
 
     def classify(self, scorer: str, explanation: str, prompts: Sequence[Sequence[Shown]]) -> list[Answer | LLMFailure]:
-        out: list[Answer | LLMFailure] = []
+        return self.classify_each(scorer, [explanation], prompts)[0]
+
+    def classify_each(
+        self, scorer: str, explanations: Sequence[str], prompts: Sequence[Sequence[Shown]]
+    ) -> list[list[Answer | LLMFailure]]:
+        """Per prompt, the texts once (their KV cache copied for each explanation), then each
+        explanation's description and labels. Each explanation counts one request per prompt, with
+        the tokens a server would have read: the whole prompt."""
+        out: list[list[Answer | LLMFailure]] = [[] for _ in explanations]
         for shown in prompts:
-            self.usage.add(requests=1)
             try:
-                out.append(self._one(classification_prompt(scorer, explanation, shown), len(shown)))
+                answers = self._prompt(scorer, explanations, shown)
             except torch.OutOfMemoryError as exc:
-                out.append(LLMFailure(f"out of memory while classifying: {exc}"))
+                answers = [LLMFailure(f"out of memory while classifying: {exc}")] * len(explanations)
+            for j, answer in enumerate(answers):
+                out[j].append(answer)
         return out
 
     @torch.inference_mode()
-    def _one(self, prompt: str, n: int) -> Answer:
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-        out = self.lm(input_ids=ids, use_cache=True)
-        past, logits = out.past_key_values, out.logits[0, -1]
+    def _prompt(self, scorer: str, explanations: Sequence[str], shown: Sequence[Shown]) -> list[Answer | LLMFailure]:
+        shared, _ = classification_prompt_parts(scorer, explanations[0], shown)
+        ids = self.tokenizer(shared, return_tensors="pt").input_ids.to(self.device)
+        base = self.lm(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        answers: list[Answer | LLMFailure] = []
+        for explanation in explanations:
+            own = classification_prompt_parts(scorer, explanation, shown)[1]
+            own_ids = list(self.tokenizer.encode(own, add_special_tokens=False))
+            labels, probs, written = self._labels(copy.deepcopy(base), own_ids, len(shown))
+            prompt_tokens = int(ids.shape[1]) + len(own_ids)
+            self.usage.add(requests=1, prompt_tokens=prompt_tokens, completion_tokens=written)
+            answers.append(Answer(labels, probs, prompt_tokens, written))
+        return answers
+
+    def _labels(self, cache: Any, ids: list[int], n: int) -> tuple[list[int | None], list[float | None], int]:
+        """Read n labels after `ids`, writing each likelier label (and ", " or "]") before the next."""
         labels: list[int | None] = []
         probs: list[float | None] = []
         written = 0
+        step = ids
         for k in range(n):
+            out = self.lm(
+                input_ids=torch.tensor([step], device=self.device), past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+            cache, logits = out.past_key_values, out.logits[0, -1]
             pair = torch.stack([logits[self.label_ids[0]], logits[self.label_ids[1]]]).double()
             p1 = float(torch.softmax(pair, dim=0)[1])
             label = int(p1 > 0.5)
             labels.append(label)
             probs.append(round(p1, 9))
-            forced = [self.label_ids[label], *(self.sep if k < n - 1 else self.end)]
-            written += len(forced)
-            if k < n - 1:
-                step = torch.tensor([forced], device=self.device)
-                out = self.lm(input_ids=step, past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[0, -1]
-        self.usage.add(prompt_tokens=int(ids.shape[1]), completion_tokens=written)
-        return Answer(labels, probs, int(ids.shape[1]), written)
+            step = [self.label_ids[label], *(self.sep if k < n - 1 else self.end)]
+            written += len(step)
+        return labels, probs, written
 
 
 def _binary(top: dict[str, float], before: str) -> tuple[float, float]:
@@ -209,18 +233,27 @@ class CachedClassifier(Classifier):
         return self.inner.usage
 
     def classify(self, scorer: str, explanation: str, prompts: Sequence[Sequence[Shown]]) -> list[Answer | LLMFailure]:
+        return self.classify_each(scorer, [explanation], prompts)[0]
+
+    def classify_each(
+        self, scorer: str, explanations: Sequence[str], prompts: Sequence[Sequence[Shown]]
+    ) -> list[list[Answer | LLMFailure]]:
         params = {"prompt_version": self.prompt_version}
-        keys = [cache_prompt(scorer, explanation, p) for p in prompts]
-        out: list[Answer | LLMFailure | None] = []
-        for key in keys:
-            hit = self.cache.get(self.backend, self.model, "classify", key, params)
-            out.append(Answer.from_record(hit, cached=True) if hit is not None else None)
-        todo = [i for i, r in enumerate(out) if r is None]
-        self.usage.add(cache_hits=len(prompts) - len(todo))
-        if todo:
-            fresh = self.inner.classify(scorer, explanation, [prompts[i] for i in todo])
-            for i, result in zip(todo, fresh, strict=True):
+        keys = [[cache_prompt(scorer, e, p) for p in prompts] for e in explanations]
+        out: list[list[Answer | LLMFailure | None]] = []
+        for row in keys:
+            hits = [self.cache.get(self.backend, self.model, "classify", k, params) for k in row]
+            out.append([Answer.from_record(h, cached=True) if h is not None else None for h in hits])
+        missing = sum(r is None for row in out for r in row)
+        self.usage.add(cache_hits=len(explanations) * len(prompts) - missing)
+        for i, prompt in enumerate(prompts):
+            todo = [j for j in range(len(explanations)) if out[j][i] is None]
+            if not todo:
+                continue
+            fresh = self.inner.classify_each(scorer, [explanations[j] for j in todo], [prompt])
+            for j, answers in zip(todo, fresh, strict=True):
+                result = answers[0]
                 if isinstance(result, Answer) and result.problem is None:
-                    self.cache.put(self.backend, self.model, "classify", keys[i], params, result.record())
-                out[i] = result
-        return [r for r in out if r is not None]
+                    self.cache.put(self.backend, self.model, "classify", keys[j][i], params, result.record())
+                out[j][i] = result
+        return [[r for r in row if r is not None] for row in out]
