@@ -27,7 +27,7 @@ def _connect(context: AssetCheckExecutionContext) -> AbstractContextManager[duck
 def build_asset_checks() -> list[AssetChecksDefinition]:
     @asset_check(asset="activation_records", blocking=True, required_resource_keys={"warehouse", "sampling"})
     def activation_records_complete(context: AssetCheckExecutionContext) -> AssetCheckResult:
-        """Finite statistics and the configured number of top and random records per neuron."""
+        """Finite statistics and the configured number of top, random (and, if captured, bottom) records per neuron."""
         sampling: SamplingResource = context.resources.sampling
         with _connect(context) as conn:
             return _result(checks.activation_records_complete(conn, sampling.top_k, sampling.random_k))

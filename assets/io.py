@@ -26,7 +26,8 @@ from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 from pydantic import Field
 
-from pipeline.warehouse import create_views, is_lake, open_warehouse, retry_on_conflict
+from pipeline.errors import AtlasInputError
+from pipeline.warehouse import add_appended_columns, create_views, is_lake, open_warehouse, retry_on_conflict
 
 # Set while a DuckLake write is being tried again after a commit conflict.
 _RETRYING: ContextVar[bool] = ContextVar("warehouse_write_retrying", default=False)
@@ -91,6 +92,40 @@ class PolarsTypeHandler(DuckDBPolarsTypeHandler):
         return pl.from_arrow(fetch())
 
 
+def _migrate(connection: Any, target: str, obj: pl.DataFrame) -> None:
+    """Bring a table written by an older version up to the frame's columns, or refuse clearly.
+
+    Inserts are positional, so a table may only gain columns at its end: new columns are added
+    (NULL in the old rows; readers treat a NULL `polarity` as '+'). Any other difference, such as a
+    changed column type or a struct with new fields (which an insert would silently truncate),
+    needs the table rebuilt."""
+    schema, table = target.split(".", 1)
+    exists = connection.execute(
+        "select count(*) from information_schema.tables where table_schema = ? and table_name = ?", [schema, table]
+    ).fetchone()[0]
+    if not exists:
+        return
+    obj_arrow = obj.head(0).to_arrow()  # noqa: F841 (read by name in the SQL below)
+    wanted = [(r[0], r[1]) for r in connection.execute("describe select * from obj_arrow").fetchall()]
+    have = [(r[0], r[1]) for r in connection.execute(f"describe {target}").fetchall()]
+    if wanted == have:
+        return
+    if wanted[: len(have)] == have:
+        for name, kind in wanted[len(have) :]:
+            connection.execute(f'alter table {target} add column "{name}" {kind}')
+        return
+    old, new = dict(have), dict(wanted)
+    changes = [f"{name} {old[name]} -> {new[name]}" for name in new if name in old and old[name] != new[name]]
+    changes += [f"new {name}" for name in new if name not in old] + [f"gone {name}" for name in old if name not in new]
+    if not changes:
+        changes = ["the columns are in another order"]
+    listed = "; ".join(c if len(c) < 200 else c[:200] + "..." for c in changes)
+    raise AtlasInputError(
+        f"{target} was written by another version of Neuron Atlas and its columns differ ({listed}):"
+        f" rebuild it (`drop table {target}`, then materialize all its partitions again; see the README, Migrating)"
+    )
+
+
 class WarehouseDbIOManager(DbIOManager):
     """Exposes the database file, so asset checks can query the warehouse the assets wrote; on a
     DuckLake, retries a write transaction that lost a commit race to another writer."""
@@ -101,6 +136,7 @@ class WarehouseDbIOManager(DbIOManager):
 
     def handle_output(self, context: OutputContext, obj: object) -> None:
         if not is_lake(self._database):
+            self._migrate(context, obj)
             super().handle_output(context, obj)
             return
         tries = 0
@@ -110,11 +146,22 @@ class WarehouseDbIOManager(DbIOManager):
             token = _RETRYING.set(tries > 0)
             tries += 1
             try:
+                self._migrate(context, obj)
                 super(WarehouseDbIOManager, self).handle_output(context, obj)
             finally:
                 _RETRYING.reset(token)
 
         retry_on_conflict(attempt, log=context.log.warning)
+
+    def _migrate(self, context: OutputContext, obj: object) -> None:
+        """Upgrade (or refuse) the target table in a transaction of its own: DuckDB cannot alter a
+        table in the transaction that deletes the partition's old rows."""
+        if not isinstance(obj, pl.DataFrame) or obj.is_empty():
+            return
+        table_slice = self._get_table_slice(context, context)
+        with TransactionalDuckDbClient.connect(context, table_slice) as conn:
+            add_appended_columns(conn)
+            _migrate(conn, f"{table_slice.schema}.{table_slice.table}", obj)
 
 
 class WarehouseIOManager(DuckDBPolarsIOManager):

@@ -85,10 +85,22 @@ class SamplingResource(ConfigurableResource):
         2, description="a top token must occur this often in the train+calibration records (one-offs say little)"
     )
     seed: int = Field(0, description="seed of the random samples")
+    negative: str = Field(
+        "auto",
+        description="capture the negative direction too (bottom-k by min activation, negative quantile samples):"
+        " 'auto' = on for gated MLPs (act(gate) * up: Llama, Gemma, Qwen, Mistral), off for ReLU/GELU MLPs"
+        " (GPT-2, OPT, GPT-NeoX), whose negative side is small; 'on'; 'off'",
+    )
 
     def spec(self) -> SamplingSpec:
         return SamplingSpec(
-            self.top_k, self.random_k, self.quantile_bins, self.per_quantile, self.batch_size, self.seed
+            top_k=self.top_k,
+            random_k=self.random_k,
+            quantile_bins=self.quantile_bins,
+            per_quantile=self.per_quantile,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            negative=self.negative,
         )
 
 

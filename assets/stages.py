@@ -21,7 +21,7 @@ from assets.resources import CorpusResource, SamplingResource, SubjectModelResou
 from pipeline.corpus import prefix_ids, tokenize_corpus
 from pipeline.errors import AtlasInputError
 from pipeline.examples import top_k_examples as build_top_k_examples
-from pipeline.mlp import check_layers, mlp_projections, neuron_count
+from pipeline.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_count
 from pipeline.models import ModelIdentity
 from pipeline.records import collect_activation_records, records_frame
 
@@ -146,7 +146,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
 
     @asset(
         io_manager_key=WAREHOUSE,
-        code_version="1",
+        code_version="2",  # 2: both directions (bottom, quantile_neg, min/negative stats)
         automation_condition=RERUN,
         group_name="atlas",
         partitions_def=layers_def,
@@ -160,15 +160,22 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         subject: SubjectModelResource,
         sampling: SamplingResource,
     ) -> pl.DataFrame:
-        """Per neuron: statistics plus top, random and quantile records. All selected layers are
-        captured in ONE forward pass over the corpus, which stops after the deepest of them."""
+        """Per neuron: statistics plus top, random and quantile records, and for a captured negative
+        direction the bottom and negative quantile records. All selected layers are captured in ONE
+        forward pass over the corpus, which stops after the deepest of them."""
         layers = _layers(context)
         loaded = subject.load()
         _require_same_model(_identity_of(subject_model), loaded.identity)
         check_layers(loaded.model, layers)
+        spec = sampling.spec()
+        spec.validate()
+        gated = mlp_is_gated(loaded.model)
+        negative = spec.captures_negative(gated)
         token_ids = np.asarray(corpus_tokens.sort("seq_id")["token_ids"].to_list(), dtype=np.int64)
         context.log.info(
-            f"capturing layers {layers} over {token_ids.shape[0]} sequences of {token_ids.shape[1]} tokens"
+            f"capturing layers {layers} over {token_ids.shape[0]} sequences of {token_ids.shape[1]} tokens;"
+            f" negative direction {'on' if negative else 'off'} (negative={spec.negative!r},"
+            f" {'gated' if gated else 'ReLU/GELU'} MLP)"
         )
         step = max(1, token_ids.shape[0] // 10)
 
@@ -178,7 +185,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 context.log.info(f"{done}/{total} sequences, {rate:,.0f} tokens/s, {elapsed:.1f}s")
 
         records = collect_activation_records(
-            loaded, token_ids, layers, sampling.spec(), prefix=prefix_ids(loaded.tokenizer), progress=progress
+            loaded, token_ids, layers, spec, prefix=prefix_ids(loaded.tokenizer), progress=progress
         )
         frame = pl.concat([records_frame(records[layer]) for layer in layers])
         summary = (
@@ -188,14 +195,18 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 (pl.col("max_activation") <= 0).sum().alias("dead"),
                 pl.col("max_activation").mean().alias("mean_max"),
                 pl.col("positive_frac").mean().alias("mean_positive_frac"),
+                pl.col("negative_frac").mean().alias("mean_negative_frac"),
             )
             .sort("layer")
         )
         context.add_output_metadata(
             {
                 "layers": MetadataValue.text(", ".join(map(str, layers))),
+                "negative_captured": negative,
                 "per_layer": _preview(summary, summary.columns, rows=len(layers)),
-                "preview": _preview(frame, ["layer", "neuron", "max_activation", "mean_activation", "positive_frac"]),
+                "preview": _preview(
+                    frame, ["layer", "neuron", "max_activation", "min_activation", "mean_activation", "positive_frac"]
+                ),
             }
         )
         return _lineage(frame, loaded.identity, context)

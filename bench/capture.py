@@ -2,9 +2,11 @@
 
 Run `python -m bench.capture`. Throughput: the transformer body alone (no LM head, which the capture
 never computes either) against `collect_activation_records` over all layers, on the same batches,
-interleaved and reported as medians because the machine is shared. Memory: each corpus size is
-captured in a fresh subprocess (`--child N`) whose peak RSS is compared with its RSS after loading,
-to show that capture memory is O(neurons x k), not O(corpus).
+interleaved and reported as medians because the machine is shared. The capture runs with the
+default sampling, so a gated model (the embedded Gemma) is captured in both directions;
+`--positive-only` also times the capture without the negative direction, interleaved with the others.
+Memory: each corpus size is captured in a fresh subprocess (`--child N`) whose peak RSS is compared
+with its RSS after loading, to show that capture memory is O(neurons x k), not O(corpus).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.corpus import CorpusSpec, prefix_ids, tokenize_corpus
+from pipeline.mlp import mlp_is_gated
 from pipeline.models import SubjectModel, load_subject_model
 from pipeline.records import SamplingSpec, collect_activation_records
 
@@ -80,9 +83,11 @@ class Throughput:
     seq_len: int
     batch_size: int
     n_tokens: int  # corpus tokens per pass; the prefix is run too but is not counted
+    negative_captured: bool = False
     bare_s: list[float] = field(default_factory=list)
     capture_s: list[float] = field(default_factory=list)
     finalize_s: list[float] = field(default_factory=list)
+    positive_only_s: list[float] = field(default_factory=list)  # negative direction off, if asked for
 
     @property
     def bare_median(self) -> float:
@@ -97,6 +102,14 @@ class Throughput:
         return self.capture_median / self.bare_median
 
     def summary(self) -> dict[str, Any]:
+        extra = {}
+        if self.positive_only_s:
+            positive = statistics.median(self.positive_only_s)
+            extra = {
+                "positive_only_median_s": positive,
+                "positive_only_tokens_per_s": self.n_tokens / positive,
+                "positive_only_ratio": positive / self.bare_median,
+            }
         return {
             **asdict(self),
             "bare_median_s": self.bare_median,
@@ -107,22 +120,35 @@ class Throughput:
             "ratio": self.ratio,
             "goal_ratio": GOAL_RATIO,
             "goal_met": self.ratio <= GOAL_RATIO,
+            **extra,
         }
 
 
 def measure_throughput(
-    subject: SubjectModel, token_ids: np.ndarray, spec: SamplingSpec, prefix: Sequence[int], reps: int
+    subject: SubjectModel,
+    token_ids: np.ndarray,
+    spec: SamplingSpec,
+    prefix: Sequence[int],
+    reps: int,
+    positive_only: bool = False,
 ) -> Throughput:
-    """Bare and capture passes interleaved `reps` times, after one warm-up of each on the first batch."""
+    """Bare and capture passes (and the positive-only capture, if asked) interleaved `reps` times,
+    after one warm-up of each on the first batch."""
     batches = input_batches(token_ids, prefix, spec.batch_size)
+    positive = replace(spec, negative="off")
     time_bare(subject, batches[:1])
     time_capture(subject, token_ids[: spec.batch_size], spec, prefix)
-    result = Throughput(len(token_ids), token_ids.shape[1], spec.batch_size, int(token_ids.size))
+    if positive_only:
+        time_capture(subject, token_ids[: spec.batch_size], positive, prefix)
+    negative = spec.captures_negative(mlp_is_gated(subject.model))
+    result = Throughput(len(token_ids), token_ids.shape[1], spec.batch_size, int(token_ids.size), negative)
     for _ in range(reps):
         result.bare_s.append(time_bare(subject, batches))
         total, finalize = time_capture(subject, token_ids, spec, prefix)
         result.capture_s.append(total)
         result.finalize_s.append(finalize)
+        if positive_only:
+            result.positive_only_s.append(time_capture(subject, token_ids, positive, prefix)[0])
     return result
 
 
@@ -245,10 +271,23 @@ def format_report(header: dict[str, Any], thr: Throughput, mems: list[Memory], v
         f"  {'':<30}{'median s':>10}{'tokens/s':>12}   all reps (s)",
         f"  {'bare forward (body, no head)':<30}{s['bare_median_s']:>10.3f}{s['bare_tokens_per_s']:>12.1f}   "
         + " ".join(f"{t:.3f}" for t in thr.bare_s),
-        f"  {'capture, all layers':<30}{s['capture_median_s']:>10.3f}{s['capture_tokens_per_s']:>12.1f}   "
+        f"  {'capture, all layers' + (' (+/-)' if thr.negative_captured else ' (+)'):<30}"
+        f"{s['capture_median_s']:>10.3f}{s['capture_tokens_per_s']:>12.1f}   "
         + " ".join(f"{t:.3f}" for t in thr.capture_s),
         f"  {'  of which finalize':<30}{s['finalize_median_s']:>10.3f}",
-        f"  ratio capture / bare: {s['ratio']:.3f}   goal <= {GOAL_RATIO}: {'MET' if s['goal_met'] else 'NOT MET'}",
+    ]
+    if thr.positive_only_s:
+        out.append(
+            f"  {'capture, positive only':<30}{s['positive_only_median_s']:>10.3f}"
+            f"{s['positive_only_tokens_per_s']:>12.1f}   " + " ".join(f"{t:.3f}" for t in thr.positive_only_s)
+        )
+    out.append(
+        f"  ratio capture / bare: {s['ratio']:.3f}   goal <= {GOAL_RATIO}: {'MET' if s['goal_met'] else 'NOT MET'}"
+        + (f"   (positive only: {s['positive_only_ratio']:.3f})" if thr.positive_only_s else "")
+    )
+    if not mems:
+        return "\n".join(out)
+    out += [
         "",
         "Peak memory: one fresh process per corpus size. RSS after load is with every weight paged in; peak is"
         " ru_maxrss"
@@ -287,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--malloc-mmap-threshold", type=int, help="bytes: fix glibc's mmap threshold in the memory subprocesses"
     )
+    parser.add_argument(
+        "--positive-only", action="store_true", help="also time the capture without the negative direction"
+    )
+    parser.add_argument("--skip-memory", action="store_true", help="throughput only (no memory subprocesses)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -298,20 +341,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Children first: a child's ru_maxrss starts at its parent's peak (kept across exec), so the parent
     # must not hold the model yet.
-    sizes = (args.small, args.large)
-    mems = [run_child(args.model, n, args.seq_len, args.batch_size, args.malloc_mmap_threshold) for n in sizes]
-    verdict = memory_verdict(mems[0], mems[1], int(args.tolerance_mib * 1024))
+    mems: list[Memory] = []
+    verdict: dict[str, Any] = {}
+    if not args.skip_memory:
+        sizes = (args.small, args.large)
+        mems = [run_child(args.model, n, args.seq_len, args.batch_size, args.malloc_mmap_threshold) for n in sizes]
+        verdict = memory_verdict(mems[0], mems[1], int(args.tolerance_mib * 1024))
 
     subject = load_subject_model(args.model)
     fault_in_weights(subject.model)
     prefix = prefix_ids(subject.tokenizer)
     token_ids = corpus_token_ids(subject.tokenizer, args.sequences, args.seq_len)
-    thr = measure_throughput(subject, token_ids, SamplingSpec(batch_size=args.batch_size), prefix, args.reps)
+    thr = measure_throughput(
+        subject, token_ids, SamplingSpec(batch_size=args.batch_size), prefix, args.reps, args.positive_only
+    )
     header = {
         "model": subject.identity.data_version,
         "layers": subject.n_layers,
         "prefix": prefix,
         "torch": f"{torch.__version__}, {torch.get_num_threads()} threads",
+        "negative direction": "captured (gated MLP)" if thr.negative_captured else "not captured",
     }
     print(format_report(header, thr, mems, verdict))
     if args.json:

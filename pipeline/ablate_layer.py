@@ -119,10 +119,19 @@ def ablate_layer(
         for e in test:
             sequences[e.seq_id] = np.asarray(e.token_ids, dtype=np.int64)
         # The calibrated simulation is in the unit's direction; the neuron gets it back with its sign.
+        # A rectified unit (its neuron's other direction is a unit too) replaces only its own side:
+        # the other side keeps its true activations, in the simulated and in the mean ablation alike,
+        # whose mean is then the direction's mean over the unit's random records.
+        if unit.rectified:
+            randoms = [unit.true(e) for e in unit.examples if e.kind == "random"]
+            mean = unit.sign * float(np.mean(np.concatenate(randoms))) if randoms else 0.0
+        else:
+            mean = means[neuron]
         replacements[(neuron, polarity)] = {
-            "mean": {e.seq_id: np.full(len(e.token_ids), means[neuron]) for e in test},
-            "simulated": {e.seq_id: unit.sign * calibration.apply(sims[e.seq_id]) for e in test},
+            "mean": {e.seq_id: mean + unit.other(e) for e in test},
+            "simulated": {e.seq_id: unit.sign * calibration.apply(sims[e.seq_id]) + unit.other(e) for e in test},
         }
+        base["mean_activation"] = mean
         info[(neuron, polarity)] = base | {"n_sequences": len(test)}
     if replacements:
         # All units' rows (each on its own test sequences) share the batches of one run.

@@ -32,14 +32,19 @@ def _outcome(bad: int, what: str, ok: str) -> CheckOutcome:
 
 
 def activation_records_complete(conn: Any, top_k: int, random_k: int) -> CheckOutcome:
-    """Finite statistics, and as many top and random records per neuron as configured (or as the
-    corpus has sequences)."""
+    """Finite statistics (min <= max), as many top and random records per neuron as configured (or
+    as the corpus has sequences), and where the negative direction was captured as many bottom
+    records as top ones and as many negative quantile samples as positive ones; none where it was not."""
     n_seq = _count(conn, "select count(*) from {s}.corpus_tokens")
     bad = _count(
         conn,
         "select count(*) from {s}.activation_records where max_activation is null or mean_activation is null"
-        " or variance is null or not isfinite(max_activation) or not isfinite(mean_activation)"
-        " or not isfinite(variance) or len(top) <> ? or len(random) <> ?",
+        " or variance is null or min_activation is null or negative_captured is null"
+        " or not isfinite(max_activation) or not isfinite(mean_activation) or not isfinite(variance)"
+        " or not isfinite(min_activation) or min_activation > max_activation"
+        " or len(top) <> ? or len(random) <> ?"
+        " or len(bottom) <> (case when negative_captured then len(top) else 0 end)"
+        " or len(quantile_neg) <> (case when negative_captured then len(quantile) else 0 end)",
         [min(top_k, n_seq), min(random_k, n_seq)],
     )
     return _outcome(bad, "neurons with missing/non-finite statistics or a wrong record count", "all neurons complete")

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+import types
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -142,6 +143,7 @@ class OpenAIBackend(LLMBackend):
         self.echo_max_tokens = echo_max_tokens
         self.cache = cache
         self._scope = f"{self.backend}@{_public_url(self.base_url)}"  # different servers, different answers
+        self._n_ignored = False  # set once the server has answered n > 1 with a single choice
 
     def __repr__(self) -> str:
         return (
@@ -158,11 +160,27 @@ class OpenAIBackend(LLMBackend):
         kind = "chat" if chat else "completion"
         key_params = dataclasses.asdict(params)
 
-        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            common = self._sampling(params)
+        def one(client: AsyncOpenAI, prompt: Prompt, n: int, seed: int) -> Awaitable[Any]:
+            common = self._sampling(dataclasses.replace(params, n=n, seed=seed))
             if chat:
                 return client.chat.completions.create(messages=_messages(prompt), **common)
             return client.completions.create(prompt=prompt, **common)
+
+        async def request(client: AsyncOpenAI, prompt: Prompt) -> Any:
+            if params.n == 1:
+                return await one(client, prompt, 1, params.seed)
+            if not self._n_ignored:
+                resp = await one(client, prompt, params.n, params.seed)
+                got = len(getattr(resp, "choices", None) or [])
+                if got != 1:
+                    return resp
+                # llama.cpp's server (and others) ignore `n` and answer one choice: ask for the rest
+                # one at a time, with their own seeds, from now on.
+                log.info("%s: the server ignores n=%d; sampling one choice per request", self.model, params.n)
+                self._n_ignored = True
+                return _merged([resp] + [await one(client, prompt, 1, params.seed + k) for k in range(1, params.n)])
+            # One after another, so the requests in flight stay within max_concurrency.
+            return _merged([await one(client, prompt, 1, params.seed + k) for k in range(params.n)])
 
         def parse(resp: Any, prompt: Prompt) -> dict[str, Any]:
             return _parse_completion(resp, params.n, chat=chat)
@@ -442,6 +460,19 @@ def _messages(prompt: Prompt) -> Messages:
 def _brief(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _merged(responses: list[Any]) -> Any:
+    """Single-choice responses as one response of all their choices, with their usage summed."""
+
+    def total(field: str) -> int:
+        return sum(v for r in responses if isinstance(v := getattr(getattr(r, "usage", None), field, None), int))
+
+    if any(not getattr(r, "choices", None) for r in responses):
+        raise _Malformed("no choices in a response")
+    choices = [r.choices[0].model_copy(update={"index": i}) for i, r in enumerate(responses)]
+    usage = types.SimpleNamespace(prompt_tokens=total("prompt_tokens"), completion_tokens=total("completion_tokens"))
+    return types.SimpleNamespace(choices=choices, usage=usage)
 
 
 def _parse_completion(resp: Any, n: int, chat: bool) -> dict[str, Any]:

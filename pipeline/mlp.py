@@ -4,6 +4,10 @@ A neuron is one coordinate of the input of the MLP's output projection: post-GEL
 (`c_proj`), `act(gate) * up` for gated MLPs (`down_proj`), and the same slot in GPT-NeoX
 (`dense_4h_to_h`), and `fc2` in Phi-style MLPs and OPT blocks (which hold fc1/fc2 directly).
 Mixture-of-experts MLPs are not supported: they get a clear error.
+
+Gated MLPs (`act(gate) * up`) fire both ways, since `up` is signed; ReLU/GELU MLPs are almost
+never negative. `mlp_is_gated` tells which kind a model has, so capture can default the negative
+direction on or off.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from pipeline.errors import AtlasInputError
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _OUT_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
+# The gate of a gated MLP: Llama/Gemma/Qwen/Mistral `gate_proj`, Phi-3's fused `gate_up_proj`, and
+# `w3` beside `w1`/`w2` in the original Llama/Mixtral naming.
+_GATE_NAMES = ("gate_proj", "gate_up_proj", "w3")
 
 
 def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -37,7 +44,8 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def _out_projection(block: nn.Module, index: int) -> nn.Module:
+def _mlp_and_out_projection(block: nn.Module, index: int) -> tuple[nn.Module, nn.Module]:
+    """The module that holds the MLP's output projection, and that projection."""
     # OPT-style blocks hold fc1/fc2 directly, with no MLP submodule.
     for mlp in [*(getattr(block, name, None) for name in _MLP_NAMES), block]:
         if mlp is None:
@@ -45,7 +53,7 @@ def _out_projection(block: nn.Module, index: int) -> nn.Module:
         for proj_name in _OUT_PROJ_NAMES:
             proj = getattr(mlp, proj_name, None)
             if isinstance(proj, nn.Module) and getattr(proj, "weight", None) is not None:
-                return proj
+                return mlp, proj
     raise AtlasInputError(
         f"block {index} ({type(block).__name__}) has no MLP of a known shape: expected an output "
         f"projection named one of {', '.join(_OUT_PROJ_NAMES)}"
@@ -54,7 +62,17 @@ def _out_projection(block: nn.Module, index: int) -> nn.Module:
 
 def mlp_projections(model: nn.Module) -> list[nn.Module]:
     """The MLP output projection of every layer, in layer order."""
-    return [_out_projection(block, i) for i, block in enumerate(_decoder_blocks(model))]
+    return [_mlp_and_out_projection(block, i)[1] for i, block in enumerate(_decoder_blocks(model))]
+
+
+def mlp_is_gated(model: nn.Module) -> bool:
+    """Whether the MLPs are gated (`act(gate) * up`, whose neurons are signed) rather than a plain
+    activation of one projection (ReLU/GELU: GPT-2, OPT, GPT-NeoX, Phi-2). Every block must agree."""
+    kinds = {
+        any(isinstance(getattr(mlp, name, None), nn.Module) for name in _GATE_NAMES)
+        for mlp, _ in (_mlp_and_out_projection(block, i) for i, block in enumerate(_decoder_blocks(model)))
+    }
+    return kinds == {True}
 
 
 def neuron_count(projection: nn.Module) -> int:

@@ -1,9 +1,18 @@
 """Streaming activation records: one pass over the corpus, memory O(neurons x k), never O(corpus).
 
-Per neuron and layer we keep the top-k sequences by max activation (ties: lower sequence id
-first), a uniform random sample (bottom-k of per-(sequence, neuron) random keys, so each neuron
-gets its own sample), quantile samples drawn by activation level from a larger reservoir of the
-same kind, and running mean/variance (Chan's parallel merge in float64)/max/nonzero counts.
+Per neuron and layer we keep, in one pass:
+- the top-k sequences by max activation (ties: lower sequence id first);
+- when the negative direction is captured, the bottom-k sequences by min activation (the most
+  negative first; ties: lower sequence id first);
+- a uniform random sample without replacement, per neuron (drawn up front, knowing the number of
+  sequences), of the sequences that are not among its top (or bottom) records, so held-out random
+  records never repeat what the explainer was shown; it comes from a larger reservoir of the same
+  kind from which the quantile samples are drawn by activation level: by max for the positive
+  direction, by -min for the negative one;
+- running mean/variance (Chan's parallel merge in float64), max, min, and positive/negative counts.
+
+Gated MLPs (`act(gate) * up`) fire both ways, so the negative direction defaults on for them and
+off for ReLU/GELU MLPs (`SamplingSpec.negative`).
 """
 
 from __future__ import annotations
@@ -15,10 +24,23 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import AtlasInputError
-from pipeline.mlp import check_layers, mlp_capture, mlp_projections, neuron_count, run_until_captured
+from pipeline.mlp import (
+    check_layers,
+    mlp_capture,
+    mlp_is_gated,
+    mlp_projections,
+    neuron_count,
+    run_until_captured,
+)
 from pipeline.models import SubjectModel
+
+NEGATIVE_CHOICES = ("auto", "on", "off")
+# Above this share of (sequence, neuron) pairs entering the pools in a batch, entrants are copied
+# from a transposed batch ([B, N, T], one contiguous row each) rather than gathered with stride N.
+_TRANSPOSE_ABOVE = 0.3
 
 
 @dataclass(frozen=True)
@@ -29,11 +51,13 @@ class SamplingSpec:
     per_quantile: int = 5
     batch_size: int = 16
     seed: int = 0
+    negative: str = "auto"  # capture the negative direction: 'auto' = for gated MLPs only, 'on', 'off'
 
-    @property
-    def reservoir_size(self) -> int:
-        """Random candidates kept per neuron: enough to stratify quantile samples from."""
-        return max(self.random_k, 2 * self.quantile_bins * self.per_quantile, 1)
+    def reservoir_size(self, negative: bool) -> int:
+        """Random candidates kept per neuron: enough to stratify quantile samples from, and enough
+        that `random_k` of them remain once the neuron's top (and bottom) sequences are left out."""
+        shown = self.top_k * (2 if negative else 1)
+        return max(self.random_k + shown, 2 * self.quantile_bins * self.per_quantile, 1)
 
     def validate(self) -> None:
         for name in ("top_k", "batch_size", "quantile_bins"):
@@ -42,177 +66,329 @@ class SamplingSpec:
         for name in ("random_k", "per_quantile"):
             if getattr(self, name) < 0:
                 raise AtlasInputError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.negative not in NEGATIVE_CHOICES:
+            raise AtlasInputError(f"negative must be one of {', '.join(NEGATIVE_CHOICES)}, got {self.negative!r}")
+
+    def captures_negative(self, gated: bool) -> bool:
+        """Whether the negative direction is captured for an MLP of this kind."""
+        return self.negative == "on" or (self.negative == "auto" and gated)
+
+
+@dataclass
+class RecordSet:
+    """Records of one kind for every neuron of a layer; neurons on the first axis, best first."""
+
+    ids: np.ndarray  # [N, k] sequence ids
+    max: np.ndarray  # [N, k] each sequence's max activation
+    min: np.ndarray  # [N, k] each sequence's min activation
+    acts: np.ndarray  # [N, k, T]
+    bin: np.ndarray | None = None  # [N, k] quantile bin, 0 = the least active (least negative for '-')
 
 
 @dataclass
 class LayerRecords:
-    """Finished records of one layer, as numpy arrays with neurons on the first axis."""
+    """Finished records and statistics of one layer, as numpy arrays with neurons on the first axis."""
 
     layer: int
     n_tokens: int
+    negative_captured: bool
     max: np.ndarray
+    min: np.ndarray
     mean: np.ndarray
     variance: np.ndarray
     nonzero_frac: np.ndarray
     positive_frac: np.ndarray
-    top_ids: np.ndarray  # [N, k] sequence ids, best first
-    top_max: np.ndarray
-    top_acts: np.ndarray  # [N, k, T]
-    random_ids: np.ndarray
-    random_max: np.ndarray
-    random_acts: np.ndarray
-    quantile_ids: np.ndarray
-    quantile_bin: np.ndarray  # [N, q] bin of each quantile sample, 0 = lowest activations
-    quantile_max: np.ndarray
-    quantile_acts: np.ndarray
+    negative_frac: np.ndarray
+    top: RecordSet  # by max, descending
+    bottom: RecordSet  # by min, ascending (empty when the negative direction is not captured)
+    random: RecordSet
+    quantile: RecordSet  # binned by max
+    quantile_neg: RecordSet  # binned by -min (empty when the negative direction is not captured)
 
 
-class _Kept:
-    """The best k of a stream per neuron, by key. Keys, ids and maxes stay sorted (small arrays);
-    activations [N, k, T] live in a slot pool that is never permuted: a merge writes only the
-    entrants' activations into the slots of the evicted, so a batch costs O(entrants x T)."""
+@dataclass
+class _Admitted:
+    """Where a batch's entrants go (flat slot in the pool) and where they come from (batch column, row)."""
 
-    def __init__(self, n: int, k: int, seq_len: int, fill: float, descending: bool, device: torch.device):
-        f32 = dict(device=device, dtype=torch.float32)
-        self.k, self.descending = k, descending
-        self.keys = torch.full((n, k), fill, **f32)
-        self.ids = torch.full((n, k), -1, device=device, dtype=torch.int64)
-        self.maxes = torch.full((n, k), -torch.inf, **f32)
-        self.slots = torch.arange(k, device=device).repeat(n, 1)  # rank -> slot in `pool`
-        self.pool = torch.zeros((n * k, seq_len), **f32)
+    dst: torch.Tensor
+    col: torch.Tensor
+    row: torch.Tensor
 
-    def merge(self, new_keys: torch.Tensor, new_ids: torch.Tensor, new_max: torch.Tensor, acts: torch.Tensor) -> None:
-        """new_*: [N, B]; acts: [B, T, N]. Stable sort over [kept..., new...] keeps ties in sequence-id
-        order, because kept entries are ordered and every new sequence id exceeds every kept one."""
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 rows of even length seen as int64 pairs: copies move half as many elements, bit for bit."""
+    return x.view(torch.int64)
+
+
+class _SlotPool:
+    """What `rows x k` kept entries hold, by flat slot (row * k + slot): sequence id, max and min,
+    activations [T]. Slots are never permuted; only entrants are written, so a batch costs
+    O(entrants x T)."""
+
+    def __init__(self, rows: int, k: int, seq_len: int, device: torch.device):
+        self.rows, self.k = rows, k
+        # Left uninitialized: a slot is read only after an entrant was written into it.
+        self.ids = torch.empty((rows * k,), device=device, dtype=torch.int64)
+        self.extrema = torch.empty((rows * k, 2), device=device)  # max, min
+        self.acts = torch.empty((rows * k, seq_len), device=device)
+
+    def write(self, dst: torch.Tensor, ids: torch.Tensor, extrema: torch.Tensor, acts: torch.Tensor) -> None:
+        self.ids.index_copy_(0, dst, ids)
+        self.extrema.index_copy_(0, dst, extrema)
+        if acts.shape[1] % 2:
+            self.acts.index_copy_(0, dst, acts)
+        else:
+            _bits(self.acts).index_copy_(0, dst, _bits(acts))
+
+    def records(self, slots: torch.Tensor, rows: slice = slice(None), bins: np.ndarray | None = None) -> RecordSet:
+        """The entries at `slots` [R', c] (slot numbers within each of the given rows), as numpy."""
+        flat = (torch.arange(self.rows, device=slots.device)[rows].unsqueeze(1) * self.k + slots).reshape(-1)
+        shape = slots.shape
+        extrema = self.extrema.index_select(0, flat).view(*shape, 2).cpu().numpy()
+        return RecordSet(
+            ids=self.ids.index_select(0, flat).view(shape).cpu().numpy(),
+            max=extrema[..., 0],
+            min=extrema[..., 1],
+            acts=self.acts.index_select(0, flat).view(*shape, self.acts.shape[1]).cpu().numpy(),
+            bin=bins,
+        )
+
+
+class _Kept(_SlotPool):
+    """The k largest keys of a stream per row. Keys and slot numbers stay sorted by rank (small
+    [R, k] arrays); the entries themselves stay in their slots."""
+
+    def __init__(self, rows: int, k: int, seq_len: int, device: torch.device):
+        super().__init__(rows, k, seq_len, device)
+        self.keys = torch.full((rows, k), -torch.inf, device=device)
+        self.slots = torch.arange(k, device=device).repeat(rows, 1)  # rank -> slot of the row
+
+    def admit(self, new_keys: torch.Tensor) -> _Admitted | None:
+        """Merge new keys [R, B] (column j = the batch's j-th sequence) into the kept ones.
+
+        A stable sort over [kept..., new...] keeps ties in sequence-id order, because kept entries
+        are ordered and every new sequence id exceeds every kept one."""
         k = self.k
-        if k == 0:
-            return
-        worst = self.keys[:, -1:]
-        enters = (new_keys > worst) if self.descending else (new_keys < worst)
-        rows = enters.any(dim=1).nonzero().squeeze(1)
+        rows = (new_keys > self.keys[:, -1:]).any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
-            return
-        cand = torch.cat([self.keys[rows], new_keys[rows]], dim=1)
-        order = torch.sort(cand, dim=1, descending=self.descending, stable=True).indices[:, :k]
-        ids = torch.cat([self.ids[rows], new_ids.expand(rows.numel(), -1)], dim=1)
-        maxes = torch.cat([self.maxes[rows], new_max[rows]], dim=1)
-        kept_slots = self.slots[rows]
+            return None
+        dense = 2 * rows.numel() > self.rows
+        sel: slice | torch.Tensor = slice(None) if dense else rows
+        if dense:
+            rows = torch.arange(self.rows, device=new_keys.device)
+        cand = torch.cat([self.keys[sel], new_keys[sel]], dim=1)
+        ranked, order = torch.sort(cand, dim=1, descending=True, stable=True)
+        order = order[:, :k]
         is_new = order >= k
-        survives = torch.zeros_like(kept_slots, dtype=torch.bool).scatter_(1, order.clamp(max=k - 1), ~is_new)
-        # Each row evicts exactly as many kept entries as it admits; row-major order pairs them up.
-        freed = kept_slots[~survives]
-        slots = kept_slots.gather(1, order.clamp(max=k - 1))
-        slots[is_new] = freed
+        # The i-th entrant of a row (in rank order) takes the slot of its (k-1-i)-th kept entry: the
+        # evicted are the last n_new, since kept entries keep their relative order.
+        slots = self.slots[sel].gather(1, torch.where(is_new, k - is_new.cumsum(dim=1), order))
+        self.keys[sel] = ranked[:, :k]
+        self.slots[sel] = slots
         row_of, rank_of = is_new.nonzero(as_tuple=True)
-        neuron = rows[row_of]
-        self.pool[neuron * k + freed] = acts[order[row_of, rank_of] - k, :, neuron]
-        self.keys[rows] = cand.gather(1, order)
-        self.ids[rows] = ids.gather(1, order)
-        self.maxes[rows] = maxes.gather(1, order)
-        self.slots[rows] = slots
+        return _Admitted(
+            dst=rows[row_of] * k + slots[row_of, rank_of], col=order[row_of, rank_of] - k, row=rows[row_of]
+        )
 
-    def activations(self, count: int) -> torch.Tensor:
-        """[N, count, T] activations of the best `count`, best first."""
-        n = self.keys.shape[0]
-        flat = torch.arange(n, device=self.pool.device).unsqueeze(1) * self.k + self.slots[:, :count]
-        return self.pool[flat]
+    def ranked(self, rows: slice, count: int) -> RecordSet:
+        """The best `count` entries of the given rows, best first."""
+        return self.records(self.slots[rows, :count], rows)
+
+
+class _Reservoir(_SlotPool):
+    """A uniform sample of k of the stream's `total` sequences without replacement, per row.
+
+    Knowing the corpus size, each row's k sequence positions are drawn up front (Floyd's
+    algorithm), so streaming only copies the chosen sequences into their slots: no keys are
+    compared or sorted, every slot is written once, and the sample does not depend on batching.
+    Drawing costs O(k^2) comparisons per row, once. `shuffled_slots` gives the sample in a random
+    order."""
+
+    def __init__(self, rows: int, k: int, total: int, seq_len: int, generator: torch.Generator):
+        device = generator.device
+        k = min(k, total)
+        super().__init__(rows, k, seq_len, device)
+        self.total, self.seen, self.generator = total, 0, generator
+        chosen = torch.empty((rows, k), device=device, dtype=torch.int64)
+        for i, j in enumerate(range(total - k, total)):
+            pick = torch.randint(0, j + 1, (rows,), generator=generator, device=device)
+            taken = (chosen[:, :i] == pick.unsqueeze(1)).any(dim=1)
+            chosen[:, i] = torch.where(taken, j, pick)
+        self.chosen = chosen.sort(dim=1).values  # stream positions, ascending; slot = column
+
+    def admit(self, b: int) -> _Admitted | None:
+        """The chosen among the next `b` sequences of the stream."""
+        if self.seen + b > self.total:
+            raise AtlasInputError(f"more than the announced {self.total} sequences were streamed")
+        lo, self.seen = self.seen, self.seen + b
+        row, slot = ((self.chosen >= lo) & (self.chosen < lo + b)).nonzero(as_tuple=True)
+        if row.numel() == 0:
+            return None
+        return _Admitted(dst=row * self.k + slot, col=self.chosen[row, slot] - lo, row=row)
+
+    def shuffled_slots(self) -> torch.Tensor:
+        """[rows, k] slots in a uniformly random order per row."""
+        if self.seen != self.total:
+            raise AtlasInputError(f"{self.seen} sequences were streamed, {self.total} were announced")
+        return torch.argsort(torch.rand((self.rows, self.k), generator=self.generator, device=self.chosen.device))
+
+
+def _empty(n: int, seq_len: int, binned: bool = False) -> RecordSet:
+    return RecordSet(
+        ids=np.zeros((n, 0), dtype=np.int64),
+        max=np.zeros((n, 0), dtype=np.float32),
+        min=np.zeros((n, 0), dtype=np.float32),
+        acts=np.zeros((n, 0, seq_len), dtype=np.float32),
+        bin=np.zeros((n, 0), dtype=np.int64) if binned else None,
+    )
 
 
 class LayerAccumulator:
     """Per-layer streaming state; `update` with each batch, `finalize` once."""
 
-    def __init__(self, layer: int, n_neurons: int, seq_len: int, spec: SamplingSpec, device: torch.device):
-        self.layer, self.spec = layer, spec
+    def __init__(
+        self,
+        layer: int,
+        n_neurons: int,
+        n_sequences: int,
+        seq_len: int,
+        spec: SamplingSpec,
+        device: torch.device,
+        negative: bool = False,
+    ):
+        """`n_sequences`: how many sequences will be streamed (the random sample is drawn knowing it);
+        `negative`: also keep the bottom-k by min and the negative quantile samples."""
+        self.layer, self.spec, self.negative = layer, spec, negative
+        self.n_neurons, self.seq_len = n_neurons, seq_len
         n = n_neurons
-        self.top = _Kept(n, spec.top_k, seq_len, -torch.inf, descending=True, device=device)
-        # Random keys lie in [0, 1): the bottom-k of them is a uniform sample without replacement.
-        self.reservoir = _Kept(n, spec.reservoir_size, seq_len, 2.0, descending=False, device=device)
+        # One pool for both directions: rows [0, N) keep the largest maxima, rows [N, 2N) the
+        # largest -minima, so the two directions share every merge operation.
+        self.extremes = _Kept(2 * n if negative else n, spec.top_k, seq_len, device)
+        self.generator = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + layer)
+        self.reservoir = _Reservoir(n, spec.reservoir_size(negative), n_sequences, seq_len, self.generator)
+        self.sequences = 0
         self.count = 0
         self.mean = torch.zeros(n, device=device, dtype=torch.float64)
         self.m2 = torch.zeros(n, device=device, dtype=torch.float64)
-        self.max = torch.full((n,), -torch.inf, device=device, dtype=torch.float32)
-        self.nonzero = torch.zeros(n, device=device, dtype=torch.int64)
+        self.max = torch.full((n,), -torch.inf, device=device)
+        self.min = torch.full((n,), torch.inf, device=device)
         self.positive = torch.zeros(n, device=device, dtype=torch.int64)
-        self.generator = torch.Generator(device=device).manual_seed(spec.seed * 1_000_003 + layer)
+        self.negative_count = torch.zeros(n, device=device, dtype=torch.int64)
 
     @torch.inference_mode()
     def update(self, acts: torch.Tensor, seq_ids: torch.Tensor) -> None:
-        """acts: [B, T, N] float32 activations of sequences `seq_ids` (increasing across calls)."""
+        """acts: [B, T, N] float32 activations of sequences `seq_ids` (increasing across calls).
+
+        Every full pass reduces over T (dim 1), where N is contiguous and the kernels vectorize:
+        reductions over a flattened token axis, var_mean and boolean counts are several times slower."""
         b, t, n = acts.shape
-        flat = acts.reshape(b * t, n)
-        mean_b = flat.mean(dim=0)
-        if not bool(torch.isfinite(mean_b).all()) and not bool(torch.isfinite(acts).all()):
+        seq_max, seq_min = acts.amax(dim=1), acts.amin(dim=1)  # [B, N]
+        total = acts.sum(dim=1).sum(dim=0)
+        if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(acts).all()):
             raise AtlasInputError(
                 f"layer {self.layer} produced NaN/inf activations in sequences"
                 f" {int(seq_ids[0])}..{int(seq_ids[-1])} (fp16 overflow?): use dtype float32 or bfloat16"
             )
-        seq_max = acts.amax(dim=1).T.contiguous()  # [N, B]
-        ids = seq_ids.view(1, b)
-        self.top.merge(seq_max, ids, seq_max, acts)
-        keys = torch.rand((n, b), generator=self.generator, device=acts.device)
-        self.reservoir.merge(keys, ids, seq_max, acts)
+        mean_b = total / (b * t)
+        # Two-pass variance (accurate where the mean dwarfs the spread); mse_loss is (x - m)^2 in one kernel.
+        scratch = F.mse_loss(acts, mean_b.expand_as(acts), reduction="none")
+        m2_b = scratch.sum(dim=1).sum(dim=0)
+        signs = torch.sign(acts, out=scratch)
+        # Sums of -1/0/1 over at most B*T tokens are exact integers in float32.
+        pos_minus_neg = signs.sum(dim=1).sum(dim=0)
+        pos_plus_neg = signs.abs_().sum(dim=1).sum(dim=0)
+        self.positive += ((pos_plus_neg + pos_minus_neg) / 2).round().long()
+        self.negative_count += ((pos_plus_neg - pos_minus_neg) / 2).round().long()
 
-        var_b = (flat - mean_b).square().mean(dim=0)  # two-pass: torch.var_mean is ~4x slower on CPU
-        n_b, total = b * t, self.count + b * t
+        n_b, count = b * t, self.count + b * t
         delta = mean_b.double() - self.mean
-        self.mean += delta * (n_b / total)
-        self.m2 += var_b.double() * n_b + delta.square() * (self.count * n_b / total)
-        self.count = total
-        self.max = torch.maximum(self.max, seq_max.amax(dim=1))
-        self.nonzero += torch.count_nonzero(flat, dim=0)
-        self.positive += (flat > 0).sum(dim=0)
+        self.mean += delta * (n_b / count)
+        self.m2 += m2_b.double() + delta.square() * (self.count * n_b / count)
+        self.count = count
+        self.sequences += b
+        self.max = torch.maximum(self.max, seq_max.amax(dim=0))
+        self.min = torch.minimum(self.min, seq_min.amin(dim=0))
+
+        keys = torch.cat([seq_max.T, -seq_min.T]) if self.negative else seq_max.T.contiguous()
+        admitted = [(self.extremes, self.extremes.admit(keys)), (self.reservoir, self.reservoir.admit(b))]
+        admitted = [(pool, a) for pool, a in admitted if a is not None]
+        if not admitted:
+            return
+        # One gather for every pool's entrants: index (batch column, neuron) of the [B * N] pairs.
+        src = torch.cat([a.col * n + a.row % n for _, a in admitted])
+        if src.numel() > _TRANSPOSE_ABOVE * b * n:
+            rows = acts.transpose(1, 2).contiguous().view(b * n, t).index_select(0, src)
+        else:
+            rows = acts[src // n, :, src % n]
+        extrema = torch.stack([seq_max, seq_min], dim=-1).view(b * n, 2).index_select(0, src)
+        ids = seq_ids.to(torch.int64)[src // n]
+        start = 0
+        for pool, a in admitted:
+            end = start + a.dst.numel()
+            pool.write(a.dst, ids[start:end], extrema[start:end], rows[start:end])
+            start = end
 
     def finalize(self) -> LayerRecords:
         if self.count == 0:
             raise AtlasInputError("no sequences were processed")
-        top_n = int((self.top.ids[0] >= 0).sum())
-        res_n = int((self.reservoir.ids[0] >= 0).sum())
+        n, spec, pool = self.n_neurons, self.spec, self.reservoir
+        top_n = min(spec.top_k, self.sequences)
+        slots = pool.shuffled_slots()  # the reservoir in random order
+        extrema = pool.extrema[torch.arange(n, device=slots.device).unsqueeze(1) * pool.k + slots].cpu().numpy()
+
+        def quantiles(level: np.ndarray) -> RecordSet:
+            positions, bins = _quantile_positions(level, spec.quantile_bins, spec.per_quantile)
+            return pool.records(slots.gather(1, torch.as_tensor(positions, device=slots.device)), bins=bins)
+
+        top = self.extremes.ranked(slice(0, n), top_n)
+        if self.negative:
+            bottom, quantile_neg = self.extremes.ranked(slice(n, 2 * n), top_n), quantiles(-extrema[..., 1])
+        else:
+            bottom, quantile_neg = _empty(n, self.seq_len), _empty(n, self.seq_len, binned=True)
+        # The random sample: the first random_k reservoir entries (in random order) whose sequence
+        # is none of the neuron's top or bottom records.
+        shown = torch.as_tensor(np.concatenate([top.ids, bottom.ids], axis=1), device=slots.device)
+        drawn = pool.ids.view(n, pool.k).gather(1, slots)
+        repeats = (drawn.unsqueeze(2) == shown.unsqueeze(1)).any(dim=2)
+        unseen_first = torch.argsort(repeats.to(torch.int8), dim=1, stable=True)[:, : spec.random_k]
         np_ = lambda x: x.cpu().numpy()  # noqa: E731
-        res_ids, res_max, res_acts = (
-            np_(self.reservoir.ids[:, :res_n]),
-            np_(self.reservoir.maxes[:, :res_n]),
-            np_(self.reservoir.activations(res_n)),
-        )
-        rand_n = min(self.spec.random_k, res_n)
-        q_pos, q_bin = _quantile_positions(res_max, self.spec.quantile_bins, self.spec.per_quantile)
         return LayerRecords(
             layer=self.layer,
             n_tokens=self.count,
+            negative_captured=self.negative,
             max=np_(self.max),
+            min=np_(self.min),
             mean=np_(self.mean),
             variance=np_(self.m2 / self.count),
-            nonzero_frac=np_(self.nonzero.double() / self.count),
+            nonzero_frac=np_((self.positive + self.negative_count).double() / self.count),
             positive_frac=np_(self.positive.double() / self.count),
-            top_ids=np_(self.top.ids[:, :top_n]),
-            top_max=np_(self.top.maxes[:, :top_n]),
-            top_acts=np_(self.top.activations(top_n)),
-            random_ids=res_ids[:, :rand_n],
-            random_max=res_max[:, :rand_n],
-            random_acts=res_acts[:, :rand_n],
-            quantile_ids=np.take_along_axis(res_ids, q_pos, axis=1),
-            quantile_bin=q_bin,
-            quantile_max=np.take_along_axis(res_max, q_pos, axis=1),
-            quantile_acts=np.take_along_axis(res_acts, q_pos[..., None], axis=1),
+            negative_frac=np_(self.negative_count.double() / self.count),
+            top=top,
+            bottom=bottom,
+            random=pool.records(slots.gather(1, unseen_first)),
+            quantile=quantiles(extrema[..., 0]),
+            quantile_neg=quantile_neg,
         )
 
 
-def _quantile_positions(res_max: np.ndarray, bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reservoir positions of the quantile samples: bins by rank of max activation, and within a
-    bin the entries with the smallest random keys (reservoir order), so the draw stays uniform."""
-    n, s = res_max.shape
+def _quantile_positions(level: np.ndarray, bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reservoir positions of the quantile samples: bins by rank of `level` (max, or -min for the
+    negative direction), and within a bin the first entries in the reservoir's (random) order, so
+    the draw stays uniform."""
+    n, s = level.shape
     if s == 0 or per_bin == 0:
         return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.int64)
-    rank = np.argsort(np.argsort(res_max, axis=1, kind="stable"), axis=1, kind="stable")
-    edges = np.cumsum([len(part) for part in np.array_split(np.arange(s), min(bins, s))])
-    bin_of = np.searchsorted(edges, rank, side="right")  # [N, S], bin of each reservoir entry
-    positions, labels = [], []
-    for q in range(len(edges)):
-        mask = bin_of == q
-        take = mask & (np.cumsum(mask, axis=1) <= per_bin)
-        count = int(take[0].sum())
-        positions.append(np.nonzero(take)[1].reshape(n, count))
-        labels.append(np.full((n, count), q))
-    return np.concatenate(positions, axis=1), np.concatenate(labels, axis=1)
+    order = torch.argsort(torch.as_tensor(level), dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s).expand(n, s))
+    sizes = [len(part) for part in np.array_split(np.arange(s), min(bins, s))]
+    bin_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[rank]  # [N, S]
+    # Grouped by bin (every row has the same bin sizes), in reservoir order within a bin.
+    by_bin = torch.argsort(bin_of, dim=1, stable=True)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    taken = np.minimum(sizes, per_bin)
+    columns = np.concatenate([np.arange(start, start + m) for start, m in zip(starts, taken, strict=True)])
+    labels = np.repeat(np.arange(len(sizes)), taken)
+    return by_bin[:, columns].numpy(), np.broadcast_to(labels, (n, len(labels))).copy()
 
 
 def collect_activation_records(
@@ -232,7 +408,11 @@ def collect_activation_records(
     n_seq, seq_len = token_ids.shape
     device = next(model.parameters()).device
     projections = mlp_projections(model)
-    accs = {layer: LayerAccumulator(layer, neuron_count(projections[layer]), seq_len, spec, device) for layer in layers}
+    negative = spec.captures_negative(mlp_is_gated(model))
+    accs = {
+        layer: LayerAccumulator(layer, neuron_count(projections[layer]), n_seq, seq_len, spec, device, negative)
+        for layer in layers
+    }
     prefix_t = torch.tensor(list(prefix), dtype=torch.long, device=device)
     ids_all = torch.as_tensor(token_ids, dtype=torch.long)
     start = time.monotonic()
@@ -251,26 +431,21 @@ def collect_activation_records(
     return {layer: acc.finalize() for layer, acc in accs.items()}
 
 
-def _nested(
-    neurons: np.ndarray,
-    ids: np.ndarray,
-    maxes: np.ndarray,
-    acts: np.ndarray,
-    name: str,
-    extra: dict[str, np.ndarray] | None = None,
-) -> pl.DataFrame:
-    """[N, k] arrays -> one row per neuron with a list of structs (rank, seq_id, max_act, acts)."""
-    n, k = ids.shape
-    flat = pl.DataFrame(
-        {
-            "neuron": np.repeat(neurons, k).astype(np.int32),
-            "rank": np.tile(np.arange(k, dtype=np.int16), n),
-            "seq_id": ids.reshape(-1).astype(np.int32),
-            "max_act": maxes.reshape(-1).astype(np.float32),
-            **{key: v.reshape(-1) for key, v in (extra or {}).items()},
-            "acts": acts.reshape(n * k, -1).astype(np.float32),
-        }
-    ).with_columns(pl.col("acts").cast(pl.List(pl.Float32)))
+def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
+    """[N, k] records -> one row per neuron with a list of structs {rank, seq_id, max_act[, bin], acts,
+    min_act}: min_act comes last so tables written before it existed can be migrated by appending it."""
+    n, k = records.ids.shape
+    columns = {
+        "neuron": np.repeat(neurons, k).astype(np.int32),
+        "rank": np.tile(np.arange(k, dtype=np.int16), n),
+        "seq_id": records.ids.reshape(-1).astype(np.int32),
+        "max_act": records.max.reshape(-1).astype(np.float32),
+    }
+    if records.bin is not None:
+        columns["bin"] = records.bin.reshape(-1).astype(np.int16)
+    columns["acts"] = records.acts.reshape(n * k, records.acts.shape[-1]).astype(np.float32)
+    columns["min_act"] = records.min.reshape(-1).astype(np.float32)
+    flat = pl.DataFrame(columns).with_columns(pl.col("acts").cast(pl.List(pl.Float32)))
     fields = [c for c in flat.columns if c != "neuron"]
     nested = flat.group_by("neuron", maintain_order=True).agg(pl.struct(fields).alias(name))
     if k == 0:
@@ -280,10 +455,12 @@ def _nested(
 
 
 def records_frame(rec: LayerRecords) -> pl.DataFrame:
-    """One row per neuron: statistics plus the top, random and quantile records."""
+    """One row per neuron: statistics and the top, random and quantile records, then (appended, so
+    older tables migrate by adding columns) the min, the negative share, whether the negative
+    direction was captured, and the bottom and quantile_neg records (empty lists when it was not)."""
     n = rec.max.shape[0]
     neurons = np.arange(n)
-    stats = pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "layer": np.full(n, rec.layer, dtype=np.int32),
             "neuron": neurons.astype(np.int32),
@@ -295,18 +472,13 @@ def records_frame(rec: LayerRecords) -> pl.DataFrame:
             "positive_frac": rec.positive_frac,
         }
     )
-    parts = [
-        _nested(neurons, rec.top_ids, rec.top_max, rec.top_acts, "top"),
-        _nested(neurons, rec.random_ids, rec.random_max, rec.random_acts, "random"),
-        _nested(
-            neurons,
-            rec.quantile_ids,
-            rec.quantile_max,
-            rec.quantile_acts,
-            "quantile",
-            {"bin": rec.quantile_bin.astype(np.int16)},
-        ),
-    ]
-    for part in parts:
-        stats = stats.join(part, on="neuron", how="left", maintain_order="left")
-    return stats
+    for name in ("top", "random", "quantile"):
+        frame = frame.join(_nested(neurons, getattr(rec, name), name), on="neuron", how="left", maintain_order="left")
+    frame = frame.with_columns(
+        pl.Series("min_activation", rec.min.astype(np.float32)),
+        pl.Series("negative_frac", rec.negative_frac),
+        pl.lit(rec.negative_captured).alias("negative_captured"),
+    )
+    for name in ("bottom", "quantile_neg"):
+        frame = frame.join(_nested(neurons, getattr(rec, name), name), on="neuron", how="left", maintain_order="left")
+    return frame

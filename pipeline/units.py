@@ -3,7 +3,10 @@
 A unit is one direction of one neuron: (layer, neuron, polarity). Polarity '+' reads the neuron
 as it is; '-' reads its negation, for MLPs whose neurons fire both ways. Every example keeps the
 neuron's raw (signed) activations; `Unit.true` turns them into the unit's direction, which is what
-levels, explanations and scores see.
+levels, explanations and scores see. Where the neuron's two directions are both units, each is
+rectified (relu of the direction): the other side is the other unit's to explain, so neither is
+scored on behaviour it was never shown. A neuron with one unit keeps its raw activations (the
+paper's practice for GELU's small negatives).
 
 A unit's examples are its top records and a random sample, each strided over the splits: the
 explainer sees train top records, candidates are chosen on valid, the chosen one is calibrated on
@@ -58,6 +61,7 @@ class Unit:
     max_activation: float  # strongest activation in the unit's direction: the 0-10 scale's top
     examples: tuple[Example, ...]
     top_tokens: tuple[Mapping[str, Any], ...]
+    rectified: bool = False  # the neuron's other direction is a unit of its own
 
     @property
     def key(self) -> UnitKey:
@@ -78,7 +82,12 @@ class Unit:
 
     def true(self, example: Example) -> np.ndarray:
         """Activations in the unit's direction (what is explained and scored)."""
-        return self.sign * np.asarray(example.acts, dtype=np.float64)
+        directed = self.sign * np.asarray(example.acts, dtype=np.float64)
+        return np.maximum(directed, 0.0) if self.rectified else directed
+
+    def other(self, example: Example) -> np.ndarray:
+        """The part of the raw activations that is not this unit's (zero unless rectified)."""
+        return np.asarray(example.acts, dtype=np.float64) - self.sign * self.true(example)
 
     def levels(self, example: Example) -> np.ndarray:
         return normalize(self.true(example), self.max_activation)
@@ -91,7 +100,7 @@ class Unit:
 
 
 def units_from_frames(examples: pl.DataFrame, corpus_tokens: pl.DataFrame) -> dict[UnitKey, Unit]:
-    """One `Unit` per row of `top_k_examples` (rows without a polarity column read as '+')."""
+    """One `Unit` per row of `top_k_examples` (rows written before polarity existed read as '+')."""
     wanted = {int(s) for recs in examples["records"].to_list() for r in recs or [] for s in [r["seq_id"]]}
     tokens = {
         row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))
@@ -100,13 +109,15 @@ def units_from_frames(examples: pl.DataFrame, corpus_tokens: pl.DataFrame) -> di
         .iter_rows(named=True)
     }
     has_polarity = "polarity" in examples.columns
+    polarity_of = (lambda row: row["polarity"] or POSITIVE) if has_polarity else (lambda row: POSITIVE)
+    two_way = {(r["layer"], r["neuron"]) for r in examples.iter_rows(named=True) if polarity_of(r) == NEGATIVE}
     out: dict[UnitKey, Unit] = {}
     for row in examples.iter_rows(named=True):
         records = sorted(row["records"] or [], key=lambda r: (r["kind"] != "top", SPLITS.index(r["split"]), r["rank"]))
         unit = Unit(
             layer=int(row["layer"]),
             neuron=int(row["neuron"]),
-            polarity=row["polarity"] if has_polarity else POSITIVE,
+            polarity=polarity_of(row),
             max_activation=float(row["max_activation"]),
             examples=tuple(
                 Example(
@@ -120,6 +131,7 @@ def units_from_frames(examples: pl.DataFrame, corpus_tokens: pl.DataFrame) -> di
                 for r in records
             ),
             top_tokens=tuple(row["top_tokens"] or ()),
+            rectified=(row["layer"], row["neuron"]) in two_way,
         )
         out[unit.key] = unit
     return out

@@ -128,7 +128,11 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
     if not by_unit:
         return data
     neurons = sorted({n for n, _ in by_unit})
-    polarity = "polarity" if "polarity" in _columns(conn, "current_top_k_examples") else "'+' as polarity"
+    polarity = (
+        "coalesce(polarity, '+') as polarity"
+        if "polarity" in _columns(conn, "current_top_k_examples")
+        else "'+' as polarity"
+    )
     examples = {
         (r["neuron"], r["polarity"]): r
         for r in _dicts(

@@ -292,6 +292,37 @@ def _view_digest(sql: str) -> str:
     return "neuron-atlas view sha256:" + hashlib.sha256(sql.encode()).hexdigest()[:16]
 
 
+# Columns added to a table after its first release, at its end (inserts are positional), which the
+# views read: a table written before then gains them (NULL in the old rows, which the views read as
+# the old meaning: a NULL polarity is '+').
+APPENDED_COLUMNS: dict[str, list[tuple[str, str]]] = {"top_k_examples": [("polarity", "VARCHAR")]}
+
+
+def add_appended_columns(conn: Any) -> None:
+    """Give the tables written before APPENDED_COLUMNS existed those columns (before a write's
+    transaction: DuckDB cannot alter a table that the same transaction has modified)."""
+    existing = {
+        row[0]
+        for row in conn.execute(
+            "select table_name from information_schema.tables where table_schema = ? and table_type = 'BASE TABLE'",
+            [SCHEMA],
+        ).fetchall()
+    }
+    for table, columns in APPENDED_COLUMNS.items():
+        if table not in existing:
+            continue
+        have = {
+            row[0]
+            for row in conn.execute(
+                "select column_name from information_schema.columns where table_schema = ? and table_name = ?",
+                [SCHEMA, table],
+            ).fetchall()
+        }
+        for name, kind in columns:
+            if name not in have:
+                conn.execute(f"alter table {SCHEMA}.{table} add column {name} {kind}")
+
+
 def create_views(conn: Any, only_changed: bool = False) -> list[str]:
     """(Re)create every view whose tables exist yet; returns the names created.
 

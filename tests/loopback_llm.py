@@ -52,6 +52,7 @@ class ServerState:
     after_one: dict[str, float] = field(default_factory=lambda: {"\n": 0.5})
     chat_logprobs: bool = True  # False: a chat server that ignores logprobs
     split_digits: bool = False  # tokenize replies digit by digit
+    ignore_n: bool = False  # True: one choice whatever `n` asks (as llama.cpp's server)
     requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -205,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._break(truncated=fault == "truncated")
         if fault == "empty":
             return self._json(200, {"id": "x", "object": "text_completion", "choices": []})
-        n = int(body.get("n") or 1)
+        n = 1 if state.ignore_n else int(body.get("n") or 1)
         text = state.reply_for(prompt)
         # As a real server: "length" when generation ended before any stop sequence appeared.
         stops = body.get("stop") or []

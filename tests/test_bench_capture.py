@@ -37,6 +37,21 @@ def test_measure_throughput_on_tiny_gpt2() -> None:
     assert summary["bare_tokens_per_s"] > 0 and summary["capture_tokens_per_s"] > 0 and summary["ratio"] > 0
 
 
+def test_measure_throughput_reports_the_directions_captured() -> None:
+    """A gated model is timed capturing both directions; --positive-only adds the one-direction time."""
+    from tiny_models import build_signed_model, build_signed_tokenizer
+
+    model = build_signed_model(build_signed_tokenizer())
+    subject = SubjectModel(model=model, tokenizer=None, identity=ModelIdentity("signed", "0"), path=Path("."))
+    ids = np.random.default_rng(0).integers(0, 50, size=(6, 8), dtype=np.int64)
+    result = measure_throughput(subject, ids, SamplingSpec(batch_size=4), prefix=[], reps=2, positive_only=True)
+    summary = result.summary()
+    assert result.negative_captured and len(result.positive_only_s) == 2
+    assert summary["positive_only_ratio"] > 0
+    gpt2 = measure_throughput(tiny_subject(), ids, SamplingSpec(batch_size=4), prefix=[0], reps=1)
+    assert not gpt2.negative_captured and "positive_only_ratio" not in gpt2.summary()
+
+
 def test_memory_verdict_allows_only_corpus_growth_plus_tolerance() -> None:
     small = Memory(64, 64, 64 * 64 * 8, 1000, 2000, 1500, True, 1.0)
     flat = Memory(256, 64, 256 * 64 * 8, 1000, 2010, 1500, True, 4.0)

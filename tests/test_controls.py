@@ -13,62 +13,20 @@ known wrong. Simulators here are rules, not models, so the expected outcome is c
 
 from __future__ import annotations
 
-import re
-import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
+from rule_simulators import RULES, RuleSimulator
 from tiny_models import SET_GAIN, TOKEN_SETS, write_sets_corpus, write_sets_model
 
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SimulatorResource, SubjectModelResource
-from pipeline.llm import LLMFailure
-from pipeline.simulator import Simulator
+from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 from pipeline.viewer import load_layer, render_index
 from pipeline.warehouse import open_warehouse
 
 NEURONS = sorted(TOKEN_SETS)
 REPLY = " a pattern the explainer double always writes.\n"
-
-
-def quoted(explanation: str) -> set[str]:
-    return {m.encode("ascii").decode("unicode_escape") for m in re.findall(r'"((?:[^"\\]|\\.)*)"', explanation)}
-
-
-class QuotedTokens(Simulator):
-    backend, model, prompt_version = "rule", "quoted-tokens", "rule-v1"
-    low, high = 0.0, 10.0
-
-    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
-        named = quoted(explanation)
-        return [np.array([self.high if t in named else self.low for t in seq]) for seq in sequences]
-
-
-class ShiftedQuotedTokens(QuotedTokens):
-    model = "shifted-quoted-tokens"
-    low, high = 3.0, 8.0
-
-
-class Blind(Simulator):
-    backend, model, prompt_version = "rule", "blind", "rule-v1"
-
-    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
-        return [np.array([float(zlib.crc32(t.encode()) % 11) for t in seq]) for seq in sequences]
-
-
-RULES = {"quoted": QuotedTokens, "shifted": ShiftedQuotedTokens, "blind": Blind}
-
-
-class RuleSimulator(SimulatorResource):
-    """A rule simulates (the loopback server explains, always with the same reply)."""
-
-    rule: str = "quoted"
-
-    def client(self) -> Simulator:
-        return RULES[self.rule]()
 
 
 def _run(root: Path, rule: str, server: LoopbackServer) -> tuple[Path, object]:
@@ -166,12 +124,12 @@ def test_calibration_recovers_a_simulation_on_another_scale(runs: dict) -> None:
 
 def test_held_out_sequences_never_include_a_top_record(runs: dict) -> None:
     q = query(runs["quoted"][0])
-    # The raw random sample does overlap the top records here, so the test can fail.
+    # The capture draws the random sample among the sequences that are not top records.
     raw = q(
         "select count(*) from atlas.records_long r join atlas.records_long t using (layer, neuron, seq_id)"
         " where r.kind = 'random' and t.kind = 'top'"
     )
-    assert raw[0][0] > 0
+    assert raw == [(0,)]
     leaks = q(
         "select count(*) from atlas.examples_long h join atlas.examples_long t using (layer, neuron, seq_id)"
         " where h.split <> 'train' and t.kind = 'top' and (h.kind <> 'top' or h.rank <> t.rank)"

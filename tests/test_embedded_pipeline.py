@@ -62,12 +62,14 @@ def test_row_counts_and_lineage(warehouse: tuple[Path, object]) -> None:
         (N_SEQ, SEQ_LEN, SEQ_LEN)
     ]
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
-    for table in ("activation_records", "top_k_examples"):
+    for table, units_per_neuron in (("activation_records", 1), ("top_k_examples", 2)):  # Gemma: both directions
         rows = q(
             f"select layer, count(*), count(distinct neuron), count(distinct run_id), min(run_id) "
             f"from atlas.{table} group by layer order by layer"
         )
-        assert rows == [(layer, d_mlp, d_mlp, 1, run_id) for layer in LAYERS]
+        assert rows == [(layer, units_per_neuron * d_mlp, d_mlp, 1, run_id) for layer in LAYERS]
+    polarities = q("select polarity, count(*) from atlas.top_k_examples group by all order by all")
+    assert polarities == [("+", len(LAYERS) * d_mlp), ("-", len(LAYERS) * d_mlp)]
     sizes = q("select distinct len(top), len(random), len(quantile) from atlas.activation_records")
     assert sizes == [(TOP_K, RANDOM_K, Q_BINS * PER_Q)]
     nulls = q("select count(*) from atlas.activation_records where model_id is null or model_revision is null")
@@ -136,11 +138,11 @@ def test_splits_are_disjoint_and_levels_in_range(warehouse: tuple[Path, object])
     database, _ = warehouse
     q = query(database)
     overlaps = q("""
-        select layer, neuron, kind, seq_id, count(distinct split) as n
+        select layer, neuron, polarity, kind, seq_id, count(distinct split) as n
         from atlas.examples_long group by all having n > 1""")
     assert overlaps == []
     per_split = q(
-        "select distinct kind, split, count(*) over (partition by layer, neuron, kind, split) "
+        "select distinct kind, split, count(*) over (partition by layer, neuron, polarity, kind, split) "
         "from atlas.examples_long order by all"
     )
     assert per_split == sorted(
@@ -152,12 +154,14 @@ def test_splits_are_disjoint_and_levels_in_range(warehouse: tuple[Path, object])
     )
     bad = q("""
         select count(*) from (
-            select max_activation, unnest(acts) as a, unnest(levels) as lv from atlas.examples_long)
-        where lv < 0 or lv > 10 or lv != least(10, floor(10 * greatest(a::double, 0) / max_activation::double))""")
+            select max_activation, if(polarity = '-', -1, 1) as sign, unnest(acts) as a, unnest(levels) as lv
+            from atlas.examples_long)
+        where lv < 0 or lv > 10
+           or lv != least(10, floor(10 * greatest(a::double * sign, 0) / max_activation::double))""")
     assert bad == [(0,)]
     top_is_max = q("""
         select count(*) from atlas.top_k_examples e join atlas.activation_records a using (layer, neuron)
-        where e.max_activation != a.max_activation""")
+        where e.max_activation != if(e.polarity = '-', -a.min_activation, a.max_activation)""")
     assert top_is_max == [(0,)]
 
 
@@ -171,4 +175,4 @@ def test_rewriting_a_partition_replaces_only_its_rows(tmp_path: Path) -> None:
     d_mlp = rows[0][2]
     assert rows == [(0, first.run_id, d_mlp), (1, second.run_id, d_mlp)]
     tk = query(database)("select layer, run_id, count(*) from atlas.top_k_examples group by all order by all")
-    assert tk == [(0, first.run_id, d_mlp), (1, second.run_id, d_mlp)]
+    assert tk == [(0, first.run_id, 2 * d_mlp), (1, second.run_id, 2 * d_mlp)]

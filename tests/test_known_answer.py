@@ -59,9 +59,17 @@ def test_top_tokens_are_exactly_the_digits(digit_run: Path) -> None:
         "select token, mean_activation, count from atlas.top_tokens where layer = 0 and neuron = ? order by token_rank",
         [DIGIT_NEURON],
     )
-    assert {t for t, _, _ in tokens} == set(DIGITS)
+    # Top tokens are read from the train and calibration records only: exactly the digits they hold.
+    seen = q(
+        "select distinct unnest(tokens) from atlas.examples_long where layer = 0 and neuron = ?"
+        " and split in ('train', 'calibration')",
+        [DIGIT_NEURON],
+    )
+    shown = {t for (t,) in seen if t in DIGITS}
+    assert len(shown) >= 8
+    assert {t for t, _, _ in tokens} == shown
     # Ranked by mean activation, which the weights make increasing in the digit's value.
-    assert [t for t, _, _ in tokens] == sorted(DIGITS, key=int, reverse=True)
+    assert [t for t, _, _ in tokens] == sorted(shown, key=int, reverse=True)
     for token, mean, count in tokens:
         assert mean == pytest.approx(digit_activation(token), abs=1e-4)
         assert count >= 1

@@ -32,7 +32,7 @@ from assets.resources import (
 )
 from pipeline.corpus import token_strings
 from pipeline.interpret import LLM
-from pipeline.llm import LLMFailure
+from pipeline.llm import GenerationParams, LLMFailure
 from pipeline.llm_cache import LLMCache
 from pipeline.llm_openai import OpenAIBackend
 from pipeline.models import EMBEDDED, _embedded_gguf, load_subject_model, model_layer_count
@@ -92,7 +92,8 @@ def small_resources() -> dict[str, Any]:
         "subject": SubjectModelResource(model=EMBEDDED),
         "corpus": CorpusResource(source=EMBEDDED, seq_len=8, n_sequences=48),
         # One train top record for the explainer, one valid top sequence to simulate (each echo costs minutes).
-        "sampling": SamplingResource(top_k=4, random_k=1, quantile_bins=1, per_quantile=1),
+        # The positive direction only: each unit costs echoes of minutes, one unit is what is checked.
+        "sampling": SamplingResource(top_k=4, random_k=1, quantile_bins=1, per_quantile=1, negative="off"),
     }
 
 
@@ -117,7 +118,9 @@ def run_llm_stages(database: Path, neuron: int, explainer: Any, simulator: Any) 
         **small_resources(),
         explainer=explainer,
         simulator=simulator,
-        explain=ExplainResource(neuron_ids=[neuron], max_tokens=24),
+        # One sample: each unit's candidates (the sample and the token-space explanation) are echoed on
+        # valid, the two chosen ones on calibration and test, their controls on test.
+        explain=ExplainResource(neuron_ids=[neuron], max_tokens=24, samples=1, temperature=0),
         selection=LLM_STAGES,
     )
     assert result.success
@@ -157,8 +160,10 @@ def test_completions_explain_simulate_and_score_through_dagster(
         served(server, SimulatorResource, "completions", tmp_path),
     )
     check_run(database, result, EXPLAIN_VERSION, SIMULATE_VERSION)
-    scores = query(database)("select corr_all, failure_reason from atlas.scores where kind = 'llm'")
+    scores = query(database)("select corr_all, failure_reason from atlas.scores where kind = 'llm' and split = 'valid'")
     assert len(scores) == 1 and (scores[0][0] is not None or scores[0][1])
+    test = query(database)("select count(*) from atlas.scores where split = 'test' and best")
+    assert test == [(1,)], "the unit's chosen explanation is reported on the test split"
 
 
 def test_chat_explain_simulate_and_score_through_dagster(
@@ -241,3 +246,18 @@ def test_echo_expected_values_agree_with_the_local_simulator_on_the_same_weights
     assert truth.std() > 0.5, "the explanation must make the levels vary, or a correlation says nothing"
     assert r_exact >= 0.95 and r_default >= 0.95
     assert r_one < 0.95, "the negative control must fail the check"
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_two_samples_per_request_from_the_real_server(api: str, request: pytest.FixtureRequest) -> None:
+    """The explainer's default is two samples (`n=2`); llama-cpp-python answers some `n=2` requests
+    with one choice (seen in CI on both endpoints), which the backend then completes with single
+    requests: either way two texts come back, not a malformed response."""
+    base_url, model = (request.getfixturevalue("server"), SERVED) if api == "completions" else (
+        request.getfixturevalue("chat_server"), CHAT_SERVED)  # fmt: skip
+    llm = OpenAIBackend(model, base_url, api=api, max_concurrency=1, timeout_s=300)
+    params = GenerationParams(max_tokens=6, temperature=1.0, n=2, seed=3, stop=("\n",))
+    prompt = "Name a fruit:" if api == "completions" else [{"role": "user", "content": "Name a fruit."}]
+    (done,) = llm.complete([prompt], params)
+    assert not isinstance(done, LLMFailure), done
+    assert len(done.texts) == 2 and 1 <= llm.usage.snapshot()["requests"] <= 2

@@ -7,6 +7,7 @@ caching and key hygiene are observed on the wire rather than mocked.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -328,6 +329,24 @@ def test_usage_counts_requests_tokens_and_cache_hits(server: LoopbackServer, tmp
         "completion_tokens": 2,
         "cache_hits": 2,
     }
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_a_server_that_ignores_n_is_asked_once_per_sample(server: LoopbackServer, api: str) -> None:
+    """llama.cpp's server answers n=3 with one choice: the backend then asks for each sample alone,
+    with its own seed, instead of failing every explainer request as malformed."""
+    server.state.ignore_n = True
+    server.state.queued = ["a", "b", "c", "d", "e", "f"]
+    llm = backend(server, api=api, max_concurrency=1)
+    params = dataclasses.replace(PARAMS, n=3, seed=7)
+    first, second = llm.complete(["one", "two"], params)
+    assert isinstance(first, Completion) and first.texts == ["a", "b", "c"]
+    assert isinstance(second, Completion) and second.texts == ["d", "e", "f"]
+    assert first.completion_tokens == 3
+    # The first request asked for n=3; once that came back with one choice, only n=1 was asked.
+    assert [(b.get("n"), b.get("seed")) for b in server.state.bodies] == [
+        (3, 7), (1, 8), (1, 9), (1, 7), (1, 8), (1, 9)
+    ]  # fmt: skip
 
 
 def test_complete_from_inside_a_running_event_loop(server: LoopbackServer) -> None:

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from pipeline.errors import AtlasInputError
-from pipeline.mlp import check_layers, mlp_capture, mlp_projections, neuron_count, run_until_captured
+from pipeline.mlp import check_layers, mlp_capture, mlp_is_gated, mlp_projections, neuron_count, run_until_captured
 
 N_LAYERS, HIDDEN, INTERMEDIATE, VOCAB = 3, 32, 64, 128
 
@@ -178,6 +178,17 @@ def test_one_projection_per_layer_with_intermediate_width(arch: tuple[Arch, nn.M
     for block, proj in zip(spec.blocks(model), projections, strict=True):
         assert proj is spec.out_proj(block.mlp)
         assert neuron_count(proj) == INTERMEDIATE
+
+
+GATED = {"gpt2": False, "llama": True, "gemma3": True, "qwen2": True, "gpt_neox": False}
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_gated_mlps_are_told_apart(name: str) -> None:
+    """act(gate) * up (signed neurons) vs one activated projection (ReLU/GELU): it sets the default
+    for capturing the negative direction."""
+    torch.manual_seed(0)
+    assert mlp_is_gated(ARCHS[name].build()) is GATED[name]
 
 
 def test_capture_equals_hand_computed_neurons(arch: tuple[Arch, nn.Module]) -> None:
@@ -364,7 +375,9 @@ def test_opt_blocks_without_an_mlp_module_are_captured_per_token() -> None:
     handle.remove()
     expected = seen[0].reshape(6, 9, 64)
     subject = SubjectModel(model=model, tokenizer=None, identity=ModelIdentity("opt", "0"), path=Path("."))
+    assert not mlp_is_gated(model)
     rec = collect_activation_records(subject, ids.numpy(), [1], SamplingSpec(top_k=2, random_k=2, batch_size=4))[1]
+    assert not rec.negative_captured and rec.bottom.ids.shape == (64, 0)
     for neuron in (0, 17):
-        for seq_id, acts in zip(rec.top_ids[neuron], rec.top_acts[neuron], strict=True):
+        for seq_id, acts in zip(rec.top.ids[neuron], rec.top.acts[neuron], strict=True):
             torch.testing.assert_close(torch.from_numpy(acts), expected[seq_id, :, neuron])

@@ -24,6 +24,7 @@ from dagster_dev import ROOT, SMALL_RESOURCES
 from postgres_server import PostgresServer, postgres_server
 from scale_out import new_machine, new_platform
 
+from pipeline.interpret import KINDS as EXPLANATION_KINDS
 from pipeline.llm_cache import LLMCache
 from pipeline.warehouse import open_warehouse
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 # Neurons that fire on the test corpus in both layers of the digit model (a dead one makes no request).
 FIRST = [5, 13]  # explained in each layer by the two concurrent writers
 SECOND = [6, 8, 10, 12]  # of layer 1, whose writer is killed, then finished on the other machine
+KINDS = sorted(EXPLANATION_KINDS)  # each neuron's explanations, in the order the queries sort them
 
 # The third process: a notebook that keeps one read transaction open for the whole test (its
 # snapshot must never change) and also opens a fresh connection every half second (each must see
@@ -70,7 +72,8 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 def _config(neurons: list[int]) -> dict:
-    return SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": neurons}}}
+    # One sample: each neuron's explanations are one of each kind (llm, token_lookup, token_space).
+    return SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": neurons, "samples": 1}}}
 
 
 def _sql(database: str, sql: str) -> list[tuple]:
@@ -130,7 +133,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     assert len(during) >= 3, f"{len(during)} reads during the writes"
     assert all(look["held"] == looks[0]["held"] for look in looks)
     n_neurons = _sql(database, "select d_mlp from atlas.subject_model")[0][0]
-    full = {"activation_records": n_neurons, "explanations": 2 * len(FIRST)}
+    full = {"activation_records": n_neurons, "explanations": len(KINDS) * len(FIRST)}
     seen = {(table, layer) for look in looks for table, layer, _, _ in look["fresh"]}
     for look in looks:  # never a partial layer, never a duplicate
         for table, layer, rows, distinct in look["fresh"]:
@@ -146,7 +149,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     run_ids = {}
     for layer in (0, 1):
         rows = _explanations(database, layer)
-        assert [(n, k, s) for n, k, s, _, _ in rows] == [(n, k, 0) for n in FIRST for k in ("llm", "token_lookup")]
+        assert [(n, k, s) for n, k, s, _, _ in rows] == [(n, k, 0) for n in FIRST for k in KINDS]
         (run_ids[layer],) = {r[3] for r in rows}
         assert _sql(database, f"select distinct run_id from atlas.activation_records where layer = {layer}") == [
             (run_ids[layer],)
@@ -185,7 +188,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     finished = cache.count("complete") - before
     assert 2 <= finished < len(SECOND)
     assert [r[:4] for r in _explanations(database, 1)] == [
-        (n, k, 0, run_ids[1]) for n in FIRST for k in ("llm", "token_lookup")
+        (n, k, 0, run_ids[1]) for n in FIRST for k in KINDS
     ]  # the first run's rows, untouched
     rewrite.wait(timeout=900)
     assert rewrite.returncode == 0, rewrite_log.read_text(errors="replace")[-4000:]
@@ -193,9 +196,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     # Machine A finishes layer 1: what B finished comes from the shared cache, not the explainer.
     a.run(_config(SECOND), "--select", "explanations", "--partition", "1", log_name="resume_layer_1")
     rows = _explanations(database, 1)
-    assert [(n, k, s) for n, k, s, _, _ in rows] == [(n, k, 0) for n in SECOND for k in ("llm", "token_lookup")]
+    assert [(n, k, s) for n, k, s, _, _ in rows] == [(n, k, 0) for n in SECOND for k in KINDS]
     assert len({r[3] for r in rows}) == 1 and rows[0][3] not in run_ids.values()
     assert sum(1 for _, kind, _, _, cached in rows if kind == "llm" and cached) >= finished
-    assert [r[:4] for r in _explanations(database, 0)] == [
-        (n, k, 0, run_ids[0]) for n in FIRST for k in ("llm", "token_lookup")
-    ]
+    assert [r[:4] for r in _explanations(database, 0)] == [(n, k, 0, run_ids[0]) for n in FIRST for k in KINDS]

@@ -4,6 +4,14 @@ The digit model is a 2-layer GPT-2 with attention and layer-0 MLP output zeroed,
 layer's MLP sees LayerNorm(token embedding) exactly. Embeddings are built with zero mean and
 unit variance, so LayerNorm leaves them unchanged, and neuron DIGIT_NEURON of layer 0 reads
 coordinate 0: +s_d (s_d grows with the digit) for digits and -1 for every other token.
+
+The signed model is a 2-layer Llama (a gated MLP: silu(gate) * up) built the same way: attention
+and the layer-0 MLP output are zeroed and embeddings have unit RMS, so every layer's MLP sees the
+token embedding (RMSNorm leaves it unchanged). In both layers neuron SIGNED_NEURON has a constant
+gate (bias GATE_BIAS, no weights) and an `up` that reads coordinate 0 = signed_strength(token):
+positive and growing with the digit on digits, negative and growing in size along NEG_WORDS on
+those words, and exactly 0 on every other token. Its activation is silu(GATE_BIAS) * UP_GAIN * s:
+the same float wherever a token occurs, so equal tokens make exact ties.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 DIGITS = [str(d) for d in range(10)]
 WORDS = (
@@ -165,6 +173,74 @@ def write_sets_model(directory: Path) -> Path:
     return directory
 
 
+NEG_WORDS = ("never", "none", "nothing", "nobody", "nowhere", "neither", "cannot", "without", "against", "lacking")
+SIGNED_NEURON = 5
+GATE_BIAS, UP_GAIN = 4.0, 3.0
+
+
+def signed_strength(token: str) -> float:
+    """Coordinate 0 of a token's embedding in the signed model: distinct per digit and per NEG_WORDS word."""
+    if token in DIGITS:
+        return 0.6 + 0.07 * int(token)
+    if token in NEG_WORDS:
+        return -(0.6 + 0.07 * NEG_WORDS.index(token))
+    return 0.0
+
+
+def signed_activation(token: str) -> float:
+    """The exact activation SIGNED_NEURON must show on a token, in either layer: silu(gate) * up."""
+    silu = GATE_BIAS / (1.0 + math.exp(-GATE_BIAS))
+    return silu * UP_GAIN * signed_strength(token)
+
+
+def build_signed_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer(NEG_WORDS)
+
+
+def build_signed_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+            mlp = layer.mlp
+            mlp.gate_proj.weight[SIGNED_NEURON] = 0.0
+            mlp.gate_proj.bias[SIGNED_NEURON] = GATE_BIAS
+            mlp.up_proj.weight[SIGNED_NEURON] = 0.0
+            mlp.up_proj.weight[SIGNED_NEURON, 0] = UP_GAIN
+            mlp.up_proj.bias[SIGNED_NEURON] = 0.0
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.bias.zero_()
+        gen = torch.Generator().manual_seed(seed)
+        # By id: get_vocab()'s order differs between processes, and the model must not.
+        for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            s = signed_strength(token)
+            u = float(torch.rand((), generator=gen)) * 1.2 - 0.6
+            r, w = math.sqrt(2 - s * s), math.sqrt(2 - u * u)
+            model.model.embed_tokens.weight[idx] = torch.tensor([s, -s, r, -r, u, -u, w, -w])
+    return model
+
+
+def write_signed_model(directory: Path) -> Path:
+    tokenizer = build_signed_tokenizer()
+    build_signed_model(tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def write_sets_corpus(path: Path, n_docs: int = 60, seed: int = 2) -> Path:
     """JSONL documents where every set's tokens appear, each document leaning on a few of the sets."""
     rng = random.Random(seed)
@@ -180,4 +256,29 @@ def write_sets_corpus(path: Path, n_docs: int = 60, seed: int = 2) -> Path:
                 words.append(rng.choice(vocabulary))
         docs.append(" ".join(words))
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return path
+
+
+def signed_documents(n_docs: int = 60, seed: int = 1) -> list[str]:
+    """Documents of common words; about a third also hold digits, a third NEG_WORDS, a sixth both."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        p_digit = 0.25 if rng.random() < 0.5 else 0.0
+        p_neg = 0.25 if rng.random() < 0.5 else 0.0
+        words = []
+        for _ in range(rng.randint(20, 60)):
+            x = rng.random()
+            if x < p_digit:
+                words.append(rng.choice(DIGITS))
+            elif x < p_digit + p_neg:
+                words.append(rng.choice(NEG_WORDS))
+            else:
+                words.append(rng.choice(WORDS))
+        docs.append(" ".join(words))
+    return docs
+
+
+def write_signed_corpus(path: Path, n_docs: int = 60, seed: int = 1) -> Path:
+    path.write_text("\n".join(json.dumps({"text": d}) for d in signed_documents(n_docs, seed)))
     return path

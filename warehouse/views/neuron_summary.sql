@@ -23,6 +23,7 @@ select u.model_id, u.model_revision, u.layer, u.neuron, u.polarity, k.max_activa
 from units u
 join atlas.top_k_examples k
     on k.model_id = u.model_id and k.layer = u.layer and k.neuron = u.neuron
+    and coalesce(k.polarity, '+') = u.polarity
 left join test b
     on b.model_id = u.model_id and b.layer = u.layer and b.neuron = u.neuron and b.polarity = u.polarity and b.best
 left join atlas.explanations e

@@ -1,0 +1,74 @@
+"""A warehouse written before units had a polarity, upgraded in place through real materializations:
+top_k_examples gains its `polarity` column (old rows read '+'), and a table whose columns changed
+in another way is refused with a message that says how to rebuild it, never silently truncated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import query, run_stages
+from tiny_models import write_signed_corpus, write_signed_model
+
+from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+
+STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+
+
+def _resources(root: Path) -> dict:
+    return {
+        "subject": SubjectModelResource(model=str(write_signed_model(root / "model"))),
+        "corpus": CorpusResource(source=str(write_signed_corpus(root / "signed.jsonl")), seq_len=16, n_sequences=32),
+        "sampling": SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
+    }
+
+
+@pytest.fixture
+def old_warehouse(tmp_path: Path) -> tuple[Path, dict]:
+    """Both layers captured, then top_k_examples made as an older version wrote it: '+' rows only,
+    no polarity column."""
+    database = tmp_path / "neuron_atlas.duckdb"
+    resources = _resources(tmp_path)
+    assert run_stages(database, 2, (0, 1), **resources, selection=STAGES).success
+    with duckdb.connect(str(database)) as conn:
+        conn.execute("drop view if exists atlas.examples_long")
+        conn.execute("drop view if exists atlas.top_tokens")
+        conn.execute("drop view if exists atlas.current_top_k_examples")
+        conn.execute("delete from atlas.top_k_examples where polarity = '-'")
+        conn.execute("alter table atlas.top_k_examples drop column polarity")
+    return database, resources
+
+
+def test_an_old_table_gains_polarity_and_its_rows_read_plus(old_warehouse: tuple[Path, dict]) -> None:
+    database, resources = old_warehouse
+    # Rewriting layer 0 alone upgrades the table; layer 1 keeps its old rows.
+    assert run_stages(database, 2, (0, 0), **resources, selection=["top_k_examples"]).success
+    q = query(database)
+    assert q("select layer, polarity, count(*) from atlas.top_k_examples group by all order by all") == [
+        (0, "+", 16),
+        (0, "-", 16),
+        (1, None, 16),
+    ]
+    assert q("select layer, polarity, count(distinct neuron) from atlas.examples_long group by all order by all") == [
+        (0, "+", 16),
+        (0, "-", 16),
+        (1, "+", 16),
+    ]
+    assert q("select distinct polarity from atlas.top_tokens where layer = 1") == [("+",)]
+
+
+def test_a_table_whose_columns_changed_otherwise_is_refused(old_warehouse: tuple[Path, dict]) -> None:
+    database, resources = old_warehouse
+    with duckdb.connect(str(database)) as conn:  # a struct without a field the new rows carry
+        conn.execute("alter table atlas.activation_records drop column bottom")
+        conn.execute("alter table atlas.activation_records add column bottom integer[]")
+        before = conn.execute("select count(*) from atlas.activation_records").fetchone()
+    result = run_stages(database, 2, (0, 0), **resources, selection=["activation_records"], raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else ""
+    message += failure.step_failure_data.error.message
+    assert "atlas.activation_records was written by another version" in message
+    assert "bottom INTEGER[] -> STRUCT(" in message and "drop table atlas.activation_records" in message
+    assert query(database)("select count(*) from atlas.activation_records") == [before]  # nothing lost
