@@ -38,8 +38,8 @@ from pipeline.units import units_from_frames
 
 CLASSIFIER_DISCRIMINATES = "classifier_discriminates"
 # The per-direction quantile lists read from activation_records (`pipeline.classify.QUANTILE_LISTS`):
-# add QUANTILE_LISTS["-"] ('quantile_neg') once activation_records captures the negative direction.
-QUANTILE_COLUMNS = [QUANTILE_LISTS["+"]]
+# 'quantile' (bins by max) for '+' units, 'quantile_neg' (bins by -min) for '-' units.
+QUANTILE_COLUMNS = [QUANTILE_LISTS["+"], QUANTILE_LISTS["-"]]
 
 
 class ClassifyResource(ConfigurableResource):

@@ -13,63 +13,23 @@ wrong. The scorer models here are rules, not models, so the expected outcome is 
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
-from test_controls import REPLY, QuotedTokens, quoted
+from rule_simulators import RuleSimulator
+from test_controls import REPLY
 from tiny_models import TOKEN_SETS, write_sets_corpus, write_sets_model
 
 from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SimulatorResource, SubjectModelResource
-from pipeline.classify import DETECTION, Answer, Classifier, Shown, render
-from pipeline.llm import LLMFailure
-from pipeline.simulator import Simulator
+from pipeline.report import main as report_main
 
 NEURONS = sorted(TOKEN_SETS)
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
-
-
-class QuotedRule(Classifier):
-    backend, model, prompt_version = "rule", "quoted-tokens", "rule-v1"
-
-    def classify(self, scorer: str, explanation: str, prompts: Sequence[Sequence[Shown]]) -> list[Answer | LLMFailure]:
-        named = quoted(explanation)
-        out: list[Answer | LLMFailure] = []
-        for shown in prompts:
-            if scorer == DETECTION:
-                labels = [int(any(t in named for t in s.tokens)) for s in shown]
-            else:
-                marked = [[t for t, m in zip(s.tokens, s.marked or (), strict=True) if m] for s in shown]
-                labels = [int(all(t in named for t in m)) for m in marked]
-            out.append(Answer(list(labels), [0.25 + 0.5 * v for v in labels], 10 * len(shown), 2 * len(shown)))
-        return out
-
-
-class BlindRule(Classifier):
-    backend, model, prompt_version = "rule", "blind", "rule-v1"
-
-    def classify(self, scorer: str, explanation: str, prompts: Sequence[Sequence[Shown]]) -> list[Answer | LLMFailure]:
-        out: list[Answer | LLMFailure] = []
-        for shown in prompts:
-            hashes = [zlib.crc32(render(s).encode()) for s in shown]
-            out.append(Answer([h % 2 for h in hashes], [(h % 1000) / 1000 for h in hashes], 1, 1))
-        return out
-
-
-class RuleScorers(SimulatorResource):
-    """The quoted-tokens rule simulates (so token-space explanations are chosen); a rule classifies."""
-
-    rule: str = "quoted"
-
-    def client(self) -> Simulator:
-        return QuotedTokens()
-
-    def classifier(self) -> Classifier:
-        return {"quoted": QuotedRule, "blind": BlindRule}[self.rule]()
+LLM_STAGES = ["explanations", "simulations", "scores", "ablations", "classification_scores", "neuron_viewer"]
 
 
 def _run(root: Path, simulator: SimulatorResource, server: LoopbackServer, **extra: object) -> tuple[Path, object]:
@@ -85,7 +45,7 @@ def _run(root: Path, simulator: SimulatorResource, server: LoopbackServer, **ext
         simulator=simulator,
         explain=ExplainResource(neuron_ids=NEURONS),
         classify=ClassifyResource(),
-        selection=[*STAGES, "explanations", "simulations", "scores", "classification_scores"],
+        selection=[*STAGES, *LLM_STAGES],
         **extra,  # type: ignore[arg-type]
     )
     assert result.success
@@ -97,7 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, obje
     out = {}
     with LoopbackServer(ServerState(replies=[("the main thing this neuron does is find", REPLY)])) as server:
         for rule in ("quoted", "blind"):
-            out[rule] = _run(tmp_path_factory.mktemp(rule), RuleScorers(rule=rule), server)
+            out[rule] = _run(tmp_path_factory.mktemp(rule), RuleSimulator(rule=rule), server)
     return out
 
 
@@ -153,9 +113,7 @@ def test_held_out_texts_are_quantile_samples_the_explainers_never_read(runs: dic
         " where q.kind = 'quantile' and (t.kind = 'top' or t.split in ('train', 'calibration'))"
     )
     assert raw[0][0] > 0
-    shown = q(
-        "select neuron, scorer, unnest(seq_ids), unnest(labels) from atlas.classification_scores"
-    )
+    shown = q("select neuron, scorer, unnest(seq_ids), unnest(labels) from atlas.classification_scores")
     assert shown
     seen = set(
         q(
@@ -188,3 +146,94 @@ def test_fuzzing_marks_right_and_wrong_tokens_of_the_same_texts(runs: dict) -> N
         for seq, marks, label in zip(seqs, marked, labels, strict=True):
             hits = [tokens[seq][j] in TOKEN_SETS[neuron] for j in marks]
             assert marks and (all(hits) if label else not any(hits)), (neuron, seq, label)
+
+
+def test_neuron_summary_and_the_viewer_show_both_scores_beside_simulation_and_ablation(runs: dict) -> None:
+    database, _ = runs["quoted"]
+    q = query(database)
+    table = {
+        (n, p, s): (ba, c, g)
+        for n, p, s, ba, c, g in q(
+            "select neuron, polarity, scorer, balanced_accuracy, control_balanced_accuracy, gap"
+            " from atlas.classification_scores"
+        )
+    }
+    rows = q(
+        "select neuron, polarity, score, ablation_score, detection_score, detection_control, detection_gap,"
+        " fuzzing_score, fuzzing_control, fuzzing_gap from atlas.neuron_summary order by neuron"
+    )
+    assert [r[0] for r in rows] == NEURONS
+    for neuron, polarity, score, _ablation, *classified in rows:
+        assert score is not None
+        assert tuple(classified[:3]) == table[(neuron, polarity, "detection")]
+        assert tuple(classified[3:]) == table[(neuron, polarity, "fuzzing")]
+    layer = database.parent / "viewer" / "layer_0"
+    index = (layer / "index.html").read_text(encoding="utf-8")
+    assert "<th>detection</th><th>fuzzing</th>" in index
+    for neuron in NEURONS:
+        page = (layer / f"neuron_{neuron}.html").read_text(encoding="utf-8")
+        for scorer in ("detection", "fuzzing"):
+            ba, control, gap = table[(neuron, "+", scorer)]
+            row = page.split(f"<tr class=classification-{scorer}>", 1)[1].split("</tr>", 1)[0]
+            assert [f"{v:.3f}" for v in (ba, control, gap)] == [
+                cell.split("<", 1)[0] for cell in row.split("<td class=num>")[1:4]
+            ], (neuron, scorer, row)
+        # The index row of the unit shows the same two numbers after its ablation column.
+        cells = index.split(f'href="neuron_{neuron}.html#pos">', 1)[1].split("</tr>", 1)[0].split("<td class=num>")
+        assert [c.split("<", 1)[0] for c in cells[7:9]] == [
+            f"{table[(neuron, '+', s)][0]:.3f}" for s in ("detection", "fuzzing")
+        ]
+
+
+def _spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rho from its definition, ties given their average rank (written here, apart from
+    `pipeline.report`, which ranks through polars); None for a constant side."""
+
+    def ranks(v: list[float]) -> np.ndarray:
+        return np.array([sum(w < u for w in v) + (sum(w == u for w in v) + 1) / 2 for u in v])
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_the_report_prints_rank_correlations_of_the_four_scores(runs: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked against Spearman's rho computed here; the right rule scores every unit 1 (a constant
+    side: undefined), the blind one varies, so at least one printed figure is a number."""
+    defined = 0
+    for rule in ("quoted", "blind"):
+        database, _ = runs[rule]
+        report_main(["classification", "--db", str(database)])
+        out = capsys.readouterr().out
+        assert "Layer 0: 6 units" in out and "per unit (with its control)" in out
+        printed = {
+            tuple(line.split()[:3:2]): line.split()[3]
+            for line in out.splitlines()
+            if " vs " in line and "(n = " in line
+        }
+        assert set(printed) == {
+            (a, b) for i, a in enumerate(("simulation", "detection", "fuzzing", "ablation"))
+            for b in ("simulation", "detection", "fuzzing", "ablation")[i + 1 :]
+        }  # fmt: skip
+        scores = {
+            (n, s): (sim, ba)
+            for n, s, sim, ba in query(database)(
+                "select neuron, d.scorer, s.corr_all, d.balanced_accuracy from atlas.scores s"
+                " join atlas.classification_scores d using (layer, neuron, polarity)"
+                " where s.split = 'test' and s.best"
+            )
+        }
+        det = [scores[(n, "detection")] for n in NEURONS]
+        fuz = [scores[(n, "fuzzing")] for n in NEURONS]
+        for pair, x, y in (
+            (("simulation", "detection"), [v[0] for v in det], [v[1] for v in det]),
+            (("detection", "fuzzing"), [v[1] for v in det], [v[1] for v in fuz]),
+        ):
+            expected, shown = _spearman(x, y), printed[pair]
+            if expected is None:
+                assert shown == "undefined", (rule, pair, shown)
+            else:
+                defined += 1
+                assert float(shown) == pytest.approx(expected, abs=1e-3), (rule, pair)
+    assert defined
