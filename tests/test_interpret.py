@@ -536,7 +536,8 @@ def test_a_failing_blocking_check_stops_the_next_stage(
 
 def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_run: tuple) -> None:
     q = query(local_run[0])
-    for table in ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores"):
+    tables = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
+    for table in (*tables, "classification_scores"):
         bad = q(f"select count(*) from atlas.{table} where model_id is null or run_id is null or code_version is null")
         assert bad == [(0,)], table
     rows = q(
@@ -580,7 +581,7 @@ def test_current_views_keep_only_the_current_models_rows(local_run: tuple, tmp_p
     database.write_bytes(local_run[0].read_bytes())
     stages = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
     with duckdb.connect(str(database)) as conn:
-        for table in (*stages, "ablations"):
+        for table in (*stages, "ablations", "classification_scores"):
             total = conn.execute(f"select count(*) from atlas.{table}").fetchone()[0]
             assert conn.execute(f"select count(*) from atlas.current_{table}").fetchone()[0] == total > 0
         conn.execute("update atlas.scores set model_revision = 'an-older-checkpoint' where neuron = 5")
