@@ -9,6 +9,8 @@ wrong. The scorer models here are rules, not models, so the expected outcome is 
   (a neighbour's tokens) ~0.5, and the check must pass.
 - `BlindRule` ignores the explanation (its labels hash the text): own and control score the same,
   near chance, and the check must warn.
+Both rules live in tests/rule_simulators.py. The same runs check that neuron_summary and the viewer
+show the table's numbers, and the report's rank correlations against Spearman's rho computed here.
 """
 
 from __future__ import annotations
