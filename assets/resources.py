@@ -292,7 +292,6 @@ class SimulatorResource(_LLMSettings):
                 self._client = ChatSimulator(backend, self.top_logprobs if self.logprobs else None)
         return self._client
 
-
     _classifier: Any = PrivateAttr(default=None)
 
     def classifier(self) -> Classifier:

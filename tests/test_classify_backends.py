@@ -50,9 +50,7 @@ def test_shared_texts_give_the_labels_of_a_plain_forward_pass() -> None:
             p1 = float(torch.softmax(torch.stack([logits[zero], logits[one]]), dim=0)[1])
             assert answer.probabilities[k] == pytest.approx(p1, abs=2e-3), (scorer, explanation, k)
             assert answer.labels[k] == int(answer.probabilities[k] > 0.5)
-        assert answer.prompt_tokens == len(
-            gemma.tokenizer(classification_prompt(scorer, explanation, shown)).input_ids
-        )
+        assert answer.prompt_tokens == len(gemma.tokenizer(classification_prompt(scorer, explanation, shown)).input_ids)
     # Each explanation counts as its own request, as on a server.
     assert classifier.usage.snapshot()["requests"] == 2
 
