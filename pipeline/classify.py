@@ -562,7 +562,7 @@ def classify_layer(
             "prompt_version": classifier.prompt_version,
         }
     rows: list[dict] = []
-    progress = Progress("classified units", len(explained) * len(spec.scorers), log)
+    progress = Progress("classified (unit, scorer) pairs", len(explained) * len(spec.scorers), log)
     for key in explained:
         unit = units[key]
         data = held_out(unit, spec) if key in chosen else None
