@@ -33,12 +33,12 @@ EXPLAIN_LAYERS ?= 0...1
 
 # Every stage of the configured model (NEURON_ATLAS_MODEL, default: embedded Gemma), in three runs:
 # the unpartitioned stages; all layer partitions of the records in ONE run (one forward pass);
-# explanations, simulations, scores and ablations for EXPLAIN_LAYERS.
+# explanations, simulations, scores, ablations, detection/fuzzing and the viewer for EXPLAIN_LAYERS.
 materialize: install | $(DAGSTER_HOME)
 	$(DAGSTER) asset materialize -m assets.definitions --select subject_model,corpus_tokens
 	$(DAGSTER) asset materialize -m assets.definitions --select activation_records,top_k_examples \
 		--partition-range "0...$$($(PY) -m assets.layers last)"
-	$(DAGSTER) asset materialize -m assets.definitions --select explanations,simulations,scores,ablations,neuron_viewer \
+	$(DAGSTER) asset materialize -m assets.definitions --select explanations,simulations,scores,ablations,classification_scores,neuron_viewer \
 		--partition-range "$(EXPLAIN_LAYERS)"
 
 dev: install | $(DAGSTER_HOME)

@@ -50,4 +50,10 @@ def build_asset_checks() -> list[AssetChecksDefinition]:
         simple("simulations", "simulations_in_range", "Simulated levels within 0..10, one per token."),
         simple("scores", "scores_in_range", "Correlations within [-1, 1]; NULL only with a reason."),
         simple("ablations", "ablations_sane", "KL non-negative; a NULL ablation score only with a reason."),
+        simple(
+            "classification_scores",
+            "classification_in_range",
+            "Accuracies, F1 and AUC within [0, 1]; NULL only with a reason; detection shows as many non-activating"
+            " texts as activating ones.",
+        ),
     ]

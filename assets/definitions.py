@@ -20,6 +20,7 @@ from assets.automation import (
     observe_model_schedule,
 )
 from assets.checks import build_asset_checks
+from assets.classification import ClassifyResource, build_classification_assets
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
 from assets.resources import (
@@ -46,6 +47,7 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
         + build_stage_assets(n_layers)
         + build_interpret_assets(layer_partitions(n_layers))
         + build_ablation_assets(layer_partitions(n_layers))
+        + build_classification_assets(layer_partitions(n_layers))
         + build_viewer_assets(layer_partitions(n_layers)),
         asset_checks=build_asset_checks(),
         jobs=[observe_model_job],
@@ -59,6 +61,7 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
             "simulator": SimulatorResource(),
             "explain": ExplainResource(),
             "ablation": AblationResource(),
+            "classify": ClassifyResource(),
             WAREHOUSE: WarehouseIOManager(
                 database=database or default_database(), schema=SCHEMA, data_path=default_data_path()
             ),

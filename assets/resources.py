@@ -8,6 +8,8 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
+from pipeline.classify import Classifier
+from pipeline.classify_backends import LABEL_TOP_LOGPROBS, CachedClassifier, LocalClassifier, ServerClassifier
 from pipeline.corpus import CorpusSpec
 from pipeline.errors import AtlasInputError
 from pipeline.llm import APIS, GenerationParams, LLMBackend, role_env
@@ -289,6 +291,26 @@ class SimulatorResource(_LLMSettings):
                 backend = self._openai(self.model, self.base_url, self.api, self.api_key_env)
                 self._client = ChatSimulator(backend, self.top_logprobs if self.logprobs else None)
         return self._client
+
+    _classifier: Any = PrivateAttr(default=None)
+
+    def classifier(self) -> Classifier:
+        """The detection/fuzzing scorer on the simulator's model (`pipeline.classify_backends`):
+        in-process label probabilities from logits, or the server's labels (with their top
+        logprobs unless logprobs: false). Made once per resource instance; answers are cached."""
+        if self._classifier is None:
+            self._check(self.backend, self.api, self.base_url, "simulator")
+            if self.backend == "local":
+                if self.api != "completions":
+                    raise AtlasInputError("the local scorer reads label probabilities from a completion-style prompt")
+                loaded = self._load_local(self.model)
+                local = LocalClassifier(loaded.model, loaded.tokenizer, loaded.identity.data_version)
+                self._classifier = CachedClassifier(local, self._cache())
+            else:
+                backend = self._openai(self.model, self.base_url, self.api, self.api_key_env)
+                top = min(self.top_logprobs, LABEL_TOP_LOGPROBS) if self.logprobs and self.top_logprobs > 0 else None
+                self._classifier = ServerClassifier(backend, top)
+        return self._classifier
 
 
 class ExplainResource(ConfigurableResource):

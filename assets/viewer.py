@@ -27,17 +27,17 @@ def viewer_root(database: str) -> Path:
 def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
         code_version="1",
-        automation_condition=rerun_condition(optional_deps=("ablations",)),
+        automation_condition=rerun_condition(optional_deps=("ablations", "classification_scores")),
         group_name="atlas",
         partitions_def=layers_def,
         backfill_policy=BackfillPolicy.single_run(),
-        deps=["top_k_examples", "explanations", "simulations", "scores", "ablations"],
+        deps=["top_k_examples", "explanations", "simulations", "scores", "ablations", "classification_scores"],
         required_resource_keys={"warehouse"},
     )
     def neuron_viewer(context: AssetExecutionContext) -> MaterializeResult:
         """Static HTML per layer (open the file, no server): an index sorted by score with search, and
-        per explained neuron its explanations, scores, true vs simulated token heatmaps, top tokens
-        and ablation score (when ablated)."""
+        per explained neuron its explanations, scores, true vs simulated token heatmaps, top tokens,
+        ablation score (when ablated) and detection and fuzzing scores (when classified)."""
         database = context.resources.warehouse.database
         root = viewer_root(database)
         pages, explained, indexes = 0, 0, []

@@ -111,3 +111,19 @@ def ablations_sane(conn: Any) -> CheckOutcome:
         " or (ablation_score is null and ablation_score_reason is null))",
     )
     return _outcome(bad, "ablations with negative KL or a NULL score without a reason", "all ablations sane")
+
+
+def classification_in_range(conn: Any) -> CheckOutcome:
+    bad = _count(
+        conn,
+        "select count(*) from {s}.classification_scores where"
+        " not (coalesce(accuracy, 0) between 0 and 1 and coalesce(balanced_accuracy, 0) between 0 and 1"
+        " and coalesce(f1, 0) between 0 and 1 and coalesce(auc, 0) between 0 and 1)"
+        " or (balanced_accuracy is null and balanced_accuracy_reason is null and failure_reason is null)"
+        " or (scorer = 'detection' and n_positive <> n_negative)",
+    )
+    return _outcome(
+        bad,
+        "classification scores outside [0, 1], NULL without a reason, or detection with unequal classes",
+        "all classification scores in range",
+    )

@@ -308,6 +308,31 @@ class OpenAIBackend(LLMBackend):
         values = await self._acached_batch(conversations, f"chat:{version}", key, request, parse)
         return [v for v, _ in values]
 
+    def completion_levels(
+        self,
+        prompts: Sequence[str],
+        params: GenerationParams,
+        top_logprobs: int | None,
+        reducers: Sequence[Callable[[ChatReply], Any]],
+        version: str,
+    ) -> list[Any | LLMFailure]:
+        """Each prompt continued on /completions (with `logprobs` unless None) and passed through its
+        reducer as a `ChatReply` (the generated tokens with their top logprobs); the reducer's JSON
+        value is what gets cached. The completions twin of `chat_levels`."""
+        self._require_completions("completions with logprobs")
+        by_id = {id(p): r for p, r in zip(prompts, reducers, strict=True)}
+
+        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
+            extra: dict[str, Any] = {} if top_logprobs is None else {"logprobs": top_logprobs}
+            return client.completions.create(prompt=prompt, **self._sampling(params), **extra)
+
+        def parse(resp: Any, prompt: Prompt) -> Any:
+            return by_id[id(prompt)](_parse_completion_reply(resp, top_logprobs is not None))
+
+        key = dataclasses.asdict(params) | {"top_logprobs": top_logprobs}
+        values = self._cached_batch(prompts, f"completion:{version}", key, request, parse)
+        return [v for v, _ in values]
+
     # -- machinery --------------------------------------------------------------------------------
 
     def _require_completions(self, what: str) -> None:
@@ -705,6 +730,43 @@ def _parse_chat_reply(resp: Any, want_logprobs: bool) -> ChatReply:
             else:
                 raise _Malformed("a logprobs entry has no token")
             tokens.append((data, _top_from_chat_entry(entry)))
+    return ChatReply(
+        text=parsed["texts"][0],
+        tokens=tokens,
+        truncated=parsed["truncated"][0],
+        prompt_tokens=parsed["prompt_tokens"],
+        completion_tokens=parsed["completion_tokens"],
+    )
+
+
+def _parse_completion_reply(resp: Any, want_logprobs: bool) -> ChatReply:
+    """A /completions answer as a `ChatReply`: its text and, per generated token, its bytes and top
+    logprobs (the legacy `tokens`/`top_logprobs` arrays, or the chat-style `content[]` that llama.cpp's
+    server answers /completions with)."""
+    parsed = _parse_completion(resp, 1, chat=False)
+    tokens: list[tuple[bytes, dict[str, float]]] = []
+    if want_logprobs:
+        lp = getattr(resp.choices[0], "logprobs", None)
+        names, tops = _field(lp, "tokens"), _field(lp, "top_logprobs")
+        content = _field(lp, "content") if lp is not None else None
+        if isinstance(names, list) and isinstance(tops, list) and len(names) == len(tops) and names:
+            for name, top in zip(names, tops, strict=True):
+                cands = {
+                    str(t): float(v) for t, v in (top or {}).items() if isinstance(v, int | float) and math.isfinite(v)
+                }
+                tokens.append((str(name).encode("utf-8"), cands))
+        elif isinstance(content, list) and content:
+            for entry in content:
+                token, raw = _field(entry, "token"), _field(entry, "bytes")
+                if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+                    data = bytes(raw)
+                elif isinstance(token, str):
+                    data = token.encode("utf-8")
+                else:
+                    raise _Malformed("a logprobs entry has no token")
+                tokens.append((data, _top_from_chat_entry(entry)))
+        elif parsed["texts"][0]:
+            raise _Fatal("server returned no logprobs for the generated tokens (set the simulator's logprobs: false)")
     return ChatReply(
         text=parsed["texts"][0],
         tokens=tokens,

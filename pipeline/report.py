@@ -2,6 +2,7 @@
 
     python -m pipeline.report signal   [--db FILE]   does any score mean something? (per layer)
     python -m pipeline.report ablation [--db FILE]   simulation vs ablation scores
+    python -m pipeline.report classification [--db FILE]   simulation, detection, fuzzing, ablation
 
 `signal` prints, per layer of the current model: how many distinct LLM explanations there are and
 how many copy few-shot text or were shared by many units (degenerate); the reported (test-split)
@@ -9,6 +10,10 @@ score of each unit's best explanation beside its control and the paired test's v
 against the token-space explanation under the same simulator, with the exact lookup reference.
 `ablation` prints each ablated unit's simulation and ablation scores and their Spearman rank
 correlation (does a better simulation also carry more of what the neuron does for the output?).
+`classification` prints, per layer, the mean detection and fuzzing scores beside their controls, what
+each scorer and the simulation cost per unit, and the Spearman rank correlations between the
+simulation (test), detection, fuzzing and ablation scores of the layer's units (do the cheap scorers
+rank explanations as simulation does?).
 """
 
 from __future__ import annotations
@@ -44,9 +49,93 @@ def ablation_report(database: str | Path) -> tuple[pl.DataFrame, float | None]:
     return frame, rank_correlation(both["simulation_score"].to_numpy(), both["ablation_score"].to_numpy())
 
 
+METRICS = ("simulation", "detection", "fuzzing", "ablation")
+
+
+def classification_report(database: str | Path) -> list[dict]:
+    """One dict per layer: units, per-scorer means, costs and the pairwise rank correlations of
+    METRICS over the units that have both scores (pairwise complete)."""
+    with open_warehouse(str(database), read_only=True) as conn:
+        tables = {r[0] for r in conn.execute("select table_name from information_schema.tables").fetchall()}
+        if "current_classification_scores" not in tables:
+            return []
+        sim = conn.sql(
+            "select layer, neuron, polarity, corr_all as simulation from atlas.current_scores"
+            " where split = 'test' and best"
+        ).pl()
+        cls = conn.sql(
+            "select layer, neuron, polarity, scorer, balanced_accuracy, control_balanced_accuracy, gap, auc,"
+            " n_prompts, prompt_tokens, completion_tokens, control_prompt_tokens, control_completion_tokens,"
+            " control_neuron is not null as has_control from atlas.current_classification_scores"
+        ).pl()
+        abl = (
+            conn.sql("select layer, neuron, polarity, ablation_score as ablation from atlas.current_ablations").pl()
+            if "current_ablations" in tables
+            else pl.DataFrame(
+                schema={"layer": pl.Int32, "neuron": pl.Int32, "polarity": pl.String, "ablation": pl.Float64}
+            )
+        )
+    key = ["layer", "neuron", "polarity"]
+    wide = sim
+    for scorer in ("detection", "fuzzing"):
+        part = cls.filter(pl.col("scorer") == scorer).select(*key, pl.col("balanced_accuracy").alias(scorer))
+        wide = wide.join(part, on=key, how="full", coalesce=True)
+    wide = wide.join(abl, on=key, how="left")
+    out = []
+    for layer in sorted(cls["layer"].unique().to_list()):
+        units = wide.filter(pl.col("layer") == layer)
+        row: dict = {"layer": layer, "units": units.height, "scorers": {}, "correlations": {}}
+        for scorer in ("detection", "fuzzing"):
+            part = cls.filter((pl.col("layer") == layer) & (pl.col("scorer") == scorer))
+            asked = part.filter(pl.col("n_prompts").is_not_null())
+            requests = asked["n_prompts"] * (1 + asked["has_control"].cast(pl.Int64))
+            prompt = asked["prompt_tokens"] + asked["control_prompt_tokens"].fill_null(0)
+            completion = asked["completion_tokens"] + asked["control_completion_tokens"].fill_null(0)
+            row["scorers"][scorer] = {
+                "scored": part["balanced_accuracy"].drop_nulls().len(),
+                "mean": _mean(part["balanced_accuracy"]),
+                "mean_control": _mean(part["control_balanced_accuracy"]),
+                "mean_gap": _mean(part["gap"]),
+                "mean_auc": _mean(part["auc"]),
+                "requests_per_unit": _mean(requests),
+                "prompt_tokens_per_unit": _mean(prompt),
+                "completion_tokens_per_unit": _mean(completion),
+            }
+        for i, a in enumerate(METRICS):
+            for b in METRICS[i + 1 :]:
+                both = units.drop_nulls([a, b])
+                rho = rank_correlation(both[a].to_numpy(), both[b].to_numpy())
+                row["correlations"][(a, b)] = (rho, both.height)
+        out.append(row)
+    return out
+
+
+def print_classification(rows: list[dict]) -> None:
+    if not rows:
+        print("no classification_scores in the warehouse yet: materialize classification_scores")
+    for r in rows:
+        print(f"Layer {r['layer']}: {r['units']} units")
+        for scorer, s in r["scorers"].items():
+            print(
+                f"  {scorer}: {s['scored']} scored, balanced accuracy {_fmt(s['mean'])}, control "
+                f"{_fmt(s['mean_control'])}, gap {_fmt(s['mean_gap'])}, AUC {_fmt(s['mean_auc'])}; per unit "
+                f"(with its control) {_amount(s['requests_per_unit'])} requests, "
+                f"{_amount(s['prompt_tokens_per_unit'])} prompt + {_amount(s['completion_tokens_per_unit'])} "
+                "completion tokens"
+            )
+        print("  Spearman rank correlation over the layer's units (pairs with both scores):")
+        for (a, b), (rho, n) in r["correlations"].items():
+            shown = f"{rho:+.3f}" if rho is not None else "undefined (fewer than 3 pairs, or constant scores)"
+            print(f"    {a:>10} vs {b:<10} {shown}  (n = {n})")
+
+
 def _mean(series: pl.Series) -> float | None:
     values = series.drop_nulls()
     return float(values.mean()) if len(values) else None
+
+
+def _amount(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -126,13 +215,16 @@ def print_signal(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("report", choices=["signal", "ablation"])
+    parser.add_argument("report", choices=["signal", "ablation", "classification"])
     parser.add_argument(
         "--db", default=str(default_database()), help="warehouse file, or ducklake:postgres:<libpq connection string>"
     )
     args = parser.parse_args(argv)
     if args.report == "signal":
         print_signal(signal_report(args.db))
+        return
+    if args.report == "classification":
+        print_classification(classification_report(args.db))
         return
     frame, rho = ablation_report(args.db)
     with pl.Config(tbl_rows=100, tbl_cols=12, fmt_str_lengths=60):

@@ -34,6 +34,10 @@ class UnitView:
     explanations: list[dict[str, Any]]  # every candidate, with valid and test scores
     simulations: list[dict[str, Any]]  # the best explanation's test records: true vs simulated
     ablation: dict[str, Any] | None = None
+    classification: dict[str, dict[str, Any]] = field(default_factory=dict)  # scorer -> its row
+
+    def balanced_accuracy(self, scorer: str) -> float | None:
+        return (self.classification.get(scorer) or {}).get("balanced_accuracy")
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -173,6 +177,16 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
             [layer],
         ):
             ablations[(row["neuron"], row["polarity"])] = row
+    classified: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    if "current_classification_scores" in tables:
+        for row in _dicts(
+            conn,
+            "select neuron, polarity, scorer, kind, sample_index, balanced_accuracy, balanced_accuracy_reason, "
+            "accuracy, f1, auc, control_balanced_accuracy, control_neuron, control_polarity, gap, n_positive, "
+            "n_negative, n_answered, failure_reason from atlas.current_classification_scores where layer = ?",
+            [layer],
+        ):
+            classified.setdefault((row["neuron"], row["polarity"]), {})[row["scorer"]] = row
     for neuron in neurons:
         units = []
         for sign in ("+", "-"):
@@ -189,6 +203,7 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
                     by_unit[(neuron, sign)],
                     simulated.get((neuron, sign), []),
                     ablations.get((neuron, sign)),
+                    classified.get((neuron, sign), {}),
                 )  # fmt: skip
             )
         if units:
@@ -294,6 +309,45 @@ def _explanation_row(e: dict[str, Any]) -> str:
     )
 
 
+SCORER_NOTE = (
+    "Detection: which held-out texts (activating quantile samples and as many non-activating texts) activate "
+    "the unit, judged from the best explanation. Fuzzing: whether the marked tokens of an activating text are "
+    "the ones it responds to. Balanced accuracy, 0.5 = chance; control = another unit's explanation on the same "
+    "prompts; gap = score − control."
+)
+
+
+def _classification_table(unit: UnitView) -> list[str]:
+    """The unit's detection and fuzzing rows (none when classification_scores was not materialized)."""
+    if not unit.classification:
+        return []
+    rows = []
+    for scorer in ("detection", "fuzzing"):
+        c = unit.classification.get(scorer)
+        if c is None:
+            continue
+        reason = c.get("failure_reason") or (
+            c.get("balanced_accuracy_reason") if c.get("balanced_accuracy") is None else None
+        )
+        note = f' <span class="muted">{_e(reason)}</span>' if reason else ""
+        counts = f"{_e(c.get('n_positive'))} + {_e(c.get('n_negative'))}" if c.get("n_positive") is not None else ""
+        rows.append(
+            f"<tr class=classification-{scorer}><td>{scorer}{note}</td>"
+            f"<td class=num>{_num(c.get('balanced_accuracy'))}</td>"
+            f"<td class=num>{_num(c.get('control_balanced_accuracy'))}</td>"
+            f"<td class=num>{_num(c.get('gap'))}</td><td class=num>{_num(c.get('auc'))}</td>"
+            f"<td class=num>{_num(c.get('f1'))}</td><td class=num>{counts}</td></tr>"
+        )
+    return [
+        "<h3>Detection and fuzzing</h3>",
+        f'<p class="muted">{_e(SCORER_NOTE)}</p>',
+        "<table><tr><th>scorer</th><th>balanced accuracy</th><th>control</th><th>gap</th><th>AUC</th><th>F1</th>"
+        "<th>texts (+ / −)</th></tr>",
+        *rows,
+        "</table>",
+    ]
+
+
 def _direction(polarity: str) -> str:
     return "positive (+)" if polarity == "+" else "negative (−)"
 
@@ -352,6 +406,7 @@ def render_neuron(data: LayerData, page: NeuronPage) -> str:
                 + (f' <span class="muted">{_e(reason)}</span>' if reason else "")
                 + "</p>"
             )
+        parts += _classification_table(unit)
         parts += ["<h3>Top tokens</h3>", "<table><tr><th>token</th><th>mean activation</th><th>count</th></tr>"]
         parts += [
             f"<tr><td><span class=tok>{_e(_visible(t['token']))}</span></td>"
@@ -426,7 +481,8 @@ def render_index(data: LayerData) -> str:
             f"<td>{_e(unit.polarity)}</td><td class=num>{_num(best.get('test_score'))}</td>"
             f"<td class=num>{_num(best.get('control_corr_all'))}</td><td class=num>{_num(best.get('gap'))}</td>"
             f"<td class=num>{_num(space.get('test_score'))}</td><td class=num>{_num(lookup.get('test_score'))}</td>"
-            f"<td class=num>{_num(ablation)}</td><td>{text}</td><td>{tokens}</td></tr>"
+            f"<td class=num>{_num(ablation)}</td><td class=num>{_num(unit.balanced_accuracy('detection'))}</td>"
+            f"<td class=num>{_num(unit.balanced_accuracy('fuzzing'))}</td><td>{text}</td><td>{tokens}</td></tr>"
         )
     body = "\n".join(
         [
@@ -437,7 +493,8 @@ def render_index(data: LayerData) -> str:
             '<input id="search" type="search" placeholder="search explanations and tokens…" autofocus>'
             f' <span class="muted"><span id="shown">{len(units)}</span> shown</span>',
             '<table id="neurons"><thead><tr><th>neuron</th><th>dir</th><th>test score</th><th>control</th>'
-            "<th>gap</th><th>token space</th><th>lookup (ref.)</th><th>ablation</th><th>best explanation</th>"
+            "<th>gap</th><th>token space</th><th>lookup (ref.)</th><th>ablation</th><th>detection</th><th>fuzzing</th>"
+            "<th>best explanation</th>"
             "<th>top tokens</th></tr></thead><tbody>",
             *rows,
             "</tbody></table>",

@@ -18,6 +18,7 @@ from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
 
 from assets.ablations import build_ablation_assets  # noqa: E402
 from assets.checks import build_asset_checks  # noqa: E402
+from assets.classification import ClassifyResource, build_classification_assets  # noqa: E402
 from assets.interpret import build_interpret_assets  # noqa: E402
 from assets.io import WarehouseIOManager  # noqa: E402
 from assets.resources import (  # noqa: E402
@@ -71,9 +72,11 @@ def run_stages(
     explain: ExplainResource | None = None,
     ablation: AblationResource | None = None,
     raise_on_error: bool = True,
+    classify: ClassifyResource | None = None,
 ) -> Any:
     """Materialize the stage assets (and, given an explainer and simulator, explanations/simulations/
-    scores/ablations/viewer) for a range of layer partitions in one run, for real."""
+    scores/ablations/viewer; given `classify` too, classification_scores) for a range of layer
+    partitions in one run, for real."""
     assets = build_stage_assets(n_layers)
     resources: dict[str, Any] = {
         "subject": subject,
@@ -92,6 +95,9 @@ def run_stages(
             "explain": explain or ExplainResource(),
             "ablation": ablation or AblationResource(),
         }
+        if classify is not None:
+            assets += build_classification_assets(layers_def)
+            resources["classify"] = classify
     keys = {key for a in assets for key in a.keys}
     checks = [c for c in build_asset_checks() if all(k.asset_key in keys for k in c.check_keys)]
     return materialize(

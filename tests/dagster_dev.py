@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The code location's assets: the unpartitioned stages and those with one partition per layer.
 PARTITIONED = ("activation_records", "top_k_examples", "explanations", "simulations", "scores", "ablations",
-               "neuron_viewer")  # fmt: skip
+               "classification_scores", "neuron_viewer")  # fmt: skip
 STAGES = ("subject_model", "corpus_tokens", *PARTITIONED)
 # Resource run config small enough that a run on the digit model takes seconds on 2 CPU cores.
 SMALL_RESOURCES: dict[str, Any] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_stages
-from dagster import DagsterInstance, evaluate_automation_conditions
+from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions
 from safetensors.torch import load_file, save_file
 
 from assets.definitions import build_definitions
@@ -83,3 +83,12 @@ def test_observation_schedule_and_automation_sensor_are_defined(name: str) -> No
     defs = build_definitions()
     assert defs.resolve_schedule_def(name).job_name == "observe_model"
     assert defs.resolve_sensor_def("atlas_automation") is not None
+    # Detection and fuzzing are part of the default graph: rerun like the other LLM stages, and
+    # the viewer (which shows them) follows them.
+    graph = defs.resolve_asset_graph()
+    classification = AssetKey("classification_scores")
+    assert graph.get(classification).automation_condition is not None
+    assert classification in graph.get(AssetKey("neuron_viewer")).parent_keys
+    assert {AssetKey("scores"), AssetKey("explanations"), AssetKey("activation_records")} <= graph.get(
+        classification
+    ).parent_keys

@@ -1,8 +1,9 @@
 """Slow end to end on the embedded default: the real Gemma 3 270M is the subject, the explainer and
 the simulator; 2 layers x 4 neurons x both directions (Gemma's MLP is gated) go through
-explanations, simulations, scores and (the best 4 units per layer) ablations and the neuron viewer
-in one run. (The README's figures come from the same run on 8 neurons per layer: 48 minutes on a
-loaded machine, too long for CI.)"""
+explanations, simulations, scores, (the best 4 units per layer) ablations, detection and fuzzing
+(a few held-out texts per unit, to keep it short) and the neuron viewer in one run. (The README's
+simulation figures come from the same run on 8 neurons per layer: 48 minutes on a loaded machine,
+too long for CI.)"""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import local_llm, query, run_stages
 
+from assets.classification import ClassifyResource
 from assets.resources import (
     AblationResource,
     CorpusResource,
@@ -39,6 +41,7 @@ def test_two_layers_four_neurons_both_directions_explained_simulated_scored_abla
         **local_llm(),
         explain=ExplainResource(n_neurons=4),
         ablation=AblationResource(top_n=4),
+        classify=ClassifyResource(max_per_class=2, examples_per_prompt=4),
     )
     assert result.success
     q = query(database)
@@ -74,10 +77,24 @@ def test_two_layers_four_neurons_both_directions_explained_simulated_scored_abla
         index = (tmp_path / "viewer" / f"layer_{layer}" / "index.html").read_text()
         assert index.count('href="neuron_') == n_units[layer]
         assert "Control check passed" in index or 'id="no-signal"' in index
+    # Detection and fuzzing for every explained unit: a score (the in-process scorer gives AUC too) or a reason.
+    classified = q(
+        "select layer, neuron, polarity, scorer, balanced_accuracy, auc, failure_reason, control_neuron"
+        " from atlas.classification_scores"
+    )
+    assert sorted({(r[0], r[3]) for r in classified}) == [(la, s) for la in (0, 1) for s in ("detection", "fuzzing")]
+    assert len(classified) == 2 * sum(n_units.values())
+    for _layer, _neuron, _polarity, _scorer, score, auc, failure, _control in classified:
+        assert (score is not None and auc is not None) or failure, classified
+    assert q("select count(*) from atlas.neuron_summary where detection_score is not null") == [
+        (sum(1 for r in classified if r[3] == "detection" and r[4] is not None),)
+    ]
     report_main(["signal", "--db", str(database)])
     report_main(["ablation", "--db", str(database)])
+    report_main(["classification", "--db", str(database)])
     out = capsys.readouterr().out
     assert "verdict:" in out and "LLM explanations:" in out
     assert "Spearman rank correlation of simulation (test) and ablation scores over 8 units" in out
+    assert "simulation vs detection" in out and "fuzzing vs ablation" in out
     with capsys.disabled():
         print(out)  # the figures the README quotes

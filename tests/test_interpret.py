@@ -16,6 +16,7 @@ from conftest import local_llm, loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
+from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 from pipeline.errors import AtlasInputError
 from pipeline.interpret import KINDS, LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
@@ -47,6 +48,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
         **digit_resources(digit_model_dir, digit_corpus),
         **local_llm(),
         explain=ExplainResource(neuron_ids=NEURONS),
+        classify=ClassifyResource(max_per_class=4),
     )
     assert result.success
     return database, result
@@ -475,10 +477,9 @@ def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
     names = {e.check_name for e in evaluations}
     assert {"activation_records_complete", "levels_in_range", "one_explanation_per_key"} <= names
     assert {"simulations_in_range", "scores_in_range", "ablations_sane"} <= names
-    assert "simulator_discriminates" in names  # a warning about the simulator model, not the data
-    bad = [
-        (e.check_name, e.description) for e in evaluations if not e.passed and e.check_name != "simulator_discriminates"
-    ]
+    assert {"simulator_discriminates", "classifier_discriminates", "classification_in_range"} <= names
+    warnings = {"simulator_discriminates", "classifier_discriminates"}  # about the models, not the data
+    bad = [(e.check_name, e.description) for e in evaluations if not e.passed and e.check_name not in warnings]
     assert not bad
 
 
@@ -489,6 +490,8 @@ CORRUPTIONS = {
     "simulations_in_range": "update atlas.simulations set simulated = list_transform(simulated, lambda v: v + 11)",
     "scores_in_range": "update atlas.scores set corr_all = 1.5 where corr_all is not null",
     "ablations_sane": "update atlas.ablations set kl_mean = -1",
+    "classification_in_range": "update atlas.classification_scores set balanced_accuracy = null,"
+    " balanced_accuracy_reason = null, failure_reason = null",
 }
 
 
@@ -533,15 +536,26 @@ def test_a_failing_blocking_check_stops_the_next_stage(
 
 def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_run: tuple) -> None:
     q = query(local_run[0])
-    for table in ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores"):
+    tables = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
+    for table in (*tables, "classification_scores"):
         bad = q(f"select count(*) from atlas.{table} where model_id is null or run_id is null or code_version is null")
         assert bad == [(0,)], table
     rows = q(
         "select layer, neuron, polarity, explanation, score, gap, token_space_score, token_lookup_score,"
-        " ablation_score, top_tokens from atlas.neuron_summary order by neuron"
+        " ablation_score, top_tokens, detection_score, detection_gap, fuzzing_score, fuzzing_gap"
+        " from atlas.neuron_summary order by neuron"
     )
     assert [r[1] for r in rows] == sorted(NEURONS)
-    for layer, neuron, polarity, explanation, score, gap, space, lookup, ablation, top_tokens in rows:
+    for layer, neuron, polarity, explanation, score, gap, space, lookup, ablation, top_tokens, *classified in rows:
+        # The embedded Gemma's detection and fuzzing of the best explanation, as the table holds them.
+        scored = dict(
+            q(
+                "select scorer, [balanced_accuracy, gap] from atlas.classification_scores"
+                " where layer = ? and neuron = ? and polarity = ?",
+                [layer, neuron, polarity],
+            )
+        )
+        assert classified == [*scored["detection"], *scored["fuzzing"]]
         want = q(
             "select e.explanation, s.corr_all, s.gap from atlas.scores s join atlas.explanations e"
             " using (layer, neuron, polarity, kind, sample_index) where s.best and s.split = 'test'"
@@ -567,7 +581,7 @@ def test_current_views_keep_only_the_current_models_rows(local_run: tuple, tmp_p
     database.write_bytes(local_run[0].read_bytes())
     stages = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
     with duckdb.connect(str(database)) as conn:
-        for table in (*stages, "ablations"):
+        for table in (*stages, "ablations", "classification_scores"):
             total = conn.execute(f"select count(*) from atlas.{table}").fetchone()[0]
             assert conn.execute(f"select count(*) from atlas.current_{table}").fetchone()[0] == total > 0
         conn.execute("update atlas.scores set model_revision = 'an-older-checkpoint' where neuron = 5")

@@ -30,6 +30,7 @@ from assets.resources import (
     SimulatorResource,
     SubjectModelResource,
 )
+from pipeline.classify import DETECTION, FUZZING, Answer, Shown
 from pipeline.corpus import token_strings
 from pipeline.interpret import LLM
 from pipeline.llm import GenerationParams, LLMFailure
@@ -261,3 +262,39 @@ def test_two_samples_per_request_from_the_real_server(api: str, request: pytest.
     (done,) = llm.complete([prompt], params)
     assert not isinstance(done, LLMFailure), done
     assert len(done.texts) == 2 and 1 <= llm.usage.snapshot()["requests"] <= 2
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_detection_and_fuzzing_labels_from_the_real_server(
+    api: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The classification scorer on a real server: one prompt of three texts per scorer, answered as a
+    list of labels with P("1") from the label tokens' top logprobs (completions on the base Gemma,
+    whose prompt ends in "Answer: ["; chat on the instruct model), or an unreadable answer with its
+    reason; a second scoring is answered from the response cache. Small models: plumbing, not quality."""
+    base_url, model = (request.getfixturevalue("server"), SERVED) if api == "completions" else (
+        request.getfixturevalue("chat_server"), CHAT_SERVED)  # fmt: skip
+    classifier = served(base_url, SimulatorResource, api, tmp_path, model).classifier()
+    texts = [
+        Shown(("In", " 1987", " we", " baked", " 12", " pies"), (False, True, False, False, True, False)),
+        Shown(("The", " cat", " sat", " on", " the", " mat"), (False, True, False, False, False, False)),
+        Shown(("It", " rained", " for", " 2", " days"), (False, False, False, True, False)),
+    ]
+    readable: dict[str, bool] = {}
+    for scorer in (DETECTION, FUZZING):
+        (answer,) = classifier.classify(scorer, "numbers written with digits", [texts])
+        assert isinstance(answer, Answer), answer
+        assert answer.prompt_tokens > 100
+        print(api, scorer, answer)
+        readable[scorer] = answer.problem is None
+        if answer.problem is None:
+            assert all(v in (0, 1) for v in answer.labels) and len(answer.labels) == 3
+            assert answer.probabilities is not None and all(p is None or 0.0 <= p <= 1.0 for p in answer.probabilities)
+        else:
+            assert answer.problem.startswith("unreadable answer:") and answer.labels == [None] * 3
+    if api == "completions":
+        assert all(readable.values()), "the base model continues the '[1, 0' list after the worked example"
+    if readable[DETECTION]:  # a read answer is cached: scoring it again asks nothing
+        before = classifier.usage.snapshot()
+        classifier.classify(DETECTION, "numbers written with digits", [texts])
+        assert classifier.usage.since(before)["requests"] == 0

@@ -31,6 +31,7 @@ from tiny_models import (
     write_signed_model,
 )
 
+from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
 from pipeline import checks
 from pipeline.corpus import CorpusSpec, tokenize_corpus
@@ -42,6 +43,7 @@ SEQ_LEN, N_SEQ, K = 16, 64, 8
 # The pipeline run: a larger corpus and top_k/random_k, so every digit and NEG_WORDS word occurs in
 # the train and calibration records and each direction's token-space explanation names them all.
 RUN_N_SEQ, RUN_K = 128, 16
+RUN_QUANTILE = 8  # the run's samples per quantile bin (2 bins): enough held-out texts to classify each direction
 SPEC = SamplingSpec(top_k=K, random_k=K, quantile_bins=2, per_quantile=3, batch_size=5, seed=0)
 
 
@@ -183,7 +185,7 @@ def test_unknown_negative_setting_is_refused(signed: tuple) -> None:
 @pytest.fixture(scope="module")
 def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     """Capture of both layers, and the signed neuron explained and scored in layer 1 (its
-    token-space explanation simulated by a rule that follows the tokens it quotes)."""
+    token-space explanation simulated, and classified, by rules that follow the tokens it quotes)."""
     root = tmp_path_factory.mktemp("signed_run")
     database = root / "neuron_atlas.duckdb"
     with LoopbackServer(ServerState(replies=[("neuron", " a pattern the explainer double always writes.\n")])) as srv:
@@ -200,13 +202,19 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             ),
             # min_token_count 1: on short sequences a digit may occur once in the train records.
             sampling=SamplingResource(
-                top_k=RUN_K, random_k=RUN_K, quantile_bins=2, per_quantile=3, batch_size=5, min_token_count=1
+                top_k=RUN_K,
+                random_k=RUN_K,
+                quantile_bins=2,
+                per_quantile=RUN_QUANTILE,
+                batch_size=5,
+                min_token_count=1,
             ),
             explainer=loopback_llm(srv, cache_path=str(root / "cache.sqlite"))["explainer"],
             simulator=RuleSimulator(rule="quoted"),
             explain=ExplainResource(neuron_ids=[SIGNED_NEURON], samples=1),
             selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
-            + ["explanations", "simulations", "scores", "ablations"],
+            + ["explanations", "simulations", "scores", "ablations", "classification_scores"],
+            classify=ClassifyResource(),
         )
     assert result.success
     return database, result
@@ -280,6 +288,49 @@ def test_each_direction_is_ablated_on_its_own(signed_run: tuple) -> None:
         assert (mean > 0) if polarity == "+" else (mean < 0)  # the direction's mean, with the neuron's sign
 
 
+def test_each_direction_is_classified_on_its_own_quantile_samples(signed_run: tuple) -> None:
+    """The '-' unit's activating texts are its `quantile_neg` samples (bins by -min) and hold a
+    NEG_WORDS word; the '+' unit's are `quantile` samples holding a digit; neither shows a sequence
+    its explainer read. A rule following each unit's own (token-space) explanation scores ~1 on
+    both scorers, judged in the unit's direction."""
+    database, _ = signed_run
+    q = query(database)
+    rows = q(
+        "select polarity, scorer, balanced_accuracy, n_positive, n_negative, seq_ids, labels, control_polarity"
+        " from atlas.classification_scores where layer = 1 and neuron = ? order by polarity, scorer",
+        [SIGNED_NEURON],
+    )
+    print("classification:", [r[:5] for r in rows], q("select failure_reason from atlas.classification_scores"))
+    assert [(r[0], r[1]) for r in rows] == [(p, s) for p in "+-" for s in ("detection", "fuzzing")]
+    tokens = dict(q("select seq_id, tokens from atlas.corpus_tokens"))
+    for polarity, scorer, score, pos, neg, seq_ids, labels, control in rows:
+        kind, words = ("quantile", DIGITS) if polarity == "+" else ("quantile_neg", NEG_WORDS)
+        samples = {
+            r[0]
+            for r in q(
+                "select seq_id from atlas.records_long where layer = 1 and neuron = ? and kind = ?",
+                [SIGNED_NEURON, kind],
+            )
+        }
+        seen = {
+            r[0]
+            for r in q(
+                "select seq_id from atlas.examples_long where layer = 1 and neuron = ? and polarity = ?"
+                " and (kind = 'top' or split in ('train', 'calibration'))",
+                [SIGNED_NEURON, polarity],
+            )
+        }
+        assert control == ("-" if polarity == "+" else "+")
+        assert pos >= 2 and (scorer == "fuzzing" or pos == neg), (polarity, scorer, pos, neg)
+        assert not set(seq_ids) & seen
+        for seq, label in zip(seq_ids, labels, strict=True):
+            if label == 1 or scorer == "fuzzing":
+                assert seq in samples and any(t in words for t in tokens[seq]), (polarity, seq)
+            else:  # a quiet text: nothing of this direction in it
+                assert not any(t in words for t in tokens[seq]), (polarity, seq)
+        assert score >= 0.9, (polarity, scorer, score)
+
+
 def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> None:
     database, result = signed_run
     q = query(database)
@@ -287,8 +338,8 @@ def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> No
     kinds = q("select kind, count(*) from atlas.records_long where layer = 0 group by kind order by kind")
     assert kinds == [
         ("bottom", 16 * RUN_K),
-        ("quantile", 16 * 6),
-        ("quantile_neg", 16 * 6),
+        ("quantile", 16 * 2 * RUN_QUANTILE),
+        ("quantile_neg", 16 * 2 * RUN_QUANTILE),
         ("random", 16 * RUN_K),
         ("top", 16 * RUN_K),
     ]

@@ -2,10 +2,12 @@
 -- valid split among the LLM's samples and the token-space explanation) with that explanation's
 -- TEST-split score, its control (another unit's explanation on the same sequences) and the gap;
 -- the test scores of the chosen LLM sample, the token-space explanation and the exact lookup
--- reference; the ablation score (NULL if not ablated); and the five top tokens.
+-- reference; the ablation score (NULL if not ablated); the detection and fuzzing scores of the best
+-- explanation (balanced accuracy on held-out quantile samples, with its control's and the gap; NULL
+-- where not classified); and the five top tokens.
 -- A score means something only where the gap is clearly above zero: see the scores asset's
 -- simulator_discriminates check, or `python -m pipeline.report signal`.
--- requires: top_k_examples, explanations, scores, ablations
+-- requires: top_k_examples, explanations, scores, ablations, classification_scores
 create or replace view atlas.neuron_summary as
 with units as (
     select distinct model_id, model_revision, layer, neuron, polarity from atlas.explanations
@@ -19,6 +21,9 @@ select u.model_id, u.model_revision, u.layer, u.neuron, u.polarity, k.max_activa
        b.r2_all, b.absdev_all, coalesce(b.corr_all_reason, b.failure_reason) as score_reason,
        l.corr_all as llm_score, l.gap as llm_gap, ts.corr_all as token_space_score, ts.gap as token_space_gap,
        tl.corr_all as token_lookup_score, a.ablation_score,
+       d.balanced_accuracy as detection_score, d.control_balanced_accuracy as detection_control, d.gap as detection_gap,
+       d.auc as detection_auc, f.balanced_accuracy as fuzzing_score, f.control_balanced_accuracy as fuzzing_control,
+       f.gap as fuzzing_gap, f.auc as fuzzing_auc,
        list_transform(k.top_tokens[1:5], lambda t: t.token) as top_tokens
 from units u
 join atlas.top_k_examples k
@@ -39,4 +44,10 @@ left join test tl
     on tl.model_id = u.model_id and tl.layer = u.layer and tl.neuron = u.neuron and tl.polarity = u.polarity
     and tl.kind = 'token_lookup' and tl.selected
 left join atlas.ablations a
-    on a.model_id = u.model_id and a.layer = u.layer and a.neuron = u.neuron and a.polarity = u.polarity;
+    on a.model_id = u.model_id and a.layer = u.layer and a.neuron = u.neuron and a.polarity = u.polarity
+left join atlas.classification_scores d
+    on d.model_id = u.model_id and d.layer = u.layer and d.neuron = u.neuron and d.polarity = u.polarity
+    and d.scorer = 'detection'
+left join atlas.classification_scores f
+    on f.model_id = u.model_id and f.layer = u.layer and f.neuron = u.neuron and f.polarity = u.polarity
+    and f.scorer = 'fuzzing';
