@@ -347,11 +347,15 @@ class LayerAccumulator:
         n, spec, pool = self.n_neurons, self.spec, self.reservoir
         top_n = min(spec.top_k, self.sequences)
         slots = pool.shuffled_slots()  # the reservoir in random order
-        extrema = pool.extrema[torch.arange(n, device=slots.device).unsqueeze(1) * pool.k + slots].cpu().numpy()
+        # The quantile samples are taken from the other end of that order than the random sample,
+        # so the two overlap only where the reservoir is too small to keep them apart (held-out
+        # scorers want quantile samples the explainer's train records do not repeat).
+        q_slots = slots.flip(1)
+        extrema = pool.extrema[torch.arange(n, device=slots.device).unsqueeze(1) * pool.k + q_slots].cpu().numpy()
 
         def quantiles(level: np.ndarray) -> RecordSet:
             positions, bins = _quantile_positions(level, spec.quantile_bins, spec.per_quantile)
-            return pool.records(slots.gather(1, torch.as_tensor(positions, device=slots.device)), bins=bins)
+            return pool.records(q_slots.gather(1, torch.as_tensor(positions, device=slots.device)), bins=bins)
 
         top = self.extremes.ranked(slice(0, n), top_n)
         if self.negative:

@@ -42,7 +42,7 @@ from pipeline.records import LayerRecords, RecordSet, SamplingSpec, collect_acti
 SEQ_LEN, N_SEQ, K = 16, 64, 8
 # The pipeline run: a larger corpus and top_k/random_k, so every digit and NEG_WORDS word occurs in
 # the train and calibration records and each direction's token-space explanation names them all.
-RUN_N_SEQ, RUN_K = 128, 16
+RUN_N_SEQ, RUN_K = 256, 16
 RUN_QUANTILE = 8  # the run's samples per quantile bin (2 bins): enough held-out texts to classify each direction
 SPEC = SamplingSpec(top_k=K, random_k=K, quantile_bins=2, per_quantile=3, batch_size=5, seed=0)
 
@@ -195,7 +195,7 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             layers=(0, 1),
             subject=SubjectModelResource(model=str(write_signed_model(root / "model"))),
             corpus=CorpusResource(
-                source=str(write_signed_corpus(root / "signed.jsonl", n_docs=120)),
+                source=str(write_signed_corpus(root / "signed.jsonl", n_docs=240)),
                 seq_len=SEQ_LEN,
                 n_sequences=RUN_N_SEQ,
                 seed=3,
