@@ -292,8 +292,9 @@ def test_detection_and_fuzzing_labels_from_the_real_server(
             assert answer.probabilities is not None and all(p is None or 0.0 <= p <= 1.0 for p in answer.probabilities)
         else:
             assert answer.problem.startswith("unreadable answer:") and answer.labels == [None] * 3
-    if api == "completions":
-        assert all(readable.values()), "the base model continues the '[1, 0' list after the worked example"
+    # Whether the small base model writes exactly three labels varies (measured: '0, 1, 2' and
+    # '1, 0, 0, 1' as well as readable lists), so either outcome passes, each checked above; reading
+    # P("1") from label logprobs is tested on scripted replies in test_classify_backends.py.
     if readable[DETECTION]:  # a read answer is cached: scoring it again asks nothing
         before = classifier.usage.snapshot()
         classifier.classify(DETECTION, "numbers written with digits", [texts])
