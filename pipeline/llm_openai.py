@@ -721,15 +721,7 @@ def _parse_chat_reply(resp: Any, want_logprobs: bool) -> ChatReply:
         content = _field(lp, "content") if lp is not None else None
         if not isinstance(content, list) or (not content and parsed["texts"][0]):
             raise _Fatal(NO_CHAT_LOGPROBS)
-        for entry in content:
-            token, raw = _field(entry, "token"), _field(entry, "bytes")
-            if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
-                data = bytes(raw)
-            elif isinstance(token, str):
-                data = token.encode("utf-8")
-            else:
-                raise _Malformed("a logprobs entry has no token")
-            tokens.append((data, _top_from_chat_entry(entry)))
+        tokens = _content_tokens(content)
     return ChatReply(
         text=parsed["texts"][0],
         tokens=tokens,
@@ -737,6 +729,21 @@ def _parse_chat_reply(resp: Any, want_logprobs: bool) -> ChatReply:
         prompt_tokens=parsed["prompt_tokens"],
         completion_tokens=parsed["completion_tokens"],
     )
+
+
+def _content_tokens(content: list) -> list[tuple[bytes, dict[str, float]]]:
+    """Chat-style `logprobs.content[]` entries as (token bytes, top logprobs) per generated token."""
+    tokens = []
+    for entry in content:
+        token, raw = _field(entry, "token"), _field(entry, "bytes")
+        if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+            data = bytes(raw)
+        elif isinstance(token, str):
+            data = token.encode("utf-8")
+        else:
+            raise _Malformed("a logprobs entry has no token")
+        tokens.append((data, _top_from_chat_entry(entry)))
+    return tokens
 
 
 def _parse_completion_reply(resp: Any, want_logprobs: bool) -> ChatReply:
@@ -756,15 +763,7 @@ def _parse_completion_reply(resp: Any, want_logprobs: bool) -> ChatReply:
                 }
                 tokens.append((str(name).encode("utf-8"), cands))
         elif isinstance(content, list) and content:
-            for entry in content:
-                token, raw = _field(entry, "token"), _field(entry, "bytes")
-                if isinstance(raw, list) and all(isinstance(b, int) and 0 <= b < 256 for b in raw):
-                    data = bytes(raw)
-                elif isinstance(token, str):
-                    data = token.encode("utf-8")
-                else:
-                    raise _Malformed("a logprobs entry has no token")
-                tokens.append((data, _top_from_chat_entry(entry)))
+            tokens = _content_tokens(content)
         elif parsed["texts"][0]:
             raise _Fatal("server returned no logprobs for the generated tokens (set the simulator's logprobs: false)")
     return ChatReply(
