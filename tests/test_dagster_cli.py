@@ -43,10 +43,16 @@ def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     q = query(Path(env["NEURON_ATLAS_DB"]))
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
-    for table in ("activation_records", "top_k_examples"):
-        assert q(f"select count(distinct layer), count(*), count(distinct run_id) from atlas.{table}") == [
-            (last + 1, (last + 1) * d_mlp, 1)
-        ]
+    n = (last + 1) * d_mlp
+    # One record row per neuron; Gemma's MLP is gated, so capture keeps both directions by default
+    # and top_k_examples holds one row per unit: (neuron, '+') and (neuron, '-').
+    assert q("select count(distinct layer), count(*), count(distinct run_id) from atlas.activation_records") == [
+        (last + 1, n, 1)
+    ]
+    assert q(
+        "select polarity, count(distinct layer), count(*), count(distinct run_id) from atlas.top_k_examples"
+        " group by polarity order by polarity"
+    ) == [("+", last + 1, n, 1), ("-", last + 1, n, 1)]
 
 
 def test_launchpad_config_of_one_field_keeps_the_environments_choices(tmp_path: Path) -> None:
