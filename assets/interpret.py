@@ -106,6 +106,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "llm_failed": llm_rows.height - ok.height,
                 "llm_distinct": ok["explanation"].n_unique(),
                 "degenerate": frame.filter(pl.col("degenerate_reason").is_not_null()).height,
+                "copies_redrawn": int(llm_rows["copies_redrawn"].fill_null(0).sum()),
                 "tokens_spent": int(
                     frame["prompt_tokens"].fill_null(0).sum() + frame["completion_tokens"].fill_null(0).sum()
                 ),

@@ -10,8 +10,9 @@ separately named reference. Then, as in the paper:
    unit of the layer (a fixed derangement) and simulated on the unit's own test sequences. A score
    means something only where it beats its control.
 
-Explanations that copy a few-shot example, or that many units of the layer got verbatim, are
-flagged degenerate and never chosen. Nothing raises for one unit's trouble: a dead unit, a failed
+An LLM sample that copies a few-shot explanation is drawn again with other seeds (up to
+REDRAW_ROUNDS times; `copies_redrawn` counts it); one that still copies, or that many units of the
+layer got verbatim, is flagged degenerate and never chosen. Nothing raises for one unit's trouble: a dead unit, a failed
 request or an unusable completion becomes a row with NULL values and a `failure_reason`.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import polars as pl
@@ -75,7 +76,13 @@ EXPLANATION_SCHEMA = {
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
     "cached": pl.Boolean,
+    # Appended column (pipeline.warehouse.APPENDED_COLUMNS): how many times this LLM sample was drawn
+    # again because it copied few-shot text.
+    "copies_redrawn": pl.Int16,
 }
+
+REDRAW_ROUNDS = 2  # new seeds tried for an LLM sample that copies a few-shot explanation
+REDRAW_SEED_STEP = 1_000_003  # round r asks with seed + r * step: distinct from any other request's seed
 
 
 def explain_layer(
@@ -93,12 +100,13 @@ def explain_layer(
         [prompt(u.train_records()) for u in alive], params, on_result=lambda i, result: progress.step()
     )
     results: dict[UnitKey, Completion | LLMFailure] = {u.key: r for u, r in zip(alive, completions, strict=True)}
+    redrawn = _redraw_copies(alive, results, backend, params, prompt, chat, log)
     for unit in units:
         base = {"layer": unit.layer, "neuron": unit.neuron, "polarity": unit.polarity}
         if unit.dead:
             rows.append(base | llm_lineage | {"kind": LLM, "sample_index": 0, "failure_reason": DEAD})
         else:
-            rows += _llm_rows(base | llm_lineage, results[unit.key], chat)
+            rows += _llm_rows(base | llm_lineage, results[unit.key], chat, redrawn.get(unit.key))
         text = token_space_explanation(unit.top_tokens)
         common = base | {"sample_index": 0, "explanation": text, "failure_reason": None if text else DEAD}
         rows.append(
@@ -122,12 +130,75 @@ def explain_layer(
     return flag_degenerate(pl.DataFrame(rows, schema=EXPLANATION_SCHEMA))
 
 
-def _llm_rows(base: dict, result: Completion | LLMFailure, chat: bool = False) -> list[dict]:
+def _copied_indices(result: Completion | LLMFailure, chat: bool, shots: set[str]) -> list[int]:
+    """Which samples of a completion copy few-shot text."""
+    if isinstance(result, LLMFailure):
+        return []
+    parse = parse_chat_explanation if chat else parse_explanation
+    texts = (parse(t)[0] for t in result.texts)
+    return [i for i, text in enumerate(texts) if text is not None and few_shot_copy(text, shots) is not None]
+
+
+def _redraw_copies(
+    alive: Sequence[Unit],
+    results: dict[UnitKey, Completion | LLMFailure],
+    backend: LLMBackend,
+    params: GenerationParams,
+    prompt: Callable,
+    chat: bool,
+    log: Log | None,
+) -> dict[UnitKey, list[int]]:
+    """Replaces, in `results`, the samples that copy few-shot text by fresh samples drawn with other
+    seeds (cached like any request, so a rerun draws the same); returns per unit how many times each
+    sample index was drawn again. A small explainer copies its examples now and then; resampling is
+    best-of-N with the copy rejected, and the count says it happened."""
+    shots = few_shot_set()
+    redrawn: dict[UnitKey, list[int]] = {}
+    for round_ in range(1, REDRAW_ROUNDS + 1):
+        todo = [(u, idx) for u in alive if (idx := _copied_indices(results[u.key], chat, shots))]
+        if not todo:
+            break
+        if log:
+            n = sum(len(idx) for _, idx in todo)
+            log(f"{n} explanation(s) of {len(todo)} unit(s) copy few-shot text: drawing again (round {round_})")
+        again = backend.complete_each(
+            [prompt(u.train_records()) for u, _ in todo], replace(params, seed=params.seed + round_ * REDRAW_SEED_STEP)
+        )
+        for (unit, idx), new in zip(todo, again, strict=True):
+            old = results[unit.key]
+            assert isinstance(old, Completion)
+            counts = redrawn.setdefault(unit.key, [0] * len(old.texts))
+            for i in idx:
+                counts[i] += 1
+            if isinstance(new, LLMFailure):
+                continue
+            fresh = [j for j in range(len(new.texts)) if j not in set(_copied_indices(new, chat, shots))]
+            texts, truncated = list(old.texts), list(old.truncated)
+            for i in idx:
+                if not fresh:
+                    break
+                j = fresh.pop(0)
+                texts[i] = new.texts[j]
+                if i < len(truncated):
+                    truncated[i] = j < len(new.truncated) and new.truncated[j]
+            results[unit.key] = Completion(
+                texts=texts,
+                prompt_tokens=old.prompt_tokens + new.prompt_tokens,
+                completion_tokens=old.completion_tokens + new.completion_tokens,
+                cached=old.cached and new.cached,
+                truncated=tuple(truncated),
+            )
+    return redrawn
+
+
+def _llm_rows(
+    base: dict, result: Completion | LLMFailure, chat: bool = False, redrawn: Sequence[int] | None = None
+) -> list[dict]:
     base = base | {"kind": LLM, "prompt_version": EXPLAIN_CHAT_VERSION if chat else EXPLAIN_VERSION}
     parse = parse_chat_explanation if chat else parse_explanation
     if isinstance(result, LLMFailure):
         reason = f"explainer request failed after {result.attempts} attempt(s): {result.reason}"
-        return [base | {"sample_index": 0, "failure_reason": reason}]
+        return [base | {"sample_index": 0, "failure_reason": reason, "copies_redrawn": 0}]
     spent = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
@@ -138,7 +209,10 @@ def _llm_rows(base: dict, result: Completion | LLMFailure, chat: bool = False) -
         text, reason = parse(completion)
         if text is not None and i < len(result.truncated) and result.truncated[i]:
             text, reason = None, f"explanation cut off at max_tokens (raise explain.max_tokens): {text[:80]!r}"
-        rows.append(base | spent | {"sample_index": i, "explanation": text, "failure_reason": reason})
+        again = redrawn[i] if redrawn is not None and i < len(redrawn) else 0
+        rows.append(
+            base | spent | {"sample_index": i, "explanation": text, "failure_reason": reason, "copies_redrawn": again}
+        )
     return rows
 
 
@@ -151,10 +225,21 @@ SHARED_SHARE = 0.25  # an explanation this share of a layer's units got verbatim
 SHARED_MIN_UNITS = 3
 
 
+def few_shot_set(few_shot: Iterable[str] | None = None) -> set[str]:
+    """The prompts' example explanations, normalized (default: every one the prompts show)."""
+    return {normalized(s) for s in (few_shot if few_shot is not None else few_shot_explanations())} - {""}
+
+
+def few_shot_copy(text: str, shots: set[str]) -> str | None:
+    """The few-shot explanation (normalized) that `text` repeats, if any."""
+    norm = normalized(text)
+    return next((s for s in shots if s in norm), None)
+
+
 def flag_degenerate(frame: pl.DataFrame, few_shot: Iterable[str] | None = None) -> pl.DataFrame:
     """Sets `degenerate_reason` on candidate explanations that repeat a few-shot explanation, or that
     a large share of their layer's units got verbatim: such text describes the prompt, not the unit."""
-    shots = {normalized(s) for s in (few_shot if few_shot is not None else few_shot_explanations())} - {""}
+    shots = few_shot_set(few_shot)
     reasons: list[str | None] = []
     counts: dict[tuple[int, str, str], int] = {}
     units_per_layer: dict[tuple[int, str], int] = {}
@@ -172,7 +257,7 @@ def flag_degenerate(frame: pl.DataFrame, few_shot: Iterable[str] | None = None) 
         reason = None
         if row["kind"] in CANDIDATE_KINDS and row["explanation"] is not None:
             norm = normalized(row["explanation"])
-            copied = next((s for s in shots if s in norm), None)
+            copied = few_shot_copy(norm, shots)
             shared = counts.get((row["layer"], row["kind"], norm), 0)
             total = units_per_layer.get((row["layer"], row["kind"]), 0)
             if copied is not None:

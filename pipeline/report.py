@@ -146,7 +146,7 @@ def signal_report(database: str | Path) -> list[dict]:
     """One dict per layer with every number `signal` prints (also what the README quotes)."""
     with open_warehouse(str(database), read_only=True) as conn:
         explanations = conn.sql(
-            "select layer, neuron, polarity, kind, sample_index, explanation, degenerate_reason "
+            "select layer, neuron, polarity, kind, sample_index, explanation, degenerate_reason, copies_redrawn "
             "from atlas.current_explanations"
         ).pl()
         scores = conn.sql("select * from atlas.current_scores").pl()
@@ -172,6 +172,7 @@ def signal_report(database: str | Path) -> list[dict]:
                 "llm_explanations": written.height,
                 "llm_distinct": written["explanation"].n_unique(),
                 "llm_copies_of_few_shot": int(degenerate.str.starts_with("repeats the few-shot").sum()),
+                "llm_copies_redrawn": int(exp["copies_redrawn"].fill_null(0).sum()),
                 "llm_shared_by_many": int(degenerate.str.starts_with("the same explanation").sum()),
                 "best_kinds": dict(best.group_by("kind").len().iter_rows()),
                 "mean_score": _mean(best["corr_all"]),
@@ -196,7 +197,8 @@ def print_signal(rows: list[dict]) -> None:
         print(f"Layer {r['layer']}: {r['units']} units")
         print(
             f"  LLM explanations: {r['llm_explanations']} written, {r['llm_distinct']} distinct, "
-            f"{r['llm_copies_of_few_shot']} copy few-shot text, {r['llm_shared_by_many']} shared by many units"
+            f"{r['llm_copies_of_few_shot']} copy few-shot text ({r['llm_copies_redrawn']} copies drawn again before), "
+            f"{r['llm_shared_by_many']} shared by many units"
         )
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(r["best_kinds"].items())) or "none"
         print(f"  best explanation per unit (chosen on valid): {kinds}")

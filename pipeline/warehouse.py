@@ -295,7 +295,10 @@ def _view_digest(sql: str) -> str:
 # Columns added to a table after its first release, at its end (inserts are positional), which the
 # views read: a table written before then gains them (NULL in the old rows, which the views read as
 # the old meaning: a NULL polarity is '+').
-APPENDED_COLUMNS: dict[str, list[tuple[str, str]]] = {"top_k_examples": [("polarity", "VARCHAR")]}
+APPENDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "top_k_examples": [("polarity", "VARCHAR")],
+    "explanations": [("copies_redrawn", "SMALLINT")],
+}
 
 
 def add_appended_columns(conn: Any) -> None:

@@ -395,6 +395,42 @@ def test_chat_explainer_sends_the_few_shot_prompt_as_turns_and_parses_the_reply(
     )
 
 
+def test_an_explanation_that_copies_few_shot_text_is_drawn_again_with_another_seed(server: LoopbackServer) -> None:
+    """The explainer's first reply repeats a few-shot explanation; the sample is asked again with a
+    new seed, the fresh reply replaces it, and the row says it was drawn again. A reply that copies
+    in every round stays, flagged degenerate."""
+    from pipeline.interpret import REDRAW_ROUNDS, explain_layer
+    from pipeline.prompts import FEW_SHOT, SIMULATE_FEW_SHOT
+    from pipeline.units import Example, Unit
+
+    copy = FEW_SHOT[1].explanation
+    units = [
+        Unit(
+            0,
+            n,
+            "+",
+            3.0,
+            (Example("top", "train", 0, 0, ("a", str(n)), (5, n), np.array([0.0, 3.0], dtype=np.float32)),),
+            ({"token_id": n, "token": str(n), "mean_activation": 3.0, "count": 2},),
+        )
+        for n in (7, 8)  # different top records: one prompt each
+    ]
+    # Unit 7 copies once, then writes its own; unit 8 copies a simulator example in every round.
+    server.state.queued = [f" {copy}.\n", f" {SIMULATE_FEW_SHOT[0].explanation}\n", " years in dates\n"]
+    server.state.queued += [f" {SIMULATE_FEW_SHOT[0].explanation}\n"] * REDRAW_ROUNDS
+    frame = explain_layer(units, backend(server, max_concurrency=1), PARAMS)  # one at a time: replies in order
+    llm = frame.filter(frame["kind"] == "llm").sort("neuron")
+    assert llm.select("neuron", "explanation", "copies_redrawn").rows() == [
+        (7, "years in dates", 1),
+        (8, SIMULATE_FEW_SHOT[0].explanation, REDRAW_ROUNDS),
+    ]
+    assert llm["degenerate_reason"].to_list()[0] is None
+    assert llm["degenerate_reason"].to_list()[1].startswith("repeats the few-shot explanation")
+    seeds = [b["seed"] for b in server.state.bodies]
+    assert seeds[:2] == [PARAMS.seed] * 2 and len(set(seeds[2:])) == REDRAW_ROUNDS, seeds
+    assert PARAMS.seed not in seeds[2:]
+
+
 def test_completions_backend_refuses_a_chat_prompt(server: LoopbackServer) -> None:
     with pytest.raises(AtlasInputError, match="needs api: chat"):
         backend(server).complete([[{"role": "user", "content": "hi"}]], PARAMS)
