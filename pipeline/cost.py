@@ -7,7 +7,9 @@ those the `simulations` step sends at most per unit: every candidate (the LLM's 
 token-space explanation) on the valid split, the two chosen ones on calibration and test, and their
 controls on test (degenerate candidates and kinds chosen for one unit only ask less). The
 explanations do not exist yet, so the simulator's prompts use a placeholder explanation of typical
-length. Tokens are counted with the tokenizer given
+length. Detection and fuzzing (`classification_scores`) are counted from the held-out texts
+`activation_records` holds, packed into prompts exactly as that step packs them, each prompt asked
+for the unit's explanation and for its control's. Tokens are counted with the tokenizer given
 (default: the embedded Gemma's), a proxy for a server model's own tokenizer; completion tokens are upper
 bounds where the model decides (explanations) and exact where the format fixes them (echo: the prompt).
 """
@@ -20,6 +22,17 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from pipeline.classify import (
+    SCORERS,
+    ClassifySpec,
+    answer_text,
+    classification_messages,
+    classification_prompt,
+    held_out,
+    items,
+    pack,
+    with_quantiles,
+)
 from pipeline.errors import AtlasInputError
 from pipeline.interpret import CANDIDATE_KINDS
 from pipeline.llm import role_env
@@ -96,6 +109,30 @@ def simulation_cost(units: Sequence[Unit], count: CountTokens, backend: str, api
     return cost
 
 
+def classification_cost(units: Sequence[Unit], count: CountTokens, api: str, spec: ClassifySpec) -> StageCost:
+    """Per live unit and scorer, its prompts, each asked twice (the unit's explanation and its control's).
+    A unit that ends with no chosen explanation asks nothing: the figures are upper bounds."""
+    cost = StageCost()
+    build = classification_messages if api == "chat" else classification_prompt
+    without: dict[str, int] = {}
+    for unit in units:
+        if unit.dead:
+            continue
+        data = held_out(unit, spec)
+        for scorer in spec.scorers:
+            shown, reason = items(unit, data, scorer, spec)
+            if reason is not None:
+                without[scorer] = without.get(scorer, 0) + 1
+            for prompt in pack(shown, spec.per_prompt):
+                texts = [item.shown for item in prompt]
+                cost.requests += 2
+                cost.prompt_tokens += 2 * count(_text(build(scorer, PLACEHOLDER_EXPLANATION, texts)))
+                cost.completion_tokens += 2 * count(answer_text([0] * len(prompt)))
+    for scorer, n in sorted(without.items()):
+        cost.notes.append(f"{scorer}: {n} unit(s) have no held-out texts to ask about (NULL with the reason)")
+    return cost
+
+
 def parse_layers(text: str, n_layers: int) -> list[int]:
     """'all', '3', '0-3' (or Dagster's '0...3') or '0,2,5', checked against the layers the warehouse holds."""
     text = text.replace("...", "-")
@@ -127,17 +164,26 @@ def estimate(
     explainer_api: str = "completions",
     simulator_backend: str = "local",
     simulator_api: str = "completions",
+    activation_records: pl.DataFrame | None = None,
+    classify: ClassifySpec | None = None,
 ) -> dict[str, StageCost]:
-    """Requests and tokens (at most) of the explanations and simulations steps for these layers and neurons."""
+    """Requests and tokens (at most) of the explanations and simulations steps for these layers and
+    neurons, and of classification_scores (on the simulator's model) given `classify` and the
+    `activation_records` that hold the quantile samples."""
     units = units_from_frames(examples.filter(pl.col("layer").is_in(list(layers))), corpus_tokens)
     chosen: list[Unit] = []
     for layer in layers:
         n = len({neuron for (lay, neuron, _) in units if lay == layer})
         chosen += select_units(units, layer, n, n_neurons, neuron_ids)
-    return {
+    costs = {
         "explanations": explanation_cost(chosen, count, explainer_api, samples, max_tokens),
         "simulations": simulation_cost(chosen, count, simulator_backend, simulator_api, samples),
     }
+    if classify is not None and activation_records is not None:
+        classify.validate()
+        with_held_out = with_quantiles({u.key: u for u in chosen}, activation_records, corpus_tokens)
+        costs["classification"] = classification_cost(list(with_held_out.values()), count, simulator_api, classify)
+    return costs
 
 
 def report(costs: dict[str, StageCost]) -> str:
@@ -147,6 +193,7 @@ def report(costs: dict[str, StageCost]) -> str:
             f"{name:<14}{c.requests:>10,}{c.prompt_tokens:>16,}{c.completion_tokens:>20,}  "
             + (f"up to {c.extra_requests_max:,}" if c.extra_requests_max else "-")
         )
+    rows += [f"note: {note}" for c in costs.values() for note in c.notes]
     return "\n".join(rows)
 
 
@@ -174,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--simulator-backend", default=role_env("SIMULATOR", "BACKEND") or "local")
     parser.add_argument("--simulator-api", default=role_env("SIMULATOR", "API") or "completions")
     parser.add_argument("--tokenizer", default="embedded", help="model whose tokenizer counts the tokens")
+    parser.add_argument(
+        "--scorers", default=",".join(SCORERS), help="classification scorers (classify.scorers), or 'none'"
+    )
+    parser.add_argument("--examples-per-prompt", type=int, default=5, help="classify.examples_per_prompt")
+    parser.add_argument("--max-per-class", type=int, default=10, help="classify.max_per_class")
     args = parser.parse_args(argv)
 
     from pipeline.models import load_tokenizer
@@ -184,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
+        have = {r[0] for r in conn.execute("select column_name from (describe atlas.activation_records)").fetchall()}
+        lists = ", ".join(c for c in ("quantile", "quantile_neg") if c in have)
+        records = conn.sql(f"select layer, neuron{', ' + lists if lists else ''} from atlas.activation_records").pl()
     if examples.is_empty():
         raise AtlasInputError("top_k_examples is empty: materialize activation_records and top_k_examples first")
     layers = parse_layers(args.layers, int(examples["layer"].max()) + 1)
@@ -200,6 +255,14 @@ def main(argv: list[str] | None = None) -> None:
         explainer_api=args.explainer_api,
         simulator_backend=args.simulator_backend,
         simulator_api=args.simulator_api,
+        activation_records=records,
+        classify=None
+        if args.scorers == "none"
+        else ClassifySpec(
+            scorers=tuple(s.strip() for s in args.scorers.split(",")),
+            per_prompt=args.examples_per_prompt,
+            max_per_class=args.max_per_class,
+        ),
     )
     print(f"layers {layers[0]}..{layers[-1]} ({len(layers)}), tokens counted with {identity.model_id}'s tokenizer")
     print(f"explainer api: {args.explainer_api}; simulator: {args.simulator_backend}, api {args.simulator_api}")

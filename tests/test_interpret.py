@@ -425,9 +425,19 @@ def test_cost_command_predicts_the_requests_and_tokens_the_run_spent(
     bound = split["valid"] * (samples + 1) + split["calibration"] * 2 + split["test"] * 4
     ids = ",".join(map(str, NEURONS))
     common = ["--db", str(database), "--layers", "0", "--neuron-ids", ids]  # tokens counted as Gemma counts them
-    main([*common, "--simulator-backend", "openai", "--simulator-api", "completions"])
+    main([*common, "--simulator-backend", "openai", "--simulator-api", "completions", "--max-per-class", "4"])
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    # Detection and fuzzing: the prompts the step asked (each for the explanation and its control).
+    prompts, tokens = q(
+        "select sum(n_prompts * (1 + (control_neuron is not null)::int)),"
+        " sum(prompt_tokens + coalesce(control_prompt_tokens, 0)) from atlas.classification_scores"
+    )[0]
+    assert int(rows["classification"][1].replace(",", "")) == prompts > 0  # every unit here has a control
+    # The explanations are unknown before the run: a placeholder of typical length stands in.
+    assert int(rows["classification"][2].replace(",", "")) == pytest.approx(tokens, rel=0.25)
+    ((without,),) = q("select count(*) from atlas.classification_scores where failure_reason like 'no held-out%'")
+    assert without == 0 or f"note: detection: {without} unit(s) have no held-out texts" in out
     assert rows["explanations"][1:3] == [str(spent[0]), f"{int(spent[1]):,}"]  # samples share a request
     assert int(rows["simulations"][1].replace(",", "")) == bound >= asked[0][0] > 0
     assert rows["explanations"][3] == f"{len(NEURONS) * samples * 40}", "samples x max_tokens"
