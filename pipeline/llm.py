@@ -140,8 +140,6 @@ class LLMBackend(ABC):
     model: str
     api: str = "completions"
     batch_hint: int = 32  # prompts per `complete` call when progress should be visible between calls
-    # Whether `echo_logprobs` works: only completion servers that echo the prompt with logprobs.
-    supports_echo: bool = False
 
     @property
     def usage(self) -> Usage:

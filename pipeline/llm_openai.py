@@ -145,7 +145,6 @@ class OpenAIBackend(LLMBackend):
         self.base_url = base_url or DEFAULT_BASE_URL
         self.api_key_env = api_key_env  # the variable's name only; its value is read per call
         self.api = api
-        self.supports_echo = api == "completions"
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.retry_timeouts = retry_timeouts
