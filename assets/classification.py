@@ -55,10 +55,19 @@ class ClassifyResource(ConfigurableResource):
         1, description="a text activates the unit where one of its tokens reaches this level (0-10 scale)"
     )
     seed: int = Field(0, description="seed of the choice of non-activating texts, the wrong markings and the order")
+    window: int = Field(
+        16, description="tokens per text shown: held-out sequences are cut to windows (the activating ones around"
+        " their strongest token), so dense units have non-activating texts too"
+    )  # fmt: skip
 
     def spec(self) -> ClassifySpec:
         spec = ClassifySpec(
-            tuple(self.scorers), self.examples_per_prompt, self.max_per_class, self.activating_level, self.seed
+            tuple(self.scorers),
+            self.examples_per_prompt,
+            self.max_per_class,
+            self.activating_level,
+            self.seed,
+            self.window,
         )
         spec.validate()
         return spec
@@ -76,7 +85,7 @@ def _histogram01(values: list[float], bins: int = 10) -> str:
 
 def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
-        code_version="1",
+        code_version="2",
         automation_condition=RERUN,
         io_manager_key=WAREHOUSE,
         group_name="atlas",

@@ -12,11 +12,16 @@ Held-out data. A unit's QUANTILE samples (activation_records' per-direction list
 '+', `quantile_neg` for '-'), a uniform sample binned by activation level, become examples of kind
 'quantile' on the 'test' split (`with_quantiles`). Of those, sequences that are any of the unit's
 top records, or a train/calibration random record (what the explainer and the token-space
-explanation read), are dropped. A sequence ACTIVATES the unit when its strongest token reaches
-`activating_level` on the 0-10 scale. Positives are the activating quantile samples, spread evenly
-over their activation range; negatives are as many non-activating sequences, from the same quantile
-samples and the unit's valid/test random records. Counts are equal, so chance is 0.5 balanced
-accuracy.
+explanation read), are dropped. A text ACTIVATES the unit when its strongest token reaches
+`activating_level` on the 0-10 scale. Texts are windows of `window` tokens (a dense unit, such as
+most of a gated MLP's, reaches level 1 somewhere in almost every 64-token sequence, so whole
+sequences leave no negatives). Positives are the activating quantile samples, spread evenly over
+their activation range, each cut to the window around its strongest token; a unit none of whose
+quantile samples activates (its activity outside its top records stays below level 1) takes its
+held-out top records instead (valid/calibration/test splits: never shown to the explainer).
+Negatives are as many non-activating windows of the other held-out sequences (the quantile samples
+and the unit's valid/test random records), one per sequence before a second of any. Counts are
+equal, so chance is 0.5 balanced accuracy.
 
 The control: each unit's chosen explanation is scored beside the chosen explanation of another
 unit of the layer (the fixed derangement of `pipeline.units`), on the SAME prompts.
@@ -57,6 +62,7 @@ class ClassifySpec:
     max_per_class: int = 10  # activating (and as many non-activating) texts per unit
     activating_level: int = 1  # a text activates the unit where a token reaches this 0-10 level
     seed: int = 0
+    window: int = 16  # tokens per text shown (a longer held-out sequence is cut to windows)
 
     def validate(self) -> None:
         from pipeline.errors import AtlasInputError
@@ -66,6 +72,8 @@ class ClassifySpec:
             raise AtlasInputError(f"unknown scorers {bad}: choose from {', '.join(SCORERS)}")
         if self.per_prompt < 1 or self.max_per_class < 1:
             raise AtlasInputError("examples_per_prompt and max_per_class must be at least 1")
+        if self.window < 2:
+            raise AtlasInputError(f"window must be at least 2 tokens, got {self.window}")
         if not 1 <= self.activating_level <= 10:
             raise AtlasInputError(f"activating_level must be between 1 and 10, got {self.activating_level}")
 
@@ -112,8 +120,9 @@ def with_quantiles(
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A unit's classification data: activating quantile samples (up to `max_per_class`, spread over
-    their activation range, weakest first) and the non-activating sequences (in a seeded order)."""
+    """A unit's classification texts (windows, see the module doc): activating ones (up to
+    `max_per_class`, spread over their activation range, weakest first) and non-activating ones (in a
+    seeded order, one per sequence before a second of any)."""
 
     activating: list[Example]
     quiet: list[Example]
@@ -141,14 +150,42 @@ def held_out(unit: Unit, spec: ClassifySpec) -> HeldOut:
             continue
         if e.kind == QUANTILE or (e.kind == "random" and e.split in ("valid", "test")):
             pool[e.seq_id] = e
-    peak = {s: float(unit.levels(e).max()) for s, e in pool.items()}
-    activating = sorted(
-        (e for e in pool.values() if e.kind == QUANTILE and peak[e.seq_id] >= spec.activating_level),
-        key=lambda e: (float(unit.true(e).max()), e.seq_id),
-    )
-    quiet = sorted((e for e in pool.values() if peak[e.seq_id] < spec.activating_level), key=lambda e: e.seq_id)
-    order = _rng(spec.seed, unit).permutation(len(quiet))
-    return HeldOut(_spread(activating, spec.max_per_class), [quiet[i] for i in order])
+    level = spec.activating_level
+    activates = [e for e in pool.values() if e.kind == QUANTILE and unit.levels(e).max() >= level]
+    if not activates:  # nothing outside the top records activates: the ones the explainer never saw
+        activates = [e for e in unit.examples if e.kind == "top" and e.split != "train" and e.tokens]
+        activates = [e for e in activates if unit.levels(e).max() >= level]
+    ordered = sorted(activates, key=lambda e: (float(unit.true(e).max()), e.seq_id))
+    chosen = _spread(ordered, spec.max_per_class)
+    activating = [_around_peak(unit, e, spec.window) for e in chosen]
+    used = {e.seq_id for e in chosen}
+    rng = _rng(spec.seed, unit)
+    per_sequence: list[list[Example]] = []
+    for seq_id in sorted(s for s in pool if s not in used):
+        e = pool[seq_id]
+        quiet = [w for w in _windows(e, spec.window) if unit.levels(w).max() < level]
+        per_sequence.append([quiet[i] for i in rng.permutation(len(quiet))])
+    per_sequence = [per_sequence[i] for i in rng.permutation(len(per_sequence))]
+    rounds = max((len(q) for q in per_sequence), default=0)
+    return HeldOut(activating, [q[k] for k in range(rounds) for q in per_sequence if k < len(q)])
+
+
+def _windows(e: Example, width: int) -> list[Example]:
+    """The sequence cut into consecutive windows of `width` tokens (the whole of a shorter one; a
+    short tail joins the window before it only where that is the whole sequence)."""
+    n = len(e.tokens)
+    if n <= width:
+        return [e]
+    return [e.window(start, width) for start in range(0, n - width + 1, width)]
+
+
+def _around_peak(unit: Unit, e: Example, width: int) -> Example:
+    """The window of `width` tokens with the unit's strongest token of the sequence in its middle."""
+    n = len(e.tokens)
+    if n <= width:
+        return e
+    peak = int(np.argmax(unit.true(e)))
+    return e.window(min(max(0, peak - width // 2), n - width), width)
 
 
 # ---------------------------------------------------------------- what a prompt shows
@@ -167,6 +204,7 @@ class Item:
     shown: Shown
     label: int  # the right answer: 1 (activates / correctly marked) or 0
     seq_id: int
+    start: int = 0  # the text's first token in the sequence
 
 
 def fuzz_marks(unit: Unit, example: Example, level: int, rng: np.random.Generator) -> tuple[tuple[bool, ...], ...]:
@@ -190,20 +228,23 @@ def items(unit: Unit, data: HeldOut, scorer: str, spec: ClassifySpec) -> tuple[l
         n = min(len(data.activating), len(data.quiet))
         if n == 0:
             return [], (
-                f"no held-out pairs: {len(data.activating)} activating quantile sample(s), {len(data.quiet)}"
-                " non-activating sequence(s) outside the unit's top and train/calibration records"
+                f"no held-out pairs: {len(data.activating)} activating text(s), {len(data.quiet)} non-activating"
+                f" window(s) of {spec.window} tokens outside the unit's top and train/calibration records"
             )
-        out += [Item(Shown(e.tokens), 1, e.seq_id) for e in _spread(data.activating, n)]
-        out += [Item(Shown(e.tokens), 0, e.seq_id) for e in sorted(data.quiet[:n], key=lambda e: e.seq_id)]
+        out += [Item(Shown(e.tokens), 1, e.seq_id, e.start) for e in _spread(data.activating, n)]
+        out += [Item(Shown(e.tokens), 0, e.seq_id, e.start) for e in data.quiet[:n]]
     else:
         rng = _rng(spec.seed, unit, 1)
         for e in data.activating:
             marks = fuzz_marks(unit, e, spec.activating_level, rng)
             if marks:
-                out += [Item(Shown(e.tokens, marks[0]), 1, e.seq_id), Item(Shown(e.tokens, marks[1]), 0, e.seq_id)]
+                out += [
+                    Item(Shown(e.tokens, marks[0]), 1, e.seq_id, e.start),
+                    Item(Shown(e.tokens, marks[1]), 0, e.seq_id, e.start),
+                ]
         if not out:
             return [], (
-                f"nothing to mark: {len(data.activating)} held-out activating quantile sample(s), none with a token"
+                f"nothing to mark: {len(data.activating)} held-out activating text(s), none with a token"
                 " that does not activate"
             )
     order = _rng(spec.seed, unit, 2 + SCORERS.index(scorer)).permutation(len(out))
@@ -465,6 +506,7 @@ CLASSIFICATION_SCHEMA = {
     "gap": pl.Float64,  # balanced_accuracy - control_balanced_accuracy
     "auc_gap": pl.Float64,
     "seq_ids": pl.List(pl.Int32),  # per text shown, in prompt order
+    "starts": pl.List(pl.Int16),  # per text: its first token in the sequence (texts are windows)
     "marked": pl.List(pl.List(pl.Int16)),  # fuzzing: positions marked in each text
     "labels": pl.List(pl.Int8),  # the right answers
     "predicted": pl.List(pl.Int8),
@@ -606,6 +648,7 @@ def _classify_unit(
     marked = [[j for j, m in enumerate(i.shown.marked or ()) if m] for i in ordered]
     row |= dataclasses.asdict(metrics) | {
         "seq_ids": [i.seq_id for i in ordered],
+        "starts": [i.start for i in ordered],
         "marked": marked if scorer == FUZZING else None,
         "labels": own.labels,
         "predicted": own.predicted,

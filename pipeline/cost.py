@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--examples-per-prompt", type=int, default=5, help="classify.examples_per_prompt")
     parser.add_argument("--max-per-class", type=int, default=10, help="classify.max_per_class")
+    parser.add_argument("--window", type=int, default=16, help="classify.window")
     args = parser.parse_args(argv)
 
     from pipeline.models import load_tokenizer
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             scorers=tuple(s.strip() for s in args.scorers.split(",")),
             per_prompt=args.examples_per_prompt,
             max_per_class=args.max_per_class,
+            window=args.window,
         ),
     )
     print(f"layers {layers[0]}..{layers[-1]} ({len(layers)}), tokens counted with {identity.model_id}'s tokenizer")

@@ -15,6 +15,7 @@ calibration and reported on test. Held-out splits never contain a top record's s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,18 @@ class Example:
     tokens: tuple[str, ...]
     token_ids: tuple[int, ...]
     acts: np.ndarray  # float32, signed, one per token
+    start: int = 0  # where `tokens` begin in the sequence (a window of it; 0 for a whole sequence)
+
+    def window(self, start: int, width: int) -> Example:
+        """Tokens [start, start + width) of this sequence, as an example of its own."""
+        end = min(len(self.tokens), start + width)
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[start:end],
+            token_ids=self.token_ids[start:end],
+            acts=self.acts[start:end],
+            start=self.start + start,
+        )
 
 
 @dataclass(frozen=True)

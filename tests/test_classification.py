@@ -27,7 +27,9 @@ from tiny_models import TOKEN_SETS, write_sets_corpus, write_sets_model
 
 from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SimulatorResource, SubjectModelResource
+from pipeline.classify import ClassifySpec, held_out, items
 from pipeline.report import main as report_main
+from pipeline.units import Example, Unit
 
 NEURONS = sorted(TOKEN_SETS)
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
@@ -239,3 +241,43 @@ def test_the_report_prints_rank_correlations_of_the_four_scores(runs: dict, caps
                 defined += 1
                 assert float(shown) == pytest.approx(expected, abs=1e-3), (rule, pair)
     assert defined
+
+
+def _example(kind: str, split: str, seq_id: int, acts: list[float]) -> Example:
+    tokens = tuple(f"t{seq_id}_{i}" for i in range(len(acts)))
+    return Example(kind, split, seq_id, seq_id, tokens, tuple(range(len(acts))), np.array(acts, dtype=np.float32))
+
+
+def test_a_dense_unit_gets_non_activating_windows_and_activating_windows_around_the_peak() -> None:
+    """Every held-out sequence of this unit reaches level 1 somewhere (the first token), so whole
+    sequences leave no negatives; windows of 4 tokens do, and each activating window holds its
+    sequence's strongest token."""
+    dense = [1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # level 1 at token 0 only, on a max of 10
+    quantile = [_example("quantile", "test", 100 + i, dense[:7] + [0, 0, 2.0 + i, 0, 0]) for i in range(4)]
+    quiet = [_example("random", "test", 200 + i, dense) for i in range(4)]
+    top = [_example("top", "train", 1, [10.0] * 12)]
+    unit = Unit(0, 0, "+", 10.0, tuple(top + quantile + quiet), ())
+    whole = held_out(unit, ClassifySpec(window=12))
+    assert len(whole.activating) == 4 and whole.quiet == []  # the old outcome: no pairs
+    cut = held_out(unit, ClassifySpec(window=4))
+    assert [(e.seq_id, e.start, len(e.tokens)) for e in cut.activating] == [(100 + i, 7, 4) for i in range(4)]
+    assert all(float(np.max(e.acts)) == 2.0 + i for i, e in enumerate(cut.activating))
+    assert cut.quiet and all(unit.levels(e).max() < 1 and len(e.tokens) == 4 for e in cut.quiet)
+    assert all(e.tokens == e_full.tokens[e.start : e.start + 4] for e in cut.quiet for e_full in quiet + quantile
+               if e_full.seq_id == e.seq_id)  # fmt: skip
+    # One window of each sequence comes before a second window of any.
+    first = [e.seq_id for e in cut.quiet[: len({e.seq_id for e in cut.quiet})]]
+    assert len(first) == len(set(first))
+    shown, reason = items(unit, cut, "detection", ClassifySpec(window=4))
+    assert reason is None and sorted(i.label for i in shown) == [0] * 4 + [1] * 4
+
+
+def test_a_unit_whose_quantile_samples_stay_quiet_is_judged_on_its_held_out_top_records() -> None:
+    """Only its top records activate it: the ones the explainer never read stand in for quantile
+    samples, the train ones never appear."""
+    quiet_quantile = [_example("quantile", "test", 100 + i, [0.1, 0.0, 0.2]) for i in range(3)]
+    tops = [_example("top", split, i, [0.0, 9.0 + i, 0.0]) for i, split in enumerate(["train", "valid", "test"])]
+    unit = Unit(0, 0, "+", 11.0, tuple(tops + quiet_quantile), ())
+    data = held_out(unit, ClassifySpec())
+    assert [e.seq_id for e in data.activating] == [1, 2]
+    assert sorted(e.seq_id for e in data.quiet) == [100, 101, 102]
