@@ -172,7 +172,8 @@ def _redraw_copies(
                 counts[i] += 1
             if isinstance(new, LLMFailure):
                 continue
-            fresh = [j for j in range(len(new.texts)) if j not in set(_copied_indices(new, chat, shots))]
+            copied = set(_copied_indices(new, chat, shots))
+            fresh = [j for j in range(len(new.texts)) if j not in copied]
             texts, truncated = list(old.texts), list(old.truncated)
             for i in idx:
                 if not fresh:
