@@ -44,9 +44,10 @@ materialize: install | $(DAGSTER_HOME)
 dev: install | $(DAGSTER_HOME)
 	$(DAGSTER) dev -w workspace.yaml
 
+# The llama.cpp server tests run beside the rest of the suite (scripts/run_tests.sh says why).
 test: install llama-server
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	bash scripts/run_tests.sh $(PY)
 
 # Requests and tokens the LLM stages will need for EXPLAIN_LAYERS (needs top_k_examples materialized).
 cost: install

@@ -36,7 +36,7 @@ def require_llama_server() -> None:
 
 
 @contextmanager
-def llama_server(gguf: Path, log: Path, *extra: str, n_ctx: int = 2048, timeout_s: float = 180) -> Iterator[str]:
+def llama_server(gguf: Path, log: Path, *extra: str, n_ctx: int = 2048, timeout_s: float = 900) -> Iterator[str]:
     """The server's base URL (http://127.0.0.1:PORT/v1) while it runs; its output goes to `log`."""
     port = free_port()
     command = [

@@ -50,6 +50,9 @@ LLM_STAGES = ["explanations", "simulations", "scores"]
 # Text in which "numbers written with digits" (a few-shot explanation of the simulator's prompt) picks
 # out some tokens: the simulator's levels vary, and "1","0" (Gemma's "10") comes up.
 AGREEMENT_TEXTS = ["In 1987 we baked 12 pies", "It rained for 2 days"]
+# One echo of the ~570-token simulation prompt takes minutes at full speed; `make test` runs these tests
+# at low CPU priority beside the rest of the suite (scripts/run_tests.sh), where it can take several times that.
+SERVER_TIMEOUT_S = 3600
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,10 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     require_llama_server()
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        ["bash", str(root / "scripts" / "chat_gguf.sh"), sys.executable], capture_output=True, text=True, timeout=900
+        ["bash", str(root / "scripts" / "chat_gguf.sh"), sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=SERVER_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     log = tmp_path_factory.mktemp("chat_server") / "server.log"
@@ -105,7 +111,7 @@ def served(base_url: str, role: type, api: str, tmp: Path, model: str = SERVED, 
         base_url=base_url,
         api=api,
         max_concurrency=1,  # the server answers one request at a time: more would only queue (and time out)
-        timeout_s=900,
+        timeout_s=SERVER_TIMEOUT_S,
         cache_path=str(tmp / "llm_cache.sqlite"),
         **extra,
     )
@@ -213,7 +219,12 @@ def test_echo_expected_values_agree_with_the_local_simulator_on_the_same_weights
         sequences.append([strings[i] for i in ids])
     local = LocalSimulator(loaded.model, tokenizer, loaded.identity.data_version, batch_size=4)
     backend = OpenAIBackend(
-        SERVED, server, max_concurrency=1, timeout_s=900, echo_max_tokens=1, cache=LLMCache(tmp_path / "c.sqlite")
+        SERVED,
+        server,
+        max_concurrency=1,
+        timeout_s=SERVER_TIMEOUT_S,
+        echo_max_tokens=1,
+        cache=LLMCache(tmp_path / "c.sqlite"),
     )
 
     def values(simulator: Any, explanation: str) -> np.ndarray:
@@ -256,7 +267,7 @@ def test_two_samples_per_request_from_the_real_server(api: str, request: pytest.
     requests: either way two texts come back, not a malformed response."""
     base_url, model = (request.getfixturevalue("server"), SERVED) if api == "completions" else (
         request.getfixturevalue("chat_server"), CHAT_SERVED)  # fmt: skip
-    llm = OpenAIBackend(model, base_url, api=api, max_concurrency=1, timeout_s=300)
+    llm = OpenAIBackend(model, base_url, api=api, max_concurrency=1, timeout_s=SERVER_TIMEOUT_S)
     params = GenerationParams(max_tokens=6, temperature=1.0, n=2, seed=3, stop=("\n",))
     prompt = "Name a fruit:" if api == "completions" else [{"role": "user", "content": "Name a fruit."}]
     (done,) = llm.complete([prompt], params)
