@@ -23,6 +23,7 @@ from pipeline.errors import AtlasInputError
 from pipeline.examples import top_k_examples as build_top_k_examples
 from pipeline.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_count
 from pipeline.models import ModelIdentity
+from pipeline.progress import duration
 from pipeline.records import collect_activation_records, records_frame
 
 WAREHOUSE = "warehouse"
@@ -182,7 +183,8 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         def progress(done: int, total: int, elapsed: float) -> None:
             if done % step < sampling.batch_size or done == total:
                 rate = done * token_ids.shape[1] / max(elapsed, 1e-9)
-                context.log.info(f"{done}/{total} sequences, {rate:,.0f} tokens/s, {elapsed:.1f}s")
+                left = f", about {duration(elapsed / done * (total - done))} left" if done < total else ""
+                context.log.info(f"{done}/{total} sequences, {rate:,.0f} tokens/s, {elapsed:.1f}s{left}")
 
         records = collect_activation_records(
             loaded, token_ids, layers, spec, prefix=prefix_ids(loaded.tokenizer), progress=progress

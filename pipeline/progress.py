@@ -35,11 +35,12 @@ class Progress:
         self.marks.append((now, self.done))
         rate = (self.done - done_then) / (now - then) if now > then else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        tail = f", about {_duration(eta)} left" if self.done < self.total else f" in {_duration(elapsed)}"
+        tail = f", about {duration(eta)} left" if self.done < self.total else f" in {duration(elapsed)}"
         self.log(f"{self.what}: {self.done}/{self.total}{tail}" + (f" ({note})" if note else ""))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """'40 s', '12 min', '3.5 h'; '?' for NaN."""
     if seconds != seconds:  # NaN: nothing done yet
         return "?"
     if seconds < 90:
