@@ -1,9 +1,10 @@
 """Slow end to end on the embedded default: the real Gemma 3 270M is the subject, the explainer and
-the simulator; 2 layers x 4 neurons x both directions (Gemma's MLP is gated) go through
-explanations, simulations, scores, (the best 4 units per layer) ablations, detection and fuzzing
+the simulator; 2 layers x 2 neurons x both directions (Gemma's MLP is gated) go through
+explanations, simulations, scores, ablations (all 4 units of each layer), detection and fuzzing
 (a few held-out texts per unit, to keep it short) and the neuron viewer in one run. (The README's
-simulation figures come from the same run on 8 neurons per layer: 48 minutes on a loaded machine,
-too long for CI.)"""
+figures come from the default run: 8 neurons per layer and 256 sequences. With 4 neurons per
+layer this test took 59 of the 85 minutes of a clean-clone `.ci/run` on busy shared cores; CI
+has 90.)"""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_two_layers_four_neurons_both_directions_explained_simulated_scored_ablated(
+def test_two_layers_two_neurons_both_directions_explained_simulated_scored_ablated(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     database = tmp_path / "neuron_atlas.duckdb"
@@ -39,7 +40,7 @@ def test_two_layers_four_neurons_both_directions_explained_simulated_scored_abla
         corpus=CorpusResource(n_sequences=64),
         sampling=SamplingResource(),
         **local_llm(),
-        explain=ExplainResource(n_neurons=4),
+        explain=ExplainResource(n_neurons=2),
         ablation=AblationResource(top_n=4),
         classify=ClassifyResource(max_per_class=2, examples_per_prompt=4),
     )
@@ -50,7 +51,7 @@ def test_two_layers_four_neurons_both_directions_explained_simulated_scored_abla
     n_units = dict(units)
     # Both directions of every explained neuron (Gemma's gated MLP fires both ways).
     directions = q("select layer, polarity, count(distinct neuron) from atlas.explanations group by all order by all")
-    assert directions == [(layer, p, 4) for layer in (0, 1) for p in ("+", "-")]
+    assert directions == [(layer, p, 2) for layer in (0, 1) for p in ("+", "-")]
     samples = ExplainResource().samples
     assert {(layer, kind): n for layer, kind, n, _ in counts} == {
         (layer, kind): n_units[layer] * (samples if kind == "llm" else 1)
@@ -70,7 +71,13 @@ def test_two_layers_four_neurons_both_directions_explained_simulated_scored_abla
     }
     print("\n".join(str(r) for r in rows))
     ablations = q("select layer, kl_mean, kl_simulated, ablation_score, ablation_score_reason from atlas.ablations")
-    assert sorted(r[0] for r in ablations) == [0] * 4 + [1] * 4
+    # Every unit with a test score is ablated (top_n 4 = all of a layer's units); a unit whose
+    # simulation correlation is undefined (constant prediction) has none and is left out.
+    scored = dict(
+        q("select layer, count(*) from atlas.scores where best and split = 'test' and corr_all is not null group by 1")
+    )
+    assert all(scored.get(layer, 0) >= 3 for layer in (0, 1)), scored
+    assert sorted(r[0] for r in ablations) == [layer for layer in (0, 1) for _ in range(min(4, scored[layer]))]
     assert all(r[1] > 0 and r[2] >= 0 for r in ablations)  # real neurons of a real model move the output
     assert all((r[3] is None) == (r[4] is not None) for r in ablations)
     for layer in (0, 1):  # the viewer rendered Gemma's tokens too, and says whether there is any signal
@@ -94,7 +101,8 @@ def test_two_layers_four_neurons_both_directions_explained_simulated_scored_abla
     report_main(["classification", "--db", str(database)])
     out = capsys.readouterr().out
     assert "verdict:" in out and "LLM explanations:" in out
-    assert "Spearman rank correlation of simulation (test) and ablation scores over 8 units" in out
+    n_ablated = sum(r[3] is not None for r in ablations)
+    assert f"Spearman rank correlation of simulation (test) and ablation scores over {n_ablated} units" in out
     assert "simulation vs detection" in out and "fuzzing vs ablation" in out
     with capsys.disabled():
         print(out)  # the figures the README quotes
