@@ -8,14 +8,16 @@ from dagster import (
     AssetsDefinition,
     BackfillPolicy,
     MetadataValue,
+    ResourceParam,
     StaticPartitionsDefinition,
     asset,
 )
 
 from assets.automation import RERUN
 from assets.interpret import _identity, _strip
+from assets.io import WarehouseDbIOManager
 from assets.resources import AblationResource, SubjectModelResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model
+from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model, land_layer
 from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
 from pipeline.ablation import LayerAblator
 from pipeline.corpus import prefix_ids
@@ -43,6 +45,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         activation_records: pl.DataFrame,
         subject: SubjectModelResource,
         ablation: AblationResource,
+        warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> pl.DataFrame:
         """Per ablated unit (the best by test score, and optionally random others): KL of the
         next-token distribution when the neuron is replaced by its mean vs by its calibrated test
@@ -74,6 +77,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
                     log=context.log.info,
                 )
             )
+            land_layer(context, warehouse, layer, frames[-1], identity)
         frame = pl.concat(frames) if frames else pl.DataFrame(schema=ABLATION_SCHEMA)
         scored = frame.filter(pl.col("ablation_score").is_not_null())
         context.add_output_metadata(

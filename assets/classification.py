@@ -15,6 +15,7 @@ from dagster import (
     ConfigurableResource,
     MetadataValue,
     Output,
+    ResourceParam,
     StaticPartitionsDefinition,
     asset,
 )
@@ -22,9 +23,10 @@ from pydantic import Field
 
 from assets.automation import RERUN
 from assets.interpret import LLM_POOL, _failure_reasons, _identity, _strip
+from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview
+from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.classify import (
     QUANTILE_LISTS,
     SCORERS,
@@ -112,6 +114,7 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         activation_records: pl.DataFrame,
         simulator: SimulatorResource,
         classify: ClassifyResource,
+        warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> Iterator:
         """Per explained unit and scorer (detection, fuzzing): its best explanation's accuracy, balanced
         accuracy, F1 and AUC (where the model gives label probabilities) on held-out quantile samples and as
@@ -125,7 +128,20 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         if client is not None:
             context.log.info(f"scoring {chosen.height} units with {client.backend}:{client.model} ({spec.scorers})")
         before = client.usage.snapshot() if client else {}
-        frame = classify_layer(_strip(explanations), _strip(scores), units, client, spec, log=context.log.info)
+        frames = []
+        for layer in _layers(context):  # controls pair units of one layer, so layers are independent
+            frames.append(
+                classify_layer(
+                    _strip(explanations).filter(pl.col("layer") == layer),
+                    _strip(scores).filter(pl.col("layer") == layer),
+                    units,
+                    client,
+                    spec,
+                    log=context.log.info,
+                )
+            )
+            land_layer(context, warehouse, layer, frames[-1], identity)
+        frame = pl.concat(frames)
         spent = usage_metadata(client.usage, before, "scorer") if client else {}
         context.log.info(f"scorer usage: {spent}")
         asked = frame.filter(pl.col("n_prompts").is_not_null())

@@ -14,14 +14,16 @@ from dagster import (
     BackfillPolicy,
     MetadataValue,
     Output,
+    ResourceParam,
     StaticPartitionsDefinition,
     asset,
 )
 
 from assets.automation import RERUN
+from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview
+from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.interpret import (
     CANDIDATE_KINDS,
@@ -79,20 +81,26 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         corpus_tokens: pl.DataFrame,
         explainer: ExplainerResource,
         explain: ExplainResource,
+        warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> pl.DataFrame:
         """Per unit: the LLM's explanations of its train top records, its token-space explanation and
         the token-lookup reference; copies of few-shot text and explanations shared by many units are
-        flagged degenerate."""
+        flagged degenerate. Each layer is committed when it is done."""
         identity = _identity(top_k_examples)
         units = units_from_frames(_strip(top_k_examples), corpus_tokens)
-        selected = []
+        selected = {}
         for layer in _layers(context):
             n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
-            selected += select_units(units, layer, n, explain.n_neurons, explain.neuron_ids)
+            selected[layer] = select_units(units, layer, n, explain.n_neurons, explain.neuron_ids)
         backend = explainer.client()
-        context.log.info(f"explaining {len(selected)} units with {backend.backend}:{backend.model} ({backend.api})")
+        total = sum(map(len, selected.values()))
+        context.log.info(f"explaining {total} units with {backend.backend}:{backend.model} ({backend.api})")
         before = backend.usage.snapshot()
-        frame = explain_layer(selected, backend, explain.params(), log=context.log.info)
+        frames = []
+        for layer, layer_units in selected.items():
+            frames.append(explain_layer(layer_units, backend, explain.params(), log=context.log.info))
+            land_layer(context, warehouse, layer, frames[-1], identity)
+        frame = pl.concat(frames)
         llm_rows = frame.filter(pl.col("kind") == LLM)
         ok = llm_rows.filter(pl.col("explanation").is_not_null())
         spent = usage_metadata(backend.usage, before, "explainer")
@@ -127,15 +135,22 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         simulator: SimulatorResource,
+        warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> pl.DataFrame:
         """Per explanation: simulated levels on the valid split (every candidate), on calibration and
-        test (each kind's chosen one), and the control on test (another unit's explanation)."""
+        test (each kind's chosen one), and the control on test (another unit's explanation). Each
+        layer is committed when it is done."""
         identity = _identity(top_k_examples)
         units = units_from_frames(_strip(top_k_examples), corpus_tokens)
         needs_llm = explanations.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
         client = simulator.client() if needs_llm.height else None
         before = client.usage.snapshot() if client else {}
-        frame = simulate_layer(_strip(explanations), units, client, log=context.log.info)
+        frames = []
+        for layer in _layers(context):  # controls pair units of one layer, so layers are independent
+            layer_explanations = _strip(explanations).filter(pl.col("layer") == layer)
+            frames.append(simulate_layer(layer_explanations, units, client, log=context.log.info))
+            land_layer(context, warehouse, layer, frames[-1], identity)
+        frame = pl.concat(frames)
         spent = usage_metadata(client.usage, before, "simulator") if client else {}
         context.log.info(f"simulator usage: {spent}")
         examples = Counter((*key, e.split) for key, u in units.items() for e in u.examples)

@@ -13,8 +13,8 @@ in-memory frame, a bounded number of times (`pipeline.warehouse.retry_on_conflic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -31,6 +31,21 @@ from pipeline.warehouse import add_appended_columns, create_views, is_lake, open
 
 # Set while a DuckLake write is being tried again after a commit conflict.
 _RETRYING: ContextVar[bool] = ContextVar("warehouse_write_retrying", default=False)
+
+
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Commit what the block did, or roll it all back."""
+    conn.begin()
+    try:
+        yield conn
+        conn.commit()
+    except BaseException:
+        try:
+            conn.rollback()
+        except duckdb.TransactionException:
+            pass  # a commit that failed (a DuckLake conflict) has ended the transaction already
+        raise
 
 
 class TransactionalDuckDbClient(DuckDbClient):
@@ -50,18 +65,10 @@ class TransactionalDuckDbClient(DuckDbClient):
         config = context.resource_config
         database = config["database"]
         with open_warehouse(database, config=config["connection_config"], data_path=config.get("data_path")) as conn:
-            conn.begin()
-            try:
+            with transaction(conn):
                 yield conn
                 if isinstance(context, OutputContext):
                     create_views(conn, only_changed=is_lake(database))
-                conn.commit()
-            except BaseException:
-                try:
-                    conn.rollback()
-                except duckdb.TransactionException:
-                    pass  # a commit that failed (a DuckLake conflict) has ended the transaction already
-                raise
 
 
 class PolarsTypeHandler(DuckDBPolarsTypeHandler):
@@ -128,11 +135,50 @@ def _migrate(connection: Any, target: str, obj: pl.DataFrame) -> None:
 
 class WarehouseDbIOManager(DbIOManager):
     """Exposes the database file, so asset checks can query the warehouse the assets wrote; on a
-    DuckLake, retries a write transaction that lost a commit race to another writer."""
+    DuckLake, retries a write transaction that lost a commit race to another writer; lets a
+    multi-layer step commit each layer as it finishes (`write_partition`)."""
+
+    def __init__(self, *, connection_config: dict[str, Any], data_path: str | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._connection_config, self._data_path = connection_config, data_path
 
     @property
     def database(self) -> str:
         return self._database
+
+    def _connect(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        return open_warehouse(self._database, config=self._connection_config, data_path=self._data_path)
+
+    def write_partition(self, table: str, layer: int, frame: pl.DataFrame, log: Callable[[str], None]) -> None:
+        """Replace one layer's rows of `table` now, in one transaction, ahead of the step's output.
+
+        A step that works through several layers calls this as each one finishes, so a crash or a
+        kill later in the step loses only the unfinished layers; the step's output at the end
+        rewrites the same rows (delete and insert of the same partition)."""
+        if frame.is_empty():
+            return
+        target = f"{self._schema}.{table}"
+
+        def attempt() -> None:
+            # DuckDB cannot alter a table in the transaction that deletes from it: upgrade it first.
+            with self._connect() as conn, transaction(conn):
+                add_appended_columns(conn)
+                _migrate(conn, target, frame)
+            obj_arrow = frame.to_arrow()  # noqa: F841 (read by name in the SQL below)
+            with self._connect() as conn, transaction(conn):
+                conn.execute(f"create schema if not exists {self._schema}")
+                exists = conn.execute(
+                    "select count(*) from information_schema.tables where table_schema = ? and table_name = ?",
+                    [self._schema, table],
+                ).fetchone()[0]
+                if exists:
+                    conn.execute(f"delete from {target} where layer = ?", [layer])
+                    conn.execute(f"insert into {target} select * from obj_arrow")
+                else:
+                    conn.execute(f"create table {target} as select * from obj_arrow")
+                create_views(conn, only_changed=is_lake(self._database))
+
+        retry_on_conflict(attempt, log=log)
 
     def handle_output(self, context: OutputContext, obj: object) -> None:
         if not is_lake(self._database):
@@ -176,6 +222,8 @@ class WarehouseIOManager(DuckDBPolarsIOManager):
 
     def create_io_manager(self, context: Any) -> DbIOManager:
         return WarehouseDbIOManager(
+            connection_config=self.connection_config,
+            data_path=self.data_path,
             db_client=TransactionalDuckDbClient(),
             database=self.database,
             schema=self.schema_,

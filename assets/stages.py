@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 from dagster import (
     AssetExecutionContext,
+    AssetMaterialization,
     AssetsDefinition,
     BackfillPolicy,
     DataVersion,
@@ -17,6 +18,7 @@ from dagster import (
 )
 
 from assets.automation import RERUN
+from assets.io import WarehouseDbIOManager
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 from pipeline.corpus import prefix_ids, tokenize_corpus
 from pipeline.errors import AtlasInputError
@@ -61,6 +63,33 @@ def _require_same_model(recorded: ModelIdentity, current: ModelIdentity) -> None
 
 def _layers(context: AssetExecutionContext) -> list[int]:
     return sorted(int(key) for key in context.partition_keys)
+
+
+def land_layer(
+    context: AssetExecutionContext,
+    warehouse: WarehouseDbIOManager,
+    layer: int,
+    frame: pl.DataFrame,
+    identity: ModelIdentity,
+) -> None:
+    """Commit a finished layer of a multi-layer step now, and record that partition as
+    materialized, so its rows are queryable (and the UI shows it) even if a later layer fails or
+    the run is killed. The step's output at the end writes every layer again (the same rows); a
+    one-layer step, or its last layer, is left to that output alone."""
+    layers = _layers(context)
+    if len(layers) < 2 or layer == layers[-1]:
+        return
+    table = context.asset_key.path[-1]
+    warehouse.write_partition(table, layer, _lineage(frame, identity, context), context.log.warning)
+    context.log_event(
+        AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=str(layer),
+            description="committed as soon as this layer was done; the step goes on with its other layers",
+            metadata={"rows": frame.height},
+        )
+    )
+    context.log.info(f"layer {layer}: {frame.height} rows committed")
 
 
 def _preview(frame: pl.DataFrame, columns: Sequence[str], rows: int = 10) -> MetadataValue:
