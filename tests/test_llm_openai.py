@@ -25,7 +25,14 @@ from loopback_llm import LoopbackServer, ServerState, simple_tokens
 from pipeline.errors import AtlasInputError
 from pipeline.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
 from pipeline.llm_cache import LLMCache, cache_key
-from pipeline.llm_openai import NO_CHAT_LOGPROBS, NO_LOGPROBS, OpenAIBackend, retry_after_seconds
+from pipeline.llm_openai import (
+    NO_CHAT_LOGPROBS,
+    NO_LOGPROBS,
+    OpenAIBackend,
+    _parse_echo,
+    read_json,
+    retry_after_seconds,
+)
 from pipeline.prompts import SIMULATE_CHAT_SAMPLED_VERSION, SIMULATE_CHAT_VERSION, SIMULATE_VERSION, simulation_prompt
 from pipeline.simulate_remote import ChatSimulator, EchoSimulator
 
@@ -435,3 +442,40 @@ def test_completions_backend_refuses_a_chat_prompt(server: LoopbackServer) -> No
     with pytest.raises(AtlasInputError, match="needs api: chat"):
         backend(server).complete([[{"role": "user", "content": "hi"}]], PARAMS)
     assert server.state.requests == 0
+
+
+def test_bodies_are_read_with_orjson_or_json_alike() -> None:
+    """A server writing -Infinity (Python's json does, e.g. llama-cpp-python) is read through `json`;
+    either way the parsers see the same fields, and non-finite logprobs are dropped."""
+    reply = {
+        "choices": [
+            {
+                "index": 0,
+                "text": "ab",
+                "logprobs": {
+                    "tokens": ["a", "b"],
+                    "top_logprobs": [None, {"x": -math.inf, "y": -0.5}],
+                    "text_offset": [0, 1],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 0},
+    }
+    with_infinity = json.dumps(reply).encode()
+    assert b"-Infinity" in with_infinity
+    finite = json.dumps(
+        reply
+        | {
+            "choices": [
+                reply["choices"][0]
+                | {"logprobs": reply["choices"][0]["logprobs"] | {"top_logprobs": [None, {"y": -0.5}]}}
+            ]
+        }
+    ).encode()
+    for body in (with_infinity, finite):
+        resp = read_json(body)
+        assert resp.usage.prompt_tokens == 2 and resp.choices[0].logprobs.tokens == ["a", "b"]
+        echo = _parse_echo(resp, "ab", 0)
+        assert echo["tokens"] == ["a", "b"] and echo["text_offset"] == [0, 1]
+        assert [echo["top_logprobs"][i] for i in range(2)] == [{}, {"y": -0.5}]
+    assert read_json(b"[1, 2]") == [1, 2]  # not an object: left for the parsers to refuse
