@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import json
 import math
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -60,14 +62,19 @@ def _prompt_and_slots(prefix: str, tokens: Sequence[str]) -> tuple[str, list[int
     return "".join(parts), slots
 
 
+# A server's top candidates repeat the same few spellings at every slot: parse each once.
+_level_of = functools.lru_cache(maxsize=1 << 16)(parse_level)
+
+
 def _levels_of(top: dict[str, float], prefix: str = "") -> Distribution:
     """Probability of each level among top candidates (spellings like "3" and " 3" add up); with a
     prefix, only candidates that start with it count, read after it."""
     probs = [0.0] * len(LEVELS)
+    cut = len(prefix)
     for token, logprob in top.items():
-        if not token.startswith(prefix):
+        if cut and not token.startswith(prefix):
             continue
-        level = parse_level(token[len(prefix) :])
+        level = _level_of(token[cut:] if cut else token)
         if level is not None:
             probs[level] += math.exp(logprob)
     return probs
@@ -75,7 +82,7 @@ def _levels_of(top: dict[str, float], prefix: str = "") -> Distribution:
 
 def expected(dist: Distribution) -> float | None:
     total = sum(dist)
-    return sum(level * p for level, p in zip(LEVELS, dist, strict=True)) / total if total > 0 else None
+    return sum(map(operator.mul, LEVELS, dist)) / total if total > 0 else None
 
 
 def _split_ten(dist: Distribution, after_one: dict[str, float]) -> Distribution | None:
@@ -113,7 +120,7 @@ def slot_distributions(echo: EchoLogprobs, prompt: str, slots: Sequence[int]) ->
         dist = _levels_of(echo.top_logprobs[i] or {}, before)
         if not sum(dist) > 0:
             raise Unusable(f"no 0-10 level among the top logprobs at token {i}")
-        out.append([round(p, 9) for p in dist])
+        out.append([round(p, 9) if p else 0.0 for p in dist])
     return out
 
 
@@ -278,7 +285,7 @@ def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) ->
         written_piece = data[byte_at - starts[i] :].decode("utf-8", errors="replace")
         if dist[10] == 0 and dist[1] > 0 and written_piece == "1" and i + 1 < len(reply.tokens):
             dist = _split_ten(dist, reply.tokens[i + 1][1]) or dist
-        out.append([round(p, 9) for p in dist])
+        out.append([round(p, 9) if p else 0.0 for p in dist])
         pos += len(line) + 1
     return {"levels": out}
 
