@@ -318,3 +318,25 @@ def test_the_llm_cache_in_postgres_is_shared_and_is_the_lakes_default(
     assert machine_b.get("b", "m", "complete", "p3", {"t": 1}) is None  # other parameters: another key
     assert len(machine_b) == 7 and machine_b.count("complete") == 7 and machine_b.count("simulate") == 0
     assert "hunter" not in repr(machine_a)
+
+
+def test_a_layer_committed_ahead_of_its_step_output_on_a_lake(lake: str) -> None:
+    """`write_partition` (a multi-layer step committing each finished layer) on a DuckLake creates
+    the table, replaces exactly the layer it is given, and the step's output later rewrites that
+    partition with every row once."""
+    manager = WarehouseIOManager(database=lake, schema=SCHEMA).create_io_manager(None)
+
+    def frame(layer: int, value: str) -> pl.DataFrame:
+        return pl.DataFrame({"layer": [layer] * 300, "n": list(range(300)), "v": [value] * 300})
+
+    def values() -> list[tuple]:
+        with open_warehouse(lake, read_only=True) as conn:
+            sql = f"select layer, v, count(*), count(distinct n) from {SCHEMA}.layered group by all order by all"
+            return conn.execute(sql).fetchall()
+
+    manager.write_partition("layered", 0, frame(0, "early"), log=print)
+    manager.write_partition("layered", 1, frame(1, "early"), log=print)
+    manager.write_partition("layered", 0, frame(0, "again"), log=print)
+    assert values() == [(0, "again", 300, 300), (1, "early", 300, 300)]
+    assert _materialize_layer(lake, "0").success
+    assert values() == [(0, "v2", 300, 300), (1, "early", 300, 300)]
