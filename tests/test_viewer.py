@@ -329,7 +329,7 @@ TOKENS = [
     "back\\slash",
     *ODD,
 ]
-ACTS = [round(0.37 * i * (-1) ** i, 4) for i in range(len(TOKENS))]
+ACTS = [round(0.3712 * i * (-1) ** i, 4) for i in range(len(TOKENS))]
 
 
 def _explanation(kind: str, index: int, text: str | None, **extra: Any) -> dict[str, Any]:
@@ -337,13 +337,14 @@ def _explanation(kind: str, index: int, text: str | None, **extra: Any) -> dict[
             "degenerate_reason": None, "selected": False, "best": False} | extra  # fmt: skip
 
 
-def _unit(polarity: str, max_activation: float, sign: int) -> UnitView:
+def _unit(polarity: str, max_activation: float, sign: int, factor: float = 1.0) -> UnitView:
+    acts = [factor * a for a in ACTS]
     records = [
         {"kind": "top", "split": "train", "split_rank": 0, "seq_id": 11, "tokens": TOKENS,
-         "acts": [sign * abs(a) for a in ACTS]},
+         "acts": [sign * abs(a) for a in acts]},
         {"kind": "top", "split": "test", "split_rank": 1, "seq_id": 12, "tokens": TOKENS[::-1],
-         "acts": [sign * 0.5, math.nan, *ACTS]},
-        {"kind": "random", "split": "valid", "split_rank": 0, "seq_id": 11, "tokens": TOKENS, "acts": ACTS},
+         "acts": [sign * 0.5, math.nan, *acts]},
+        {"kind": "random", "split": "valid", "split_rank": 0, "seq_id": 11, "tokens": TOKENS, "acts": acts},
     ]  # fmt: skip
     explanations = [
         _explanation("llm", 0, EXPLANATION + polarity, valid_score=0.41, test_score=0.3333, control_corr_all=0.1,
@@ -356,7 +357,7 @@ def _unit(polarity: str, max_activation: float, sign: int) -> UnitView:
     ]  # fmt: skip
     simulations = [
         {"record_kind": "top", "split_rank": 1, "seq_id": 12, "tokens": TOKENS[::-1],
-         "true_acts": [abs(a) for a in ACTS], "simulated": [abs(a) % 10 for a in ACTS]},
+         "true_acts": [abs(a) for a in acts], "simulated": [abs(a) % 10 for a in ACTS]},
     ]  # fmt: skip
     top_tokens = [{"token": t, "mean_activation": 1.5 - i / 8, "count": 3 + i} for i, t in enumerate(TOKENS[:5])]
     ablation = {"kind": "llm", "sample_index": 0, "ablation_score": 0.5625, "ablation_score_reason": None,
@@ -378,7 +379,11 @@ def hand_made_layer() -> LayerData:
         "rev & 1",
         3,
         10,
-        [NeuronPage(7, [_unit("+", 2.0, 1), _unit("-", 0.75, -1)]), NeuronPage(9, [_unit("+", math.nan, 1)])],
+        [
+            NeuronPage(7, [_unit("+", 2.0, 1), _unit("-", 0.75, -1)]),
+            NeuronPage(9, [_unit("+", math.nan, 1)]),
+            NeuronPage(11, [_unit("+", 0.002, 1, factor=0.0003)]),  # a small scale: values kept to 6 decimals
+        ],
         signal=no_signal,
         simulator="loop:<model>",
     )
@@ -439,7 +444,7 @@ def test_a_hand_made_layer_renders_every_section_exactly_and_safely(tmp_path: Pa
         driver.get(index.as_uri())
         assert driver.title == "Layer 3 neurons"
         links = [a.get_attribute("href").rsplit("#", 1)[1] for a in driver.find_elements(By.CSS_SELECTOR, "#neurons a")]
-        assert links == ["7/pos", "7/neg", "9/pos"]  # the same test score: by neuron, then direction
+        assert links == ["7/pos", "7/neg", "9/pos", "11/pos"]  # the same test score: by neuron, then direction
         index_row = driver.execute_script(ROWS_JS, "#neurons tbody tr")[0]
         assert index_row[2:11] == ["0.333", "0.100", "0.233", "0.062", "—", "0.562", "0.750", "—",
                                    EXPLANATION + "+ (LLM)"]  # fmt: skip
@@ -489,6 +494,10 @@ def test_a_hand_made_layer_renders_every_section_exactly_and_safely(tmp_path: Pa
         _titled(driver, "L3 N9")
         assert driver.find_element(By.ID, "pos").text == "Direction positive (+) · max —"
         _same_records(driver.execute_script(RECORDS_JS), _expected_records(layer.neurons[1], 3))
+        driver.get(index.as_uri() + "#11")
+        _titled(driver, "L3 N11")
+        _same_records(driver.execute_script(RECORDS_JS), _expected_records(layer.neurons[2], 6))
+        assert driver.find_element(By.ID, "pos").text == "Direction positive (+) · max 0.002"
         driver.get(index.as_uri() + "#8")
         _titled(driver, "L3 N8")
         assert driver.find_element(By.ID, "units").text == "Neuron 8 has no explained unit in this layer."
@@ -500,7 +509,7 @@ def test_a_hand_made_layer_renders_every_section_exactly_and_safely(tmp_path: Pa
             driver.find_element(By.ID, "index-view").is_displayed()
             and not driver.find_element(By.ID, "back").is_displayed()
         )
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#neurons tbody tr")) == 3  # the index needs no data
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#neurons tbody tr")) == 4  # the index needs no data
 
 
 def _same_records(shown: list[dict], expected: list[tuple[str, str, list[list[str]]]]) -> None:
