@@ -271,7 +271,9 @@ def _visible(token: str) -> str:
 
 def _csp(script: str | None, external: bool = False) -> str:
     """Only the page's own inline script (by its hash) and, with `external`, the layer's data file
-    (same origin: a file beside the page) may run; no inline handler, no other inline script."""
+    (`'self'`) may run: no inline handler, no other inline script, nothing remote. Opened from disk,
+    `'self'` lets Chromium load any file: URL a <script src> names (a hash with SRI `integrity` does
+    not load from file:// at all), so keeping text out of markup is what keeps other files out."""
     if script is None:
         scripts = "'none'"
     else:
