@@ -17,6 +17,7 @@ import html
 import json
 import math
 import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -351,7 +352,7 @@ CLASSIFICATION_FIELDS = (
 SCORERS = ("detection", "fuzzing")
 
 
-def layer_payload(data: LayerData) -> dict[str, Any]:
+def layer_payload(data: LayerData, render: str = "") -> dict[str, Any]:
     """What `data.js` holds: every explained unit with all its page shows. Token texts are stored once
     per layer (`vocab`, with Python's repr of those whose repr is not just quoted, for the tooltips)
     and each record's sequence once (`seqs`: seq_id -> vocab indices). Activations (`acts`, `true`) are
@@ -416,6 +417,7 @@ def layer_payload(data: LayerData) -> dict[str, Any]:
         neurons.append({"neuron": page.neuron, "decimals": decimals, "units": units})
     return {
         "format": DATA_FORMAT,
+        "render": render,
         "layer": data.layer,
         "model_id": data.model_id,
         "model_revision": data.model_revision,
@@ -426,11 +428,11 @@ def layer_payload(data: LayerData) -> dict[str, Any]:
     }
 
 
-def render_data(data: LayerData) -> str:
+def render_data(data: LayerData, render: str = "") -> str:
     """`data.js`: `window.neuronAtlasLayer = JSON.parse('<the payload as JSON>');`. JSON.parse of a
     string loads a large layer faster than the same JSON as an object literal (measured: about 1.2 s
     against 2 s for 12 MiB in headless Chromium), and reads `__proto__` as a plain key."""
-    text = js_json(layer_payload(data)).replace("\\", "\\\\").replace("'", "\\'")
+    text = js_json(layer_payload(data, render)).replace("\\", "\\\\").replace("'", "\\'")
     return f"window.{DATA_GLOBAL} = JSON.parse('{text}');\n"
 
 
@@ -601,6 +603,11 @@ function showNeuron(neuron, anchor) {
   if (!data) content = [h('p', {class: 'fail'}, 'The layer\'s data file (data.js, beside this page) did not load.')];
   else if (!page) content = [h('p', {class: 'fail'}, 'Neuron ' + neuron + ' has no explained unit in this layer.')];
   else content = page.units.flatMap((u) => unitSection(u, page.decimals, scale(page, '+') || 1, scale(page, '-')));
+  // The layer was rewritten between loading this page and its data.js (a rerun swapped the folder).
+  if (data && data.render !== $('heading').dataset.render) {
+    content.unshift(h('p', {class: 'warn', id: 'stale'}, 'This page and its data.js come from different renders '
+      + 'of the layer (it was rewritten meanwhile): reload the page.'));
+  }
   if ($('neuron-view').hidden) indexScroll = window.scrollY;
   $('units').replaceChildren(...content);
   document.title = 'L' + layer + ' N' + neuron;
@@ -664,9 +671,9 @@ def _sort_key(row: tuple[NeuronPage, UnitView]) -> tuple[float, int, str]:
     return (-score if _finite(score) else math.inf, page.neuron, unit.polarity)
 
 
-def render_index(data: LayerData) -> str:
+def render_index(data: LayerData, render: str = "") -> str:
     """The layer's page: its index table (sorted by score, with search) and the neuron view that its
-    script fills from `data.js` for `#<neuron>`."""
+    script fills from `data.js` for `#<neuron>`. `render` names the render, as in its `data.js`."""
     units = sorted(((p, u) for p in data.neurons for u in p.units), key=_sort_key)
     rows = []
     for page, unit in units:
@@ -691,7 +698,7 @@ def render_index(data: LayerData) -> str:
     body = "\n".join(
         [
             '<p id="back" hidden><a href="#">← layer index</a></p>',
-            f'<h1 id="heading" data-layer="{data.layer}">Layer {data.layer}</h1>',
+            f'<h1 id="heading" data-layer="{data.layer}" data-render="{_e(render)}">Layer {data.layer}</h1>',
             f'<p class="muted">{_e(data.model_id)} @ {_e(data.model_revision)}<span class="index-only"> · '
             f"{len(units)} explained units (neuron × direction) of {data.n_neurons} neurons · sorted by the best "
             "explanation's test score</span></p>",
@@ -720,8 +727,9 @@ def write_layer(data: LayerData, root: Path) -> Path:
     target = root / f"layer_{data.layer}"
     staging = Path(tempfile.mkdtemp(prefix=f".layer_{data.layer}.", dir=root))
     try:
-        (staging / DATA_FILE).write_text(render_data(data), encoding="utf-8")
-        (staging / "index.html").write_text(render_index(data), encoding="utf-8")
+        render = secrets.token_hex(8)  # in both files: the page can tell a data.js of another render
+        (staging / DATA_FILE).write_text(render_data(data, render), encoding="utf-8")
+        (staging / "index.html").write_text(render_index(data, render), encoding="utf-8")
         old = root / f".layer_{data.layer}.old"
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():

@@ -168,7 +168,7 @@ def test_hostile_text_reaches_the_viewer_page_as_data_never_as_script(tmp_path: 
     layer = LayerData(BREAKOUTS[1], BREAKOUTS[4], 0, 1, [NeuronPage(3, [unit])])
     index = write_layer(layer, tmp_path)
     data = read_data((index.parent / DATA_FILE).read_text(encoding="utf-8"))
-    assert data == json.loads(json.dumps(layer_payload(layer)))
+    assert data == json.loads(json.dumps(layer_payload(layer, data["render"])))
     with chromium() as driver:
         driver.get(index.as_uri() + "#3")
         assert driver.title == "L0 N3"

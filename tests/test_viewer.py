@@ -440,6 +440,12 @@ def test_a_hand_made_layer_renders_every_section_exactly_and_safely(tmp_path: Pa
     broken = tmp_path / "no_data" / "layer_3"
     shutil.copytree(index.parent, broken)
     (broken / DATA_FILE).unlink()
+    # A page whose data.js is from another render (the layer was rewritten while it loaded).
+    stale = tmp_path / "stale" / "layer_3"
+    shutil.copytree(index.parent, stale)
+    page = _html(stale / "index.html")
+    assert page.count('data-render="') == 1 and read_data(_html(stale / DATA_FILE))["render"] in page
+    (stale / "index.html").write_text(re.sub(r'data-render="\w+"', 'data-render="0"', page), encoding="utf-8")
     with chromium() as driver:
         driver.get(index.as_uri())
         assert driver.title == "Layer 3 neurons"
@@ -456,6 +462,7 @@ def test_a_hand_made_layer_renders_every_section_exactly_and_safely(tmp_path: Pa
             driver.find_element(By.ID, "no-signal").is_displayed() and driver.find_element(By.ID, "back").is_displayed()
         )
         assert not driver.find_element(By.ID, "index-view").is_displayed()
+        assert not driver.find_elements(By.ID, "stale")
         _same_records(driver.execute_script(RECORDS_JS), _expected_records(layer.neurons[0], 4))  # scale 0.75
         explanations = driver.execute_script(ROWS_JS, "#units h2 + table tr")
         header = ["kind", "#", "explanation", "valid", "test", "control", "gap", "r²"]
@@ -501,6 +508,9 @@ def test_a_hand_made_layer_renders_every_section_exactly_and_safely(tmp_path: Pa
         driver.get(index.as_uri() + "#8")
         _titled(driver, "L3 N8")
         assert driver.find_element(By.ID, "units").text == "Neuron 8 has no explained unit in this layer."
+        driver.get((stale / "index.html").as_uri() + "#7")
+        assert driver.find_element(By.ID, "stale").text.endswith("(it was rewritten meanwhile): reload the page.")
+        assert driver.find_elements(By.CSS_SELECTOR, "#units .record")  # shown all the same
         driver.get((broken / "index.html").as_uri() + "#7")
         assert "data file (data.js, beside this page) did not load" in driver.find_element(By.ID, "units").text
         driver.find_element(By.LINK_TEXT, "← layer index").click()
