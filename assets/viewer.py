@@ -1,4 +1,4 @@
-"""The `neuron_viewer` asset: static HTML pages per layer, a thin wrapper over `pipeline.viewer`."""
+"""The `neuron_viewer` asset: a static HTML page and a data file per layer, a thin wrapper over `pipeline.viewer`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
 from pathlib import Path
@@ -15,18 +15,18 @@ from dagster import (
 
 from assets.automation import rerun_condition
 from assets.stages import _layers
-from pipeline.viewer import load_layer, write_layer
+from pipeline.viewer import DATA_FILE, load_layer, write_layer
 from pipeline.warehouse import open_warehouse, sidecar_dir
 
 
 def viewer_root(database: str) -> Path:
-    """Pages live beside the warehouse file (or a DuckLake's data path), so each warehouse has its own viewer."""
+    """The viewer lives beside the warehouse file (or a DuckLake's data path), so each warehouse has its own viewer."""
     return sidecar_dir(database) / "viewer"
 
 
 def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
-        code_version="1",
+        code_version="2",
         automation_condition=rerun_condition(optional_deps=("ablations", "classification_scores")),
         group_name="atlas",
         partitions_def=layers_def,
@@ -35,25 +35,31 @@ def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDe
         required_resource_keys={"warehouse"},
     )
     def neuron_viewer(context: AssetExecutionContext) -> MaterializeResult:
-        """Static HTML per layer (open the file, no server): an index sorted by score with search, and
-        per explained neuron its explanations, scores, true vs simulated token heatmaps, top tokens,
+        """Static HTML per layer (open the file, no server): `layer_<n>/index.html`, an index sorted by
+        score with search, and `layer_<n>/data.js`, from which the page shows, per explained neuron
+        (`index.html#<neuron>`), its explanations, scores, true vs simulated token heatmaps, top tokens,
         ablation score (when ablated) and detection and fuzzing scores (when classified)."""
         database = context.resources.warehouse.database
         root = viewer_root(database)
-        pages, explained, indexes = 0, 0, []
+        explained, units, data_bytes, indexes = 0, 0, 0, []
         for layer in _layers(context):
             with open_warehouse(database, read_only=True) as conn:
                 data = load_layer(conn, layer)
             index = write_layer(data, root)
             indexes.append(index)
-            explained += len(data.neurons)
-            pages += len(data.neurons) + 1
-            context.log.info(f"layer {layer}: {len(data.neurons)} neuron pages -> {index}")
+            size = (index.parent / DATA_FILE).stat().st_size
+            n_units = sum(len(page.units) for page in data.neurons)
+            explained, units, data_bytes = explained + len(data.neurons), units + n_units, data_bytes + size
+            context.log.info(
+                f"layer {layer}: {len(data.neurons)} neurons ({n_units} units), {DATA_FILE} {size / 1024:.1f} KiB"
+                f" -> {index}"
+            )
         metadata = {
             "index": MetadataValue.path(str(indexes[0])),
             "open": MetadataValue.url(indexes[0].as_uri()),
-            "pages": pages,
             "explained_neurons": explained,
+            "units": units,
+            "data_bytes": data_bytes,
         }
         if len(indexes) > 1:
             metadata["layer_indexes"] = MetadataValue.md("\n".join(f"- [{p}]({p.as_uri()})" for p in indexes))

@@ -88,7 +88,7 @@ def refuse_password(conninfo: str, what: str) -> None:
 
 
 def sidecar_dir(database: str) -> Path:
-    """Where files that belong with the warehouse (the viewer's pages, a local response cache) go:
+    """Where files that belong with the warehouse (the viewer's files, a local response cache) go:
     beside a DuckDB file; for a DuckLake, beside a local data path (never inside it, where DuckLake's
     orphan-file cleanup would delete them), else warehouse/ in the project."""
     if not is_lake(database):

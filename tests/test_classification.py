@@ -30,6 +30,7 @@ from assets.resources import CorpusResource, ExplainResource, SamplingResource, 
 from pipeline.classify import ClassifySpec, held_out, items
 from pipeline.report import main as report_main
 from pipeline.units import Example, Unit
+from pipeline.viewer import DATA_FILE, read_data
 
 NEURONS = sorted(TOKEN_SETS)
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
@@ -174,16 +175,16 @@ def test_neuron_summary_and_the_viewer_show_both_scores_beside_simulation_and_ab
     layer = database.parent / "viewer" / "layer_0"
     index = (layer / "index.html").read_text(encoding="utf-8")
     assert "<th>detection</th><th>fuzzing</th>" in index
+    data = read_data((layer / DATA_FILE).read_text(encoding="utf-8"))
+    units = {(n["neuron"], u["polarity"]): u for n in data["neurons"] for u in n["units"]}
     for neuron in NEURONS:
-        page = (layer / f"neuron_{neuron}.html").read_text(encoding="utf-8")
+        # The neuron view's data holds the table's rows (the page prints them as the index does).
         for scorer in ("detection", "fuzzing"):
+            shown = units[(neuron, "+")]["classification"][scorer]
             ba, control, gap = table[(neuron, "+", scorer)]
-            row = page.split(f"<tr class=classification-{scorer}>", 1)[1].split("</tr>", 1)[0]
-            assert [f"{v:.3f}" for v in (ba, control, gap)] == [
-                cell.split("<", 1)[0] for cell in row.split("<td class=num>")[1:4]
-            ], (neuron, scorer, row)
+            assert (shown["balanced_accuracy"], shown["control_balanced_accuracy"], shown["gap"]) == (ba, control, gap)
         # The index row of the unit shows the same two numbers after its ablation column.
-        cells = index.split(f'href="neuron_{neuron}.html#pos">', 1)[1].split("</tr>", 1)[0].split("<td class=num>")
+        cells = index.split(f'href="#{neuron}/pos">', 1)[1].split("</tr>", 1)[0].split("<td class=num>")
         assert [c.split("<", 1)[0] for c in cells[7:9]] == [
             f"{table[(neuron, '+', s)][0]:.3f}" for s in ("detection", "fuzzing")
         ]

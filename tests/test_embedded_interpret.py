@@ -8,6 +8,7 @@ has 90.)"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from assets.resources import (
 )
 from pipeline.models import EMBEDDED, model_layer_count
 from pipeline.report import main as report_main
+from pipeline.viewer import DATA_FILE, read_data
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -82,7 +84,9 @@ def test_two_layers_two_neurons_both_directions_explained_simulated_scored_ablat
     assert all((r[3] is None) == (r[4] is not None) for r in ablations)
     for layer in (0, 1):  # the viewer rendered Gemma's tokens too, and says whether there is any signal
         index = (tmp_path / "viewer" / f"layer_{layer}" / "index.html").read_text()
-        assert index.count('href="neuron_') == n_units[layer]
+        assert len(re.findall(r'href="#\d+/(?:pos|neg)"', index)) == n_units[layer]
+        data = read_data((tmp_path / "viewer" / f"layer_{layer}" / DATA_FILE).read_text(encoding="utf-8"))
+        assert sum(len(n["units"]) for n in data["neurons"]) == n_units[layer]
         assert "Control check passed" in index or 'id="no-signal"' in index
     # Detection and fuzzing for every explained unit: a score (the in-process scorer gives AUC too) or a reason.
     classified = q(

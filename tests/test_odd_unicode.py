@@ -1,6 +1,6 @@
 """Odd Unicode end to end: a byte-level BPE tokenizer (as GPT-2 and Llama use) on text with emoji,
 ZWJ sequences, combining marks, right-to-left script, NUL and line separators, plus invalid UTF-8
-bytes, through the real Dagster stages into DuckDB."""
+bytes, through the real Dagster stages into DuckDB, and into the neuron viewer's data file."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from pipeline.viewer import LayerData, NeuronPage, UnitView, read_data, render_data
 
 ODD = [
     "the brain 🧠 and the family 👨\u200d👩\u200d👧 of 7 ",
@@ -65,3 +66,35 @@ def test_odd_unicode_and_bad_bytes_flow_through_every_stage(tmp_path: Path) -> N
         assert joined == seq_text or "\ufffd" in joined
     per_layer = q("select layer, count(*) from atlas.top_k_examples group by layer order by layer")
     assert per_layer == [(0, 16), (1, 16)]
+
+
+def test_odd_unicode_keeps_every_code_point_through_the_viewer_data() -> None:
+    """The viewer's data file holds tokens and explanations exactly (its escapes are JSON's), NUL,
+    line separators, combining marks, ZWJ sequences and U+FFFD included; the page shows them as
+    text (test_viewer.py renders them in Chromium)."""
+    tokens = [*ODD, "\ufffd", "\x00", ""]
+    unit = UnitView(
+        "+",
+        1.0,
+        [{"token": t, "mean_activation": 1.0, "count": 2} for t in tokens],
+        [
+            {
+                "kind": "top",
+                "split": "train",
+                "split_rank": 0,
+                "seq_id": 5,
+                "tokens": tokens,
+                "acts": [1.0] * len(tokens),
+            }
+        ],
+        [{"kind": "llm", "sample_index": 0, "explanation": "".join(ODD), "best": True}],
+        [],
+    )
+    data = read_data(render_data(LayerData("m", "r", 0, 1, [NeuronPage(1, [unit])])))
+    assert [data["vocab"][i] for i in data["seqs"]["5"]] == tokens
+    (shown,) = data["neurons"][0]["units"]
+    assert [t["token"] for t in shown["top_tokens"]] == tokens
+    assert shown["explanations"][0]["explanation"] == "".join(ODD)
+    # The tooltips' repr names the invisible characters (ZWJ, NUL, the line separators).
+    reprs = {data["vocab"][int(i)]: r for i, r in data["reprs"].items()}
+    assert "\\u200d" in reprs[ODD[0]] and reprs["\x00"] == "'\\x00'" and "\\u2028" in reprs[ODD[4]]

@@ -1,4 +1,5 @@
-"""Security: names with quotes cannot inject SQL, and an API key never leaves the environment.
+"""Security: names with quotes cannot inject SQL, text from the model cannot break out of the viewer's
+data file, and an API key never leaves the environment.
 
 The key test runs a real `dagster asset materialize` against a loopback server that (like a
 careless server) quotes the Authorization header back in an error body, then greps everything
@@ -7,6 +8,7 @@ command's own output."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +23,17 @@ from tiny_models import DIGIT_NEURON
 from assets.io import WarehouseIOManager
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 from assets.stages import build_stage_assets
+from pipeline.viewer import (
+    DATA_FILE,
+    DATA_GLOBAL,
+    LayerData,
+    NeuronPage,
+    UnitView,
+    js_json,
+    layer_payload,
+    read_data,
+    write_layer,
+)
 from pipeline.warehouse import SCHEMA
 
 HOSTILE = """it's "odd"'); drop table atlas.corpus_tokens; --"""
@@ -114,3 +127,54 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
                                                          for p in files)  # fmt: skip
     leaked = [str(p) for p in files if key.encode() in p.read_bytes()]
     assert leaked == [] and not any(key in out for out in outputs)
+
+
+# Strings that would end the data file's script or string if written raw (JSON alone escapes none of
+# `</script>`, `<!--` or the line separators), and a lone surrogate, which UTF-8 cannot even write.
+BREAKOUTS = [
+    HOSTILE,
+    "</script><script>document.title='pwned'</script>",
+    "<!--<script>",
+    "]};document.title='pwned';//",
+    "\u2028document.title='pwned'\u2029",
+    "\\\"});document.title='pwned';//",
+    "`${document.title='pwned'}`",
+    "\x00\x1f\x7f",
+]
+
+
+def test_the_viewer_data_keeps_hostile_text_inside_its_strings() -> None:
+    strings = [*BREAKOUTS, "\ud800 lone"]
+    text = js_json({"vocab": strings, "explanation": BREAKOUTS[1]})
+    assert not set(text) & set("<>&\u2028\u2029") and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    assert "\\u003c/script\\u003e" in text and "\\u2028" in text and "\\ud800" in text
+    assert json.loads(text) == {"vocab": strings, "explanation": BREAKOUTS[1]}
+    text.encode("utf-8")  # a lone surrogate cannot stop the file being written
+
+
+def test_hostile_text_reaches_the_viewer_page_as_data_never_as_script(tmp_path: Path) -> None:
+    """In Chromium, the data file's value is exactly the strings written, and none of them ran."""
+    from browser import chromium
+
+    unit = UnitView(
+        "+",
+        1.0,
+        [{"token": t, "mean_activation": 1.0, "count": 1} for t in BREAKOUTS],
+        [{"kind": "top", "split": "train", "split_rank": 0, "seq_id": 1, "tokens": BREAKOUTS,
+          "acts": [0.5] * len(BREAKOUTS)}],
+        [{"kind": "llm", "sample_index": 0, "explanation": b, "best": i == 0} for i, b in enumerate(BREAKOUTS)],
+        [],
+    )  # fmt: skip
+    layer = LayerData(BREAKOUTS[1], BREAKOUTS[4], 0, 1, [NeuronPage(3, [unit])])
+    index = write_layer(layer, tmp_path)
+    data = read_data((index.parent / DATA_FILE).read_text(encoding="utf-8"))
+    assert data == json.loads(json.dumps(layer_payload(layer, data["render"])))
+    with chromium() as driver:
+        driver.get(index.as_uri() + "#3")
+        assert driver.title == "L0 N3"
+        assert driver.execute_script(f"return window.{DATA_GLOBAL}") == data
+        shown = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#units td')).map(c => c.textContent)"
+        )
+        assert all(b in shown for b in BREAKOUTS)
+        assert driver.execute_script("return document.scripts.length") == 2
