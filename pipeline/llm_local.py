@@ -130,8 +130,9 @@ class LocalBackend(LLMBackend):
             # The prompt but its last token is in the cache, copied to the n rows: `generate` reads
             # only that token (per row) before sampling, as it would after reading the whole prompt.
             kwargs["cache"] = self._prompt_cache(ids, params.n)
-            kwargs["num_return_sequences"] = 1
             inputs = ids.expand(params.n, -1)
+            # The all-ones mask generate makes for one row (n identical rows would only warn that it cannot tell).
+            kwargs |= {"num_return_sequences": 1, "attention_mask": torch.ones_like(inputs)}
             self.work["prompt_computed"] += params.n
         else:
             self.work["prompt_computed"] += params.n * int(ids.shape[1])
