@@ -56,5 +56,6 @@ cost: install
 bench: install
 	$(PY) -m bench.capture
 	$(PY) -m bench.simulate
+	$(PY) -m bench.interpret
 	$(PY) -m bench.ablate
 	$(PY) -m bench.server
