@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+from tiny_models import tiny_gemma
+from transformers import AutoTokenizer
 
 from bench.interpret import PATHS, format_report, make_units, measure
 from pipeline.llm import GenerationParams
@@ -17,20 +18,10 @@ from pipeline.records import SamplingSpec
 
 def tiny_subject() -> SubjectModel:
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir()[0])
-    torch.manual_seed(4)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=32,
-        layer_types=["sliding_attention", "full_attention"],
+    model = tiny_gemma(
+        len(tokenizer), seed=4, sliding_window=32, layer_types=("sliding_attention", "full_attention"),
         max_position_embeddings=8192,
-    )
-    model = Gemma3ForCausalLM(config).eval()
+    )  # fmt: skip
     return SubjectModel(model=model, tokenizer=tokenizer, identity=ModelIdentity("tiny-gemma", "0"), path=Path("."))
 
 

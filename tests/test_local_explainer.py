@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import tiny_models
 import torch
-from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, Gemma3ForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from pipeline.llm import Completion, GenerationParams
 from pipeline.llm_local import LocalBackend, shared_length
@@ -29,21 +30,8 @@ def tokenizer() -> Any:
 
 
 def tiny_gemma(vocab_size: int) -> Gemma3ForCausalLM:
-    torch.manual_seed(2)
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=24,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=4096,
-        initializer_range=0.5,  # sharp distributions: a wrong cache changes the tokens at once
-    )
-    return Gemma3ForCausalLM(config).eval()
+    # sharp distributions: a wrong cache changes the tokens at once
+    return tiny_models.tiny_gemma(vocab_size, seed=2, initializer_range=0.5)
 
 
 def tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:

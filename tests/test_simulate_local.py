@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoTokenizer,
     Gemma3ForCausalLM,
-    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
@@ -36,21 +36,8 @@ def gemma_tokenizer():
 
 
 def tiny_gemma(vocab_size: int, sliding_window: int = 24) -> Gemma3ForCausalLM:
-    torch.manual_seed(1)
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=sliding_window,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=4096,
-        initializer_range=0.5,  # sharp, varied distributions: a wrong mask shows up at once
-    )
-    return Gemma3ForCausalLM(config).eval()
+    # sharp, varied distributions: a wrong mask shows up at once
+    return tiny_models.tiny_gemma(vocab_size, seed=1, sliding_window=sliding_window, initializer_range=0.5)
 
 
 def max_delta(a: list[np.ndarray], b: list[np.ndarray]) -> float:

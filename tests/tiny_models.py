@@ -23,7 +23,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 DIGITS = [str(d) for d in range(10)]
 WORDS = (
@@ -282,3 +290,33 @@ def signed_documents(n_docs: int = 60, seed: int = 1) -> list[str]:
 def write_signed_corpus(path: Path, n_docs: int = 60, seed: int = 1) -> Path:
     path.write_text("\n".join(json.dumps({"text": d}) for d in signed_documents(n_docs, seed)))
     return path
+
+
+# ---------------------------------------------------------------- random tiny Gemma 3
+
+
+def tiny_gemma(
+    vocab_size: int,
+    seed: int,
+    sliding_window: int = 24,
+    layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention"),
+    max_position_embeddings: int = 4096,
+    initializer_range: float = 0.02,
+) -> Gemma3ForCausalLM:
+    """A random Gemma 3 small enough for CPU tests, with sliding-window and full-attention layers
+    (one layer per entry of `layer_types`); nothing in it is set by hand."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=sliding_window,
+        layer_types=list(layer_types),
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+    )
+    return Gemma3ForCausalLM(config).eval()
