@@ -56,6 +56,13 @@ def materialize_command(resources: Mapping[str, Any]) -> list[str]:
     return [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
 
 
+def run_cli(command: Sequence[str], env: Mapping[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run a `dagster` command in the project root; the test fails with its output's tail unless it succeeds."""
+    done = subprocess.run(list(command), cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus
   locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 

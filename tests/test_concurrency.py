@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
+from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ def test_concurrent_runs_and_partitions_share_the_warehouse(
     database = Path(env["NEURON_ATLAS_DB"])
     cli = materialize_command(SMALL_RESOURCES)
     setup = cli + ["--select", "subject_model,corpus_tokens"]
-    done = subprocess.run(setup, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_cli(setup, env)
 
     stages = ["--select", "activation_records,top_k_examples"]
     runs = [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import PARTITIONED, ROOT, STAGES, dagster_dev, materialize_command, project_env
+from dagster_dev import PARTITIONED, ROOT, STAGES, dagster_dev, materialize_command, project_env, run_cli
 
 from pipeline.models import EMBEDDED, model_layer_count
 
@@ -39,8 +39,7 @@ def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition-range", f"0...{last}"],
     ):
-        done = subprocess.run(dagster + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run_cli(dagster + extra, env, timeout=900)
     q = query(Path(env["NEURON_ATLAS_DB"]))
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
     n = (last + 1) * d_mlp

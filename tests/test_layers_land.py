@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import query
 from dagster import AssetKey, DagsterInstance
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
+from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
 
 from pipeline.warehouse import open_warehouse
 
@@ -41,8 +41,7 @@ def test_killed_two_layer_run_keeps_its_first_layer(tmp_path: Path, digit_model_
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition-range", "0...1"],
     ):
-        done = subprocess.run(cli + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run_cli(cli + extra, env)
 
     explain = cli + ["--select", "explanations", "--partition-range", "0...1"]
     proc = subprocess.Popen(explain, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -72,8 +71,7 @@ def test_killed_two_layer_run_keeps_its_first_layer(tmp_path: Path, digit_model_
     finally:
         instance.dispose()
 
-    done = subprocess.run(explain, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_cli(explain, env, timeout=900)
     again = q("select layer, neuron, polarity, kind, sample_index from atlas.explanations order by all")
     assert len(again) == len(set(again)), "every row once"
     assert [r[:4] for r in again if r[0] == 0] == sorted(rows)

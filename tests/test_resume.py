@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
+from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
 
 NEURONS = list(range(8))
 
@@ -40,8 +40,7 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition", "0"],
     ):
-        done = subprocess.run(cli + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        run_cli(cli + extra, env)
 
     explain = cli + ["--select", "explanations", "--partition", "0"]
     proc = subprocess.Popen(explain, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -61,8 +60,7 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
     tables = {r[0] for r in q("select table_name from information_schema.tables where table_schema = 'atlas'")}
     assert "explanations" not in tables  # nothing half-written
 
-    done = subprocess.run(explain, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_cli(explain, env, timeout=900)
     rows = q("select neuron, kind, cached from atlas.explanations order by neuron, kind")
     samples = 2  # ExplainResource's default
     assert [(n, k) for n, k, _ in rows] == [

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import query, run_stages
 from dagster import DagsterInstance, materialize
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env
+from dagster_dev import SMALL_RESOURCES, materialize_command, project_env, run_cli
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON
 
@@ -114,8 +113,7 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
         outputs = []
         for select in ("subject_model,corpus_tokens", "activation_records,top_k_examples,explanations,simulations"):
             extra = ["--select", select] + (["--partition", "0"] if "explanations" in select else [])
-            done = subprocess.run(cli + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            done = run_cli(cli + extra, env)
             outputs.append(done.stdout + done.stderr)
     assert any(key in h for h in state.auth_headers)  # it was sent
     failures = query(Path(env["NEURON_ATLAS_DB"]))(
