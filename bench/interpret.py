@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from bench.capture import time_bare
 from pipeline.corpus import CorpusSpec, prefix_ids, tokenize_corpus
 from pipeline.examples import top_k_examples
 from pipeline.interpret import LLM, explain_layer, simulate_layer
@@ -73,12 +74,7 @@ def make_units(
 
 def bare_tokens_per_s(subject: SubjectModel, batches: Sequence[torch.Tensor]) -> float:
     """Tokens/s of the transformer body alone: batched, no cache, no head."""
-    body = subject.model.base_model
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for ids in batches:
-            body(input_ids=ids, use_cache=False)
-    return sum(b.numel() for b in batches) / (time.perf_counter() - start)
+    return sum(b.numel() for b in batches) / time_bare(subject, batches)
 
 
 class CountingSimulator(Simulator):
