@@ -160,10 +160,7 @@ class WarehouseDbIOManager(DbIOManager):
         target = f"{self._schema}.{table}"
 
         def attempt() -> None:
-            # DuckDB cannot alter a table in the transaction that deletes from it: upgrade it first.
-            with self._connect() as conn, transaction(conn):
-                add_appended_columns(conn)
-                _migrate(conn, target, frame)
+            self._upgrade(target, frame)
             obj_arrow = frame.to_arrow()  # noqa: F841 (read by name in the SQL below)
             with self._connect() as conn, transaction(conn):
                 conn.execute(f"create schema if not exists {self._schema}")
@@ -205,9 +202,15 @@ class WarehouseDbIOManager(DbIOManager):
         if not isinstance(obj, pl.DataFrame) or obj.is_empty():
             return
         table_slice = self._get_table_slice(context, context)
-        with TransactionalDuckDbClient.connect(context, table_slice) as conn:
+        self._upgrade(f"{table_slice.schema}.{table_slice.table}", obj)
+
+    def _upgrade(self, target: str, frame: pl.DataFrame) -> None:
+        """Bring `target` up to the frame's columns (or refuse) in a transaction of its own: DuckDB
+        cannot alter a table in the transaction that deletes from it. The views are refreshed by
+        the write that follows."""
+        with self._connect() as conn, transaction(conn):
             add_appended_columns(conn)
-            _migrate(conn, f"{table_slice.schema}.{table_slice.table}", obj)
+            _migrate(conn, target, frame)
 
 
 class WarehouseIOManager(DuckDBPolarsIOManager):
