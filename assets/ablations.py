@@ -17,7 +17,16 @@ from assets.automation import RERUN
 from assets.interpret import _identity, _strip
 from assets.io import WarehouseDbIOManager
 from assets.resources import AblationResource, SubjectModelResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, _require_same_model, land_layer
+from assets.stages import (
+    LAYER_METADATA,
+    RECORD_COLUMNS,
+    WAREHOUSE,
+    _layers,
+    _lineage,
+    _preview,
+    _require_same_model,
+    land_layer,
+)
 from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
 from pipeline.ablation import LayerAblator
 from pipeline.corpus import prefix_ids
@@ -33,7 +42,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         partitions_def=layers_def,
         backfill_policy=BackfillPolicy.single_run(),
         metadata=LAYER_METADATA,
-        ins={"activation_records": AssetIn(metadata={"columns": ["layer", "neuron", "mean_activation"]})},
+        ins={"activation_records": AssetIn(metadata={"columns": [*RECORD_COLUMNS, "mean_activation"]})},
     )
     def ablations(
         context: AssetExecutionContext,
@@ -53,7 +62,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         identity = _identity(top_k_examples)
         loaded = subject.load()
         _require_same_model(identity, loaded.identity)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens)
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
         frames = []
         for layer in _layers(context):
             chosen = choose_units(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)

@@ -45,7 +45,11 @@ def build_asset_checks() -> list[AssetChecksDefinition]:
 
     return [
         activation_records_complete,
-        simple("top_k_examples", "levels_in_range", "Levels within 0..10 and a normalization max for every neuron."),
+        simple(
+            "top_k_examples",
+            "examples_complete",
+            "A normalization max for every unit, and every split record found in activation_records.",
+        ),
         simple("explanations", "one_explanation_per_key", "One explanation per model, layer, neuron, kind, sample."),
         simple("simulations", "simulations_in_range", "Simulated levels within 0..10, one per token."),
         simple("scores", "scores_in_range", "Correlations within [-1, 1]; NULL only with a reason."),

@@ -26,7 +26,7 @@ from assets.interpret import LLM_POOL, _failure_reasons, _identity, _strip
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, land_layer
+from assets.stages import LAYER_METADATA, RECORD_COLUMNS, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.classify import (
     QUANTILE_LISTS,
     SCORERS,
@@ -95,7 +95,7 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         backfill_policy=BackfillPolicy.single_run(),
         metadata=LAYER_METADATA,
         pool=LLM_POOL,
-        ins={"activation_records": AssetIn(metadata={"columns": ["layer", "neuron", *QUANTILE_COLUMNS]})},
+        ins={"activation_records": AssetIn(metadata={"columns": [*RECORD_COLUMNS, *QUANTILE_COLUMNS]})},
         check_specs=[
             AssetCheckSpec(
                 CLASSIFIER_DISCRIMINATES,
@@ -121,8 +121,8 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         many non-activating texts, beside the control (another unit's explanation on the same prompts)."""
         spec = classify.spec()
         identity = _identity(top_k_examples)
-        units = with_quantiles(units_from_frames(_strip(top_k_examples), corpus_tokens), activation_records,
-                               corpus_tokens)  # fmt: skip
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
+        units = with_quantiles(units, activation_records, corpus_tokens)
         chosen = scores.filter((pl.col("split") == "test") & pl.col("best"))
         client = simulator.classifier() if chosen.height else None
         if client is not None:

@@ -23,7 +23,7 @@ from assets.automation import RERUN
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, land_layer
+from assets.stages import LAYER_METADATA, RECORD_ACTS, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.interpret import (
     CANDIDATE_KINDS,
@@ -74,11 +74,14 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         metadata=LAYER_METADATA,
     )
 
-    @asset(code_version="2", automation_condition=RERUN, pool=LLM_POOL, **common)
+    @asset(
+        code_version="2", automation_condition=RERUN, pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **common
+    )
     def explanations(
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
+        activation_records: pl.DataFrame,
         explainer: ExplainerResource,
         explain: ExplainResource,
         warehouse: ResourceParam[WarehouseDbIOManager],
@@ -87,7 +90,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         the token-lookup reference; copies of few-shot text and explanations shared by many units are
         flagged degenerate. Each layer is committed when it is done."""
         identity = _identity(top_k_examples)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens)
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
         selected = {}
         for layer in _layers(context):
             n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
@@ -128,12 +131,15 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         )
         return _lineage(frame, identity, context)
 
-    @asset(code_version="2", automation_condition=RERUN, pool=LLM_POOL, **common)
+    @asset(
+        code_version="2", automation_condition=RERUN, pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **common
+    )
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
         top_k_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
+        activation_records: pl.DataFrame,
         simulator: SimulatorResource,
         warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> pl.DataFrame:
@@ -141,7 +147,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         test (each kind's chosen one), and the control on test (another unit's explanation). Each
         layer is committed when it is done."""
         identity = _identity(top_k_examples)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens)
+        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
         needs_llm = explanations.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
         client = simulator.client() if needs_llm.height else None
         before = client.usage.snapshot() if client else {}

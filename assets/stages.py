@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 from dagster import (
     AssetExecutionContext,
+    AssetIn,
     AssetMaterialization,
     AssetsDefinition,
     BackfillPolicy,
@@ -27,9 +28,14 @@ from pipeline.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_cou
 from pipeline.models import ModelIdentity
 from pipeline.progress import duration
 from pipeline.records import collect_activation_records, records_frame
+from pipeline.units import RECORD_LISTS
 
 WAREHOUSE = "warehouse"
 LAYER_METADATA = {"partition_expr": "layer"}
+# What the interpretation steps read of activation_records: the lists holding their examples'
+# activations (top_k_examples refers to them; `pipeline.units.units_from_frames`).
+RECORD_COLUMNS = ["layer", "neuron", *RECORD_LISTS]
+RECORD_ACTS = AssetIn(metadata={"columns": RECORD_COLUMNS})
 
 
 def layer_partitions(n_layers: int) -> StaticPartitionsDefinition:
@@ -176,7 +182,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
 
     @asset(
         io_manager_key=WAREHOUSE,
-        code_version="2",  # 2: both directions (bottom, quantile_neg, min/negative stats)
+        code_version="3",  # 2: both directions (bottom, quantile_neg, min/negative stats); 3: 8-bit codes
         automation_condition=RERUN,
         group_name="atlas",
         partitions_def=layers_def,
@@ -244,7 +250,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
 
     @asset(
         io_manager_key=WAREHOUSE,
-        code_version="1",
+        code_version="2",  # 2: records are references to activation_records (8-bit codes there)
         automation_condition=RERUN,
         group_name="atlas",
         partitions_def=layers_def,

@@ -67,8 +67,9 @@ def make_units(
     corpus = tokenize_corpus(subject.tokenizer, CorpusSpec(n_sequences=n_sequences, seq_len=seq_len))
     token_ids = np.asarray(corpus.sort("seq_id")["token_ids"].to_list(), dtype=np.int64)
     records = collect_activation_records(subject, token_ids, [layer], spec, prefix=prefix_ids(subject.tokenizer))
-    examples = top_k_examples(records_frame(records[layer]), corpus.select("seq_id", "token_ids", "tokens"))
-    units = sorted(units_from_frames(examples, corpus).values(), key=lambda u: (u.neuron, u.polarity))
+    frame = records_frame(records[layer])
+    examples = top_k_examples(frame, corpus.select("seq_id", "token_ids", "tokens"))
+    units = sorted(units_from_frames(examples, corpus, frame).values(), key=lambda u: (u.neuron, u.polarity))
     return [u for u in units if not u.dead][:n_units]
 
 

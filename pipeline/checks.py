@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.units import RECORD_LISTS
 from pipeline.warehouse import SCHEMA
 
 
@@ -50,13 +51,36 @@ def activation_records_complete(conn: Any, top_k: int, random_k: int) -> CheckOu
     return _outcome(bad, "neurons with missing/non-finite statistics or a wrong record count", "all neurons complete")
 
 
-def levels_in_range(conn: Any) -> CheckOutcome:
-    bad = _count(
-        conn,
-        "select count(*) from {s}.top_k_examples where max_activation is null or not isfinite(max_activation)"
-        " or len(list_filter(records, lambda r: len(list_filter(r.levels, lambda v: v is null or v > 10)) > 0)) > 0",
+def examples_complete(conn: Any) -> CheckOutcome:
+    """Every unit has a finite normalization max, and every split record refers to a record of the
+    neuron's list in activation_records (where its activations are: `pipeline.units.source_list`),
+    so the 0-10 levels the explainer and the views compute are defined."""
+    no_max = _count(
+        conn, "select count(*) from {s}.top_k_examples where max_activation is null or not isfinite(max_activation)"
     )
-    return _outcome(bad, "neurons with levels outside 0..10 or no normalization max", "all levels within 0..10")
+    lists = " union all ".join(
+        f"select model_id, model_revision, layer, neuron, '{name}' as list,"
+        f" unnest(list_transform({name}, lambda r: r.seq_id)) as seq_id from {{s}}.activation_records"
+        for name in RECORD_LISTS
+    )
+    dangling = _count(
+        conn,
+        "with refs as (select model_id, model_revision, layer, neuron, coalesce(polarity, '+') as polarity,"
+        " unnest(records, recursive := true) from {s}.top_k_examples),"
+        f" stored as ({lists})"
+        " select count(*) from refs r anti join stored s on s.model_id = r.model_id"
+        " and s.model_revision = r.model_revision and s.layer = r.layer and s.neuron = r.neuron"
+        " and s.seq_id = r.seq_id and s.list = case when r.kind = 'random' then 'random'"
+        " when r.polarity = '-' then 'bottom' else 'top' end",
+    )
+    what = []
+    if no_max:
+        what.append(f"{no_max} units without a finite normalization max")
+    if dangling:
+        what.append(f"{dangling} split records not found in activation_records")
+    return CheckOutcome(
+        not what, "; ".join(what) or "every unit has its max and every record its activations", no_max + dangling
+    )
 
 
 def one_explanation_per_key(conn: Any) -> CheckOutcome:

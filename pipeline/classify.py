@@ -41,6 +41,7 @@ import polars as pl
 from pipeline.llm import LLMFailure, Usage
 from pipeline.progress import Progress
 from pipeline.prompts import EXPLANATION_ENDING, format_token
+from pipeline.records import dequantize
 from pipeline.scoring import Discrimination, discrimination
 from pipeline.units import NEGATIVE, POSITIVE, Example, Unit, UnitKey, derangement
 
@@ -111,7 +112,7 @@ def with_quantiles(
         samples = (row or {}).get(QUANTILE_LISTS[unit.polarity]) or []
         extra = tuple(
             Example(QUANTILE, "test", int(s["rank"]), int(s["seq_id"]), *tokens[int(s["seq_id"])],
-                    np.asarray(s["acts"], dtype=np.float32))
+                    dequantize(np.asarray(s["codes"]), s["min_act"], s["max_act"]))
             for s in samples
         )  # fmt: skip
         out[key] = dataclasses.replace(unit, examples=unit.examples + extra)

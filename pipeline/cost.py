@@ -43,7 +43,7 @@ from pipeline.prompts import (
     format_token,
     simulation_prompt,
 )
-from pipeline.units import Unit, select_units, units_from_frames
+from pipeline.units import RECORD_LISTS, Unit, select_units, units_from_frames
 
 PLACEHOLDER_EXPLANATION = "words about food and cooking"  # the length of a typical explanation
 CountTokens = Callable[[str], int]
@@ -154,6 +154,7 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
 def estimate(
     examples: pl.DataFrame,
     corpus_tokens: pl.DataFrame,
+    activation_records: pl.DataFrame,
     layers: Sequence[int],
     count: CountTokens,
     *,
@@ -164,13 +165,12 @@ def estimate(
     explainer_api: str = "completions",
     simulator_backend: str = "local",
     simulator_api: str = "completions",
-    activation_records: pl.DataFrame | None = None,
     classify: ClassifySpec | None = None,
 ) -> dict[str, StageCost]:
     """Requests and tokens (at most) of the explanations and simulations steps for these layers and
-    neurons, and of classification_scores (on the simulator's model) given `classify` and the
-    `activation_records` that hold the quantile samples."""
-    units = units_from_frames(examples.filter(pl.col("layer").is_in(list(layers))), corpus_tokens)
+    neurons, and of classification_scores (on the simulator's model) given `classify`;
+    `activation_records` holds the records' activations (`units_from_frames`) and quantile samples."""
+    units = units_from_frames(examples.filter(pl.col("layer").is_in(list(layers))), corpus_tokens, activation_records)
     chosen: list[Unit] = []
     for layer in layers:
         n = len({neuron for (lay, neuron, _) in units if lay == layer})
@@ -179,7 +179,7 @@ def estimate(
         "explanations": explanation_cost(chosen, count, explainer_api, samples, max_tokens),
         "simulations": simulation_cost(chosen, count, simulator_backend, simulator_api, samples),
     }
-    if classify is not None and activation_records is not None:
+    if classify is not None:
         classify.validate()
         with_held_out = with_quantiles({u.key: u for u in chosen}, activation_records, corpus_tokens)
         costs["classification"] = classification_cost(list(with_held_out.values()), count, simulator_api, classify)
@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
             "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
-        have = {r[0] for r in conn.execute("select column_name from (describe atlas.activation_records)").fetchall()}
-        lists = ", ".join(c for c in ("quantile", "quantile_neg") if c in have)
-        records = conn.sql(f"select layer, neuron{', ' + lists if lists else ''} from atlas.activation_records").pl()
+        records = conn.sql(
+            f"select layer, neuron, {', '.join(RECORD_LISTS)}, quantile, quantile_neg from atlas.activation_records"
+        ).pl()
     if examples.is_empty():
         raise AtlasInputError("top_k_examples is empty: materialize activation_records and top_k_examples first")
     layers = parse_layers(args.layers, int(examples["layer"].max()) + 1)
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     costs = estimate(
         examples,
         corpus,
+        records,
         layers,
         lambda text: len(tokenizer.encode(text)),
         n_neurons=args.neurons,
@@ -256,7 +257,6 @@ def main(argv: list[str] | None = None) -> None:
         explainer_api=args.explainer_api,
         simulator_backend=args.simulator_backend,
         simulator_api=args.simulator_api,
-        activation_records=records,
         classify=None
         if args.scorers == "none"
         else ClassifySpec(

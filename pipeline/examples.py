@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from pipeline.records import codes_to_acts
 from pipeline.units import MAX_LEVEL, NEGATIVE, POSITIVE, SPLITS, normalize
 
 __all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
@@ -30,14 +31,14 @@ __all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
 
 def _records_long(activation_records: pl.DataFrame, column: str, kind: str, polarity: str | None) -> pl.DataFrame:
     """The records of one column, one row each, as `kind` records of the given polarity (None: of both)."""
-    return (
+    return codes_to_acts(
         activation_records.select("layer", "neuron", column)
         .explode(column)
         .drop_nulls(column)
         .unnest(column)
         .with_columns(pl.lit(kind).alias("kind"), pl.lit(polarity, dtype=pl.String).alias("polarity"))
-        .select("layer", "neuron", "polarity", "kind", "rank", "seq_id", "max_act", "acts")
-    )
+        .select("layer", "neuron", "polarity", "kind", "rank", "seq_id", "max_act", "min_act", "codes")
+    ).drop("max_act", "min_act")
 
 
 TOKEN_TYPE = pl.List(
@@ -63,9 +64,14 @@ def _disjoint_random(top: pl.DataFrame, random: pl.DataFrame) -> pl.DataFrame:
 def top_k_examples(
     activation_records: pl.DataFrame, corpus_tokens: pl.DataFrame, n_top_tokens: int = 10, min_token_count: int = 2
 ) -> pl.DataFrame:
-    """One row per unit (layer, neuron, polarity): normalization max, split records with 0-10
-    levels, top tokens; `polarity` comes last, so tables written before it existed migrate by
-    appending it. '-' rows exist for neurons whose negative direction was captured.
+    """One row per unit (layer, neuron, polarity): normalization max, its split records, top
+    tokens; `polarity` comes last, so tables written before it existed migrate by appending it.
+    '-' rows exist for neurons whose negative direction was captured.
+
+    A split record is a reference {kind, split, split_rank, rank, seq_id}: its activations stay in
+    `activation_records` (the neuron's `top` list for a '+' top record, `bottom` for a '-' one,
+    `random` for a random one; a sequence is in a list once), read back by
+    `pipeline.units.units_from_frames` and the `examples_long` view, which adds the 0-10 levels.
 
     Top tokens are the token ids with the highest mean activation (in the unit's direction) over
     the train and calibration records (top and random, each sequence once) that occur at least
@@ -109,16 +115,11 @@ def top_k_examples(
     )
     sign = np.where(records["polarity"].to_numpy() == NEGATIVE, -1.0, 1.0)[:, None]
     acts = _acts_matrix(records) * sign  # in each unit's direction
-    levels = normalize(acts, records["max_activation"].to_numpy())
-    records = records.with_columns(
-        pl.Series("levels", levels, dtype=pl.Array(pl.UInt8, acts.shape[1])).cast(pl.List(pl.UInt8)),
-        pl.Series("max_act", acts.max(axis=1), dtype=pl.Float32),  # the record's peak in the unit's direction
-    )
     keys = ["layer", "neuron", "polarity"]
     nested = (
         records.sort([*keys, "kind", "rank"], descending=[False, False, False, True, False])  # top first
         .group_by(keys, maintain_order=True)
-        .agg(pl.struct("kind", "split", "split_rank", "rank", "seq_id", "max_act", "acts", "levels").alias("records"))
+        .agg(pl.struct("kind", "split", "split_rank", "rank", "seq_id").alias("records"))
     )
     return (
         norm_max.join(nested, on=keys, how="left", maintain_order="left")

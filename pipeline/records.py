@@ -11,6 +11,12 @@ Per neuron and layer we keep, in one pass:
   direction, by -min for the negative one;
 - running mean/variance (Chan's parallel merge in float64), max, min, and positive/negative counts.
 
+In the warehouse a record's activations are stored once, as 8-bit codes on the record's own range:
+code c stands for min_act + c * (max_act - min_act) / 255 (`quantize`, `dequantize`). The record's
+min and max stay exact float32; every other activation is within (max_act - min_act) / 510 of the
+captured value, a fiftieth of one 0-10 level of a top record. This keeps a neuron's 100 records
+(gated default) near 6.4 KB instead of 25.6 KB in float32.
+
 Gated MLPs (`act(gate) * up`) fire both ways, so the negative direction defaults on for them and
 off for ReLU/GELU MLPs (`SamplingSpec.negative`).
 """
@@ -85,6 +91,38 @@ class SamplingSpec:
     def captures_negative(self, gated: bool) -> bool:
         """Whether the negative direction is captured for an MLP of this kind."""
         return self.negative == "on" or (self.negative == "auto" and gated)
+
+
+CODE_MAX = 255  # codes are 0..CODE_MAX (uint8)
+
+
+def quantize(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """[..., T] activations -> uint8 codes on each record's [lo, hi] (lo = its min, hi = its max)."""
+    lo64, hi64 = np.asarray(lo, np.float64)[..., None], np.asarray(hi, np.float64)[..., None]
+    span = hi64 - lo64
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(span > 0, (np.asarray(acts, np.float64) - lo64) / span, 0.0)
+    return np.rint(np.clip(scaled, 0.0, 1.0) * CODE_MAX).astype(np.uint8)
+
+
+def dequantize(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., T] -> float32 activations; codes 0 and CODE_MAX give lo and hi exactly.
+    The `records_long` view computes the same expression in SQL."""
+    lo64, hi64 = np.asarray(lo, np.float64)[..., None], np.asarray(hi, np.float64)[..., None]
+    return (lo64 + np.asarray(codes, np.float64) * (hi64 - lo64) / CODE_MAX).astype(np.float32)
+
+
+def codes_to_acts(frame: pl.DataFrame) -> pl.DataFrame:
+    """A long frame of records (columns codes, min_act, max_act; codes of equal lengths) with
+    `acts` (List[Float32]) in place of `codes`."""
+    if frame.height == 0:
+        return frame.drop("codes").with_columns(pl.lit([], dtype=pl.List(pl.Float32)).alias("acts"))
+    width = frame["codes"].list.len().max()
+    codes = frame["codes"].cast(pl.Array(pl.UInt8, width)).to_numpy()
+    acts = dequantize(codes, frame["min_act"].to_numpy(), frame["max_act"].to_numpy())
+    return frame.drop("codes").with_columns(
+        pl.Series("acts", acts, dtype=pl.Array(pl.Float32, width)).cast(pl.List(pl.Float32))
+    )
 
 
 @dataclass
@@ -449,8 +487,8 @@ def collect_activation_records(
 
 
 def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
-    """[N, k] records -> one row per neuron with a list of structs {rank, seq_id, max_act[, bin], acts,
-    min_act}: min_act comes last so tables written before it existed can be migrated by appending it."""
+    """[N, k] records -> one row per neuron with a list of structs {rank, seq_id, max_act[, bin],
+    codes, min_act}: the activations as 8-bit codes on [min_act, max_act] (`quantize`)."""
     n, k = records.ids.shape
     columns = {
         "neuron": np.repeat(neurons, k).astype(np.int32),
@@ -460,9 +498,10 @@ def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
     }
     if records.bin is not None:
         columns["bin"] = records.bin.reshape(-1).astype(np.int16)
-    columns["acts"] = records.acts.reshape(n * k, records.acts.shape[-1]).astype(np.float32)
-    columns["min_act"] = records.min.reshape(-1).astype(np.float32)
-    flat = pl.DataFrame(columns).with_columns(pl.col("acts").cast(pl.List(pl.Float32)))
+    lo, hi = records.min.reshape(-1).astype(np.float32), records.max.reshape(-1).astype(np.float32)
+    columns["codes"] = quantize(records.acts.reshape(n * k, records.acts.shape[-1]), lo, hi)
+    columns["min_act"] = lo
+    flat = pl.DataFrame(columns).with_columns(pl.col("codes").cast(pl.List(pl.UInt8)))
     fields = [c for c in flat.columns if c != "neuron"]
     nested = flat.group_by("neuron", maintain_order=True).agg(pl.struct(fields).alias(name))
     if k == 0:

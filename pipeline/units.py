@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.records import codes_to_acts
+
 POSITIVE, NEGATIVE = "+", "-"
 SPLITS = ("train", "calibration", "valid", "test")
 HELD_OUT = ("calibration", "valid", "test")
@@ -112,8 +114,12 @@ class Unit:
         ]
 
 
-def units_from_frames(examples: pl.DataFrame, corpus_tokens: pl.DataFrame) -> dict[UnitKey, Unit]:
-    """One `Unit` per row of `top_k_examples` (rows written before polarity existed read as '+')."""
+def units_from_frames(
+    examples: pl.DataFrame, corpus_tokens: pl.DataFrame, activation_records: pl.DataFrame
+) -> dict[UnitKey, Unit]:
+    """One `Unit` per row of `top_k_examples` (rows written before polarity existed read as '+'),
+    its records' activations read from `activation_records` (columns layer, neuron, top, random
+    and, where captured, bottom): where `pipeline.examples.top_k_examples` says they are."""
     wanted = {int(s) for recs in examples["records"].to_list() for r in recs or [] for s in [r["seq_id"]]}
     tokens = {
         row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))
@@ -121,33 +127,74 @@ def units_from_frames(examples: pl.DataFrame, corpus_tokens: pl.DataFrame) -> di
         .filter(pl.col("seq_id").is_in(sorted(wanted)))
         .iter_rows(named=True)
     }
+    acts = _record_acts(activation_records, examples.select("layer", "neuron").unique())
     has_polarity = "polarity" in examples.columns
     polarity_of = (lambda row: row["polarity"] or POSITIVE) if has_polarity else (lambda row: POSITIVE)
     two_way = {(r["layer"], r["neuron"]) for r in examples.iter_rows(named=True) if polarity_of(r) == NEGATIVE}
     out: dict[UnitKey, Unit] = {}
     for row in examples.iter_rows(named=True):
+        layer, neuron, polarity = int(row["layer"]), int(row["neuron"]), polarity_of(row)
         records = sorted(row["records"] or [], key=lambda r: (r["kind"] != "top", SPLITS.index(r["split"]), r["rank"]))
-        unit = Unit(
-            layer=int(row["layer"]),
-            neuron=int(row["neuron"]),
-            polarity=polarity_of(row),
-            max_activation=float(row["max_activation"]),
-            examples=tuple(
+        try:
+            examples_of = tuple(
                 Example(
                     r["kind"],
                     r["split"],
                     int(r["split_rank"]),
                     int(r["seq_id"]),
                     *tokens[r["seq_id"]],
-                    np.asarray(r["acts"], dtype=np.float32),
+                    acts[(layer, neuron, source_list(r["kind"], polarity), int(r["seq_id"]))],
                 )
                 for r in records
-            ),
+            )
+        except KeyError as missing:
+            raise ValueError(
+                f"unit ({layer}, {neuron}, {polarity}): record {missing} is not in activation_records or"
+                " corpus_tokens: materialize activation_records and top_k_examples of the layer again"
+            ) from None
+        unit = Unit(
+            layer=layer,
+            neuron=neuron,
+            polarity=polarity,
+            max_activation=float(row["max_activation"]),
+            examples=examples_of,
             top_tokens=tuple(row["top_tokens"] or ()),
             rectified=(row["layer"], row["neuron"]) in two_way,
         )
         out[unit.key] = unit
     return out
+
+
+RECORD_LISTS = ("top", "bottom", "random")  # the activation_records lists a unit's examples come from
+
+
+def source_list(kind: str, polarity: str) -> str:
+    """The `activation_records` list holding a unit's record of this kind."""
+    if kind == "random":
+        return "random"
+    return "bottom" if polarity == NEGATIVE else "top"
+
+
+def _record_acts(
+    activation_records: pl.DataFrame, neurons: pl.DataFrame
+) -> dict[tuple[int, int, str, int], np.ndarray]:
+    """(layer, neuron, list, seq_id) -> float32 activations, for the given neurons' top, bottom and
+    random records."""
+    chosen = activation_records.join(neurons, on=["layer", "neuron"], how="semi")
+    parts = [
+        chosen.select("layer", "neuron", column)
+        .explode(column)
+        .drop_nulls(column)
+        .unnest(column)
+        .select("layer", "neuron", pl.lit(column).alias("list"), "seq_id", "max_act", "min_act", "codes")
+        for column in RECORD_LISTS
+        if column in chosen.columns
+    ]
+    if not parts:
+        return {}
+    long = codes_to_acts(pl.concat(parts))
+    matrix = long["acts"].cast(pl.Array(pl.Float32, long["acts"].list.len().max() or 0)).to_numpy()
+    return dict(zip(long.select("layer", "neuron", "list", "seq_id").iter_rows(), matrix, strict=True))
 
 
 def select_units(

@@ -97,7 +97,7 @@ def _dicts(conn: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list
 def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
     """Reads one layer of the current model (the `current_*` views) for the explained units."""
     tables = _tables(conn)
-    needed = {"current_top_k_examples", "current_corpus_tokens", "current_explanations"}
+    needed = {"current_top_k_examples", "current_corpus_tokens", "current_explanations", "examples_long"}
     if not needed <= tables:
         raise AtlasInputError(
             f"the warehouse has no {', '.join(sorted(needed - tables))} yet: materialize top_k_examples and "
@@ -149,12 +149,22 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
         (r["neuron"], r["polarity"]): r
         for r in _dicts(
             conn,
-            f"select neuron, {polarity}, max_activation, top_tokens, records from atlas.current_top_k_examples "
+            f"select neuron, {polarity}, max_activation, top_tokens from atlas.current_top_k_examples "
             "where layer = ? and list_contains(?, neuron)",
             [layer, neurons],
         )
     }
-    seq_ids = sorted({rec["seq_id"] for ex in examples.values() for rec in ex["records"] or []})
+    # The units' records with their tokens and activations (top_k_examples holds references), top first.
+    records: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for row in _dicts(
+        conn,
+        "select neuron, polarity, kind, split, split_rank, seq_id, tokens, acts from atlas.examples_long "
+        "where model_id = ? and model_revision = ? and layer = ? and list_contains(?, neuron) "
+        "order by neuron, polarity, kind desc, rank",
+        [head["model_id"], head["model_revision"], layer, neurons],
+    ):
+        records.setdefault((row["neuron"], row["polarity"]), []).append(row)
+    seq_ids = sorted({rec["seq_id"] for recs in records.values() for rec in recs})
     tokens = dict(
         conn.execute(
             "select seq_id, tokens from atlas.current_corpus_tokens where list_contains(?, seq_id)", [seq_ids]
@@ -201,13 +211,12 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
             ex = examples.get((neuron, sign))
             if ex is None or (neuron, sign) not in by_unit:
                 continue
-            records = [rec | {"tokens": tokens.get(rec["seq_id"], [])} for rec in ex["records"] or []]
             units.append(
                 UnitView(
                     sign,
                     ex["max_activation"],
                     ex["top_tokens"] or [],
-                    records,
+                    records.get((neuron, sign), []),
                     by_unit[(neuron, sign)],
                     simulated.get((neuron, sign), []),
                     ablations.get((neuron, sign)),

@@ -130,6 +130,12 @@ def loopback_llm(
     }
 
 
+def code_step(max_act: float, min_act: float) -> float:
+    """The most a stored activation may differ from the captured one: half of the record's 8-bit
+    code step, (max_act - min_act) / 255 / 2 (`pipeline.records.quantize`)."""
+    return (float(max_act) - float(min_act)) / 510
+
+
 def query(database: Path) -> Callable[..., list[tuple]]:
     def run(sql: str, params: list | None = None) -> list[tuple]:
         with duckdb.connect(str(database), read_only=True) as conn:

@@ -69,7 +69,7 @@ def test_a_dead_neuron_gets_null_rows_with_reasons_and_the_layer_completes(
     stats = q("select max_activation, mean_activation, variance, nonzero_frac from atlas.activation_records "
               "where layer = 0 and neuron = ?", [DEAD])  # fmt: skip
     assert stats[0][0] <= 0 and all(v == v for v in stats[0])  # no NaN
-    levels = q("select list_distinct(flatten(list_transform(records, lambda r: r.levels))) from atlas.top_k_examples "
+    levels = q("select list_distinct(flatten(list(levels))) from atlas.examples_long "
                "where layer = 0 and neuron = ?", [DEAD])  # fmt: skip
     assert levels == [([0],)]
     explained = dict(q("select neuron, failure_reason from atlas.explanations where kind = 'llm' and layer = 0"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import query, run_stages
+from conftest import code_step, query, run_stages
 
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 from pipeline.models import EMBEDDED, load_subject_model, model_layer_count
@@ -94,13 +94,14 @@ def test_top_records_are_the_true_top(warehouse: tuple[Path, object], layer: int
     for n in (neuron, 7, 1000):
         expected = sorted(range(len(token_ids)), key=lambda s: (-seq_max[s, n], s))[:TOP_K]
         stored = q(
-            "select rank, seq_id, max_act, acts from atlas.records_long where layer = ? and neuron = ? "
+            "select rank, seq_id, max_act, acts, min_act from atlas.records_long where layer = ? and neuron = ? "
             "and kind = 'top' order by rank",
             [layer, n],
         )
         assert [r[1] for r in stored] == expected
-        for _, seq_id, max_act, stored_acts in stored:
-            np.testing.assert_allclose(stored_acts, acts[seq_id, :, n], atol=1e-4, rtol=1e-4)
+        for _, seq_id, max_act, stored_acts, min_act in stored:
+            step = code_step(max_act, min_act)  # 8-bit storage
+            np.testing.assert_allclose(stored_acts, acts[seq_id, :, n], atol=1e-4 + step, rtol=1e-4)
             assert max_act == pytest.approx(float(seq_max[seq_id, n]), abs=1e-4)
         stats = q(
             "select max_activation, mean_activation, variance, n_tokens from atlas.activation_records "
@@ -120,12 +121,13 @@ def test_random_and_quantile_records_hold_true_activations(warehouse: tuple[Path
     token_ids = np.array([r[0] for r in q("select token_ids from atlas.corpus_tokens order by seq_id")])
     acts = _plain_activations(0, token_ids)
     rows = q(
-        "select neuron, kind, seq_id, acts from atlas.records_long where layer = 0 and neuron in (3, 500) "
-        "and kind in ('random', 'quantile')"
+        "select neuron, kind, seq_id, acts, max_act, min_act from atlas.records_long where layer = 0"
+        " and neuron in (3, 500) and kind in ('random', 'quantile')"
     )
     assert len(rows) == 2 * (RANDOM_K + Q_BINS * PER_Q)
-    for neuron, _, seq_id, stored in rows:
-        np.testing.assert_allclose(stored, acts[seq_id, :, neuron], atol=1e-4, rtol=1e-4)
+    for neuron, _, seq_id, stored, max_act, min_act in rows:
+        step = code_step(max_act, min_act)  # 8-bit storage
+        np.testing.assert_allclose(stored, acts[seq_id, :, neuron], atol=1e-4 + step, rtol=1e-4)
     distinct = q(
         "select neuron, count(distinct seq_id) from atlas.records_long where layer = 0 and kind = 'random' "
         "group by neuron having count(distinct seq_id) < ?",

@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.examples import normalize, top_k_examples
+from pipeline.units import units_from_frames
 
 
 def test_normalize_hand_values() -> None:
@@ -16,13 +17,16 @@ def test_normalize_hand_values() -> None:
 
 
 def _records(k: int, t: int = 3) -> pl.DataFrame:
-    """One neuron whose top record r has activations (k - r) on token 7 and 0 elsewhere; random
-    records are all zero."""
-    rec = pl.Struct({"rank": pl.Int16, "seq_id": pl.Int32, "max_act": pl.Float32, "acts": pl.List(pl.Float32)})
+    """One neuron whose top record r has activations (k - r) on token 7 and 0 elsewhere (code 255
+    is the record's max, 0 its min); random records are all zero."""
+    rec = pl.Struct(
+        {"rank": pl.Int16, "seq_id": pl.Int32, "max_act": pl.Float32, "codes": pl.List(pl.UInt8), "min_act": pl.Float32}
+    )
     top = [
-        {"rank": r, "seq_id": r, "max_act": float(k - r), "acts": [float(k - r)] + [0.0] * (t - 1)} for r in range(k)
+        {"rank": r, "seq_id": r, "max_act": float(k - r), "codes": [255] + [0] * (t - 1), "min_act": 0.0}
+        for r in range(k)
     ]
-    rand = [{"rank": r, "seq_id": k + r, "max_act": 0.0, "acts": [0.0] * t} for r in range(k)]
+    rand = [{"rank": r, "seq_id": k + r, "max_act": 0.0, "codes": [0] * t, "min_act": 0.0} for r in range(k)]
     return pl.DataFrame(
         {"layer": [2], "neuron": [5], "top": [top], "random": [rand]},
         schema={"layer": pl.Int32, "neuron": pl.Int32, "top": pl.List(rec), "random": pl.List(rec)},
@@ -35,14 +39,19 @@ def _corpus(n: int, t: int = 3) -> pl.DataFrame:
 
 
 def test_strided_splits_and_levels() -> None:
-    out = top_k_examples(_records(8), _corpus(16))
+    records, corpus = _records(8), _corpus(16)
+    out = top_k_examples(records, corpus)
     row = out.row(0, named=True)
     assert row["max_activation"] == 8.0
     top = [r for r in row["records"] if r["kind"] == "top"]
     by_split = {s: [r["seq_id"] for r in top if r["split"] == s] for s in ("train", "calibration", "valid", "test")}
     assert by_split == {"train": [0, 4], "calibration": [1, 5], "valid": [2, 6], "test": [3, 7]}
-    assert [r["levels"][0] for r in top] == [10, 8, 7, 6, 5, 3, 2, 1]  # floor(10 * (8 - r) / 8)
     assert row["records"][0]["kind"] == "top"
+    # The records are references: their activations and levels come back from activation_records.
+    unit = units_from_frames(out, corpus, records)[(2, 5, "+")]
+    tops = sorted((e for e in unit.examples if e.kind == "top"), key=lambda e: e.seq_id)
+    assert [e.acts.tolist() for e in tops] == [[8.0 - r, 0.0, 0.0] for r in range(8)]
+    assert [int(unit.levels(e)[0]) for e in tops] == [10, 8, 7, 6, 5, 3, 2, 1]  # floor(10 * (8 - r) / 8)
 
 
 def test_top_tokens_use_train_and_calibration_only() -> None:

@@ -158,7 +158,8 @@ def _digit_units(database: Path) -> dict:
             "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
-    return units_from_frames(examples, corpus)
+        records = conn.sql("select layer, neuron, top, bottom, random from atlas.activation_records").pl()
+    return units_from_frames(examples, corpus, records)
 
 
 def _explanations(neuron: int, *texts: str, kind: str = LLM) -> pl.DataFrame:
@@ -485,7 +486,7 @@ def test_ablation_report_command_runs_on_the_warehouse(local_run: tuple, capsys:
 def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
     evaluations = local_run[1].get_asset_check_evaluations()
     names = {e.check_name for e in evaluations}
-    assert {"activation_records_complete", "levels_in_range", "one_explanation_per_key"} <= names
+    assert {"activation_records_complete", "examples_complete", "one_explanation_per_key"} <= names
     assert {"simulations_in_range", "scores_in_range", "ablations_sane"} <= names
     assert {"simulator_discriminates", "classifier_discriminates", "classification_in_range"} <= names
     warnings = {"simulator_discriminates", "classifier_discriminates"}  # about the models, not the data
@@ -495,7 +496,7 @@ def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
 
 CORRUPTIONS = {
     "activation_records_complete": "update atlas.activation_records set mean_activation = 'nan' where neuron = 3",
-    "levels_in_range": "update atlas.top_k_examples set max_activation = null where neuron = 3",
+    "examples_complete": "update atlas.top_k_examples set max_activation = null where neuron = 3",
     "one_explanation_per_key": "insert into atlas.explanations select * from atlas.explanations limit 1",
     "simulations_in_range": "update atlas.simulations set simulated = list_transform(simulated, lambda v: v + 11)",
     "scores_in_range": "update atlas.scores set corr_all = 1.5 where corr_all is not null",
@@ -518,6 +519,24 @@ def test_each_check_fails_on_corrupted_data(local_run: tuple, tmp_path: Path, ch
         conn.execute(CORRUPTIONS[check])
         outcome = fn(conn)
     assert not outcome.passed and outcome.bad_rows > 0 and outcome.description
+
+
+def test_examples_complete_fails_when_a_record_has_no_activations(local_run: tuple, tmp_path: Path) -> None:
+    """top_k_examples refers to activation_records' lists: a reference left dangling (the records
+    rewritten without the examples) is caught, one count per lost record."""
+    from pipeline import checks
+
+    database = tmp_path / "dangling.duckdb"
+    database.write_bytes(local_run[0].read_bytes())
+    with duckdb.connect(str(database)) as conn:
+        assert checks.examples_complete(conn).passed
+        (lost,) = conn.execute(
+            "select count(*) from atlas.examples_long where neuron = 3 and polarity = '+' and kind = 'top'"
+        ).fetchone()
+        conn.execute("update atlas.activation_records set top = [] where neuron = 3")
+        outcome = checks.examples_complete(conn)
+    assert lost > 0 and not outcome.passed and outcome.bad_rows == lost
+    assert "not found in activation_records" in outcome.description
 
 
 def test_a_failing_blocking_check_stops_the_next_stage(

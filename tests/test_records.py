@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from pipeline.errors import AtlasInputError
-from pipeline.records import LayerAccumulator, LayerRecords, SamplingSpec, _quantile_positions, records_frame
+from pipeline.records import (
+    LayerAccumulator,
+    LayerRecords,
+    SamplingSpec,
+    _quantile_positions,
+    dequantize,
+    quantize,
+    records_frame,
+)
 
 N_SEQ, T, N = 37, 6, 5
 
@@ -216,13 +224,13 @@ def test_records_frame_holds_both_directions() -> None:
     ]  # as before this change; what is new comes after
     assert on.columns[11:] == ["min_activation", "negative_frac", "negative_captured", "bottom", "quantile_neg"]
     struct = on.schema["bottom"].inner
-    assert [f.name for f in struct.fields] == ["rank", "seq_id", "max_act", "acts", "min_act"]
+    assert [f.name for f in struct.fields] == ["rank", "seq_id", "max_act", "codes", "min_act"]
     assert [f.name for f in on.schema["quantile_neg"].inner.fields] == [
         "rank",
         "seq_id",
         "max_act",
         "bin",
-        "acts",
+        "codes",
         "min_act",
     ]
     assert on["negative_captured"].to_list() == [True] * N and off["negative_captured"].to_list() == [False] * N
@@ -232,3 +240,24 @@ def test_records_frame_holds_both_directions() -> None:
     seq_min = acts.amin(dim=1).numpy()[:, 0]
     best = _brute_force(seq_min, 1)[0]
     assert first["seq_id"][0] == best and first["min_act"][0] == pytest.approx(float(seq_min[best]))
+    # Stored as 8-bit codes on the record's [min, max]: both ends exact, the rest within half a step.
+    true = acts[best, :, 0].numpy().astype(np.float64)
+    lo, hi = float(first["min_act"][0]), float(first["max_act"][0])
+    assert (lo, hi) == (float(np.float32(true.min())), float(np.float32(true.max())))
+    decoded = dequantize(np.asarray(first["codes"][0]), lo, hi).astype(np.float64)
+    assert decoded.min() == lo and decoded.max() == hi
+    assert np.abs(decoded - true).max() <= (hi - lo) / 510 * (1 + 1e-6)
+    assert np.abs(decoded - true).max() > 0  # lossy: the bound is the one that matters
+
+
+def test_codes_hand_values() -> None:
+    """8-bit codes on [min, max]: code = round(255 * (a - min) / (max - min)), read back as
+    min + code * (max - min) / 255; a constant record (max = min) is all code 0."""
+    acts = np.array([[-1.0, 0.0, 0.5, 3.0], [2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    lo, hi = np.array([-1.0, 2.0], np.float32), np.array([3.0, 2.0], np.float32)
+    codes = quantize(acts, lo, hi)
+    assert codes.dtype == np.uint8 and codes.tolist() == [[0, 64, 96, 255], [0, 0, 0, 0]]  # 63.75, 95.625
+    back = dequantize(codes, lo, hi)
+    assert back.dtype == np.float32
+    assert back[0].tolist() == pytest.approx([-1.0, -1.0 + 64 * 4 / 255, -1.0 + 96 * 4 / 255, 3.0])
+    assert back[1].tolist() == [2.0] * 4

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from conftest import loopback_llm, query, run_stages
+from conftest import code_step, loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from rule_simulators import RuleSimulator
 from tiny_models import (
@@ -233,9 +233,11 @@ def test_each_direction_is_a_unit_with_exact_records_and_top_tokens(signed_run: 
         )
         column = "top" if polarity == "+" else "bottom"
         captured = q(
-            f"select seq_id from atlas.records_long where layer = 1 and neuron = ? and kind = '{column}' order by rank",
+            f"select seq_id, max_act, min_act from atlas.records_long where layer = 1 and neuron = ?"
+            f" and kind = '{column}' order by rank",
             [SIGNED_NEURON],
         )
+        step = {seq: code_step(hi, lo) for seq, hi, lo in captured}  # 8-bit storage
         shown = q(
             "select seq_id, tokens, acts, levels from atlas.examples_long where layer = 1 and neuron = ?"
             " and polarity = ? and kind = 'top' order by rank",
@@ -244,16 +246,21 @@ def test_each_direction_is_a_unit_with_exact_records_and_top_tokens(signed_run: 
         assert [r[0] for r in shown] == [r[0] for r in captured]
         strongest = max(sign * signed_activation(t) for _, tokens, _, _ in shown for t in tokens)
         assert max_activation == pytest.approx(strongest, abs=1e-4) and strongest > 1
-        for _, tokens, acts, levels in shown:
+        for seq_id, tokens, acts, levels in shown:
             assert any(t in words for t in tokens)
-            assert acts == pytest.approx([signed_activation(t) for t in tokens], abs=1e-4)  # raw, signed
+            truth = [signed_activation(t) for t in tokens]
+            assert acts == pytest.approx(truth, abs=1e-4 + step[seq_id])  # raw, signed
             expected = [min(10, int(10 * max(sign * signed_activation(t), 0) / strongest + 1e-6)) for t in tokens]
             assert [abs(a - b) <= (1 if 0 < a < 10 else 0) for a, b in zip(levels, expected, strict=True)]
         assert top_tokens, polarity
         names = [t["token"] for t in top_tokens]
         assert set(names) <= set(words), (polarity, names)
+        ((widest,),) = q(  # the means are over top and random records, each within its own step
+            "select max(max_act - min_act) / 510 from atlas.records_long where layer = 1 and neuron = ?",
+            [SIGNED_NEURON],
+        )
         for t in top_tokens:
-            assert t["mean_activation"] == pytest.approx(sign * signed_activation(t["token"]), abs=1e-4)
+            assert t["mean_activation"] == pytest.approx(sign * signed_activation(t["token"]), abs=1e-4 + widest)
         assert names == sorted(names, key=lambda w: -sign * signed_activation(w))
 
 
@@ -344,15 +351,16 @@ def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> No
         ("top", 16 * RUN_K),
     ]
     rows = q(
-        "select rank, seq_id, min_act, tokens, acts from atlas.records_long where layer = 1 and neuron = ?"
+        "select rank, seq_id, min_act, tokens, acts, max_act from atlas.records_long where layer = 1 and neuron = ?"
         " and kind = 'bottom' order by rank",
         [SIGNED_NEURON],
     )
     assert [r[0] for r in rows] == list(range(RUN_K))
-    for _rank, _seq, min_act, tokens, acts in rows:
+    for _rank, _seq, min_act, tokens, acts, max_act in rows:
         assert any(t in NEG_WORDS for t in tokens)
         assert min_act == pytest.approx(min(signed_activation(t) for t in tokens), abs=1e-4)
-        assert acts == pytest.approx([signed_activation(t) for t in tokens], abs=1e-4)
+        truth = [signed_activation(t) for t in tokens]
+        assert acts == pytest.approx(truth, abs=1e-4 + code_step(max_act, min_act))  # 8-bit storage
     (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "activation_records_complete"]
     assert evaluation.passed
     assert result.asset_materializations_for_node("activation_records")[0].metadata["negative_captured"].value is True

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from browser import artifacts_dir, chromium
 from conftest import loopback_llm, query, run_stages
@@ -128,6 +129,20 @@ def test_the_index_is_sorted_by_score_and_links_every_unit(viewer_run: tuple) ->
     assert 'id="search"' in index and index.count("<script") == 2  # the data file and the page's own script
 
 
+def _stored_acts(q, neuron: int, polarity: str, kind: str, seq_id: int) -> list[float]:
+    """A layer-0 record's activations as stored: top_k_examples refers to the neuron's `top`
+    (`bottom` for '-') or `random` list of activation_records, which keeps 8-bit codes on the
+    record's [min_act, max_act]."""
+    name = "random" if kind == "random" else ("bottom" if polarity == "-" else "top")
+    ((rec,),) = q(
+        f"select list_filter({name}, lambda r: r.seq_id = {int(seq_id)})[1] from atlas.activation_records"
+        " where layer = 0 and neuron = ?",
+        [neuron],
+    )
+    lo, hi = np.float64(rec["min_act"]), np.float64(rec["max_act"])
+    return (lo + np.asarray(rec["codes"], np.float64) * (hi - lo) / 255).astype(np.float32).tolist()
+
+
 def test_the_data_file_holds_every_record_and_simulation_of_both_directions(viewer_run: tuple) -> None:
     database, _ = viewer_run
     data = read_data(_html(database.parent / "viewer" / "layer_0" / DATA_FILE))
@@ -154,7 +169,8 @@ def test_the_data_file_holds_every_record_and_simulation_of_both_directions(view
                 rec[k] for k in ("kind", "split", "split_rank")
             ]
             assert [data["vocab"][i] for i in data["seqs"][shown["seq"]]] == corpus[rec["seq_id"]]
-            assert shown["acts"] == [_scaled(v, decimals) for v in rec["acts"]]
+            stored = _stored_acts(q, neuron, polarity, rec["kind"], rec["seq_id"])
+            assert shown["acts"] == [_scaled(v, decimals) for v in stored]
         simulated = q(
             "select s.seq_id, s.true_acts, s.simulated from atlas.simulations s join atlas.scores c"
             " using (layer, neuron, polarity, kind, sample_index) where c.best and c.split = 'test'"

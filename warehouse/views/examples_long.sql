@@ -1,16 +1,44 @@
--- One row per (layer, neuron, polarity, split record) of top_k_examples, with tokens and 0-10 levels.
--- acts are the neuron's raw (signed) activations; levels and max_act are in the unit's direction
--- (for polarity '-': relu(-a) / max_activation, where max_activation = |min|). Rows written before
--- polarity existed read as '+'.
--- requires: top_k_examples, corpus_tokens
+-- One row per (layer, neuron, polarity, split record) of top_k_examples, with tokens, activations
+-- and 0-10 levels. top_k_examples holds references; the activations are activation_records': a '+'
+-- unit's top records are the neuron's `top` list, a '-' unit's its `bottom` list, and random
+-- records its `random` list (decoded as in records_long). acts are the neuron's raw (signed)
+-- activations; levels and max_act are in the unit's direction (for polarity '-': relu(-a) /
+-- max_activation, where max_activation = |min|), computed as `pipeline.units.normalize` does.
+-- Rows written before polarity existed read as '+'.
+-- requires: top_k_examples, activation_records, corpus_tokens
 create or replace view atlas.examples_long as
 with recs as (
     select e.model_id, e.model_revision, e.layer, e.neuron, coalesce(e.polarity, '+') as polarity,
            e.max_activation, unnest(e.records, recursive := true)
     from atlas.top_k_examples e
+),
+stored as (
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'top' as list, unnest(a.top, recursive := true)
+    from atlas.activation_records a
+    union all by name
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'bottom' as list, unnest(a.bottom, recursive := true)
+    from atlas.activation_records a
+    union all by name
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'random' as list, unnest(a.random, recursive := true)
+    from atlas.activation_records a
+),
+decoded as (
+    select r.model_id, r.model_revision, r.layer, r.neuron, r.polarity, r.kind, r.split, r.split_rank, r.rank,
+           r.seq_id, r.max_activation, case when r.polarity = '-' then -1.0 else 1.0 end as sign,
+           (case when r.polarity = '-' then -s.min_act else s.max_act end)::float as max_act,
+           list_transform(s.codes, lambda v: (s.min_act::double + v * (s.max_act::double - s.min_act::double) / 255)::float)
+               as acts
+    from recs r
+    join stored s
+      on s.model_id = r.model_id and s.model_revision = r.model_revision and s.layer = r.layer
+     and s.neuron = r.neuron and s.seq_id = r.seq_id
+     and s.list = case when r.kind = 'random' then 'random' when r.polarity = '-' then 'bottom' else 'top' end
 )
-select r.model_id, r.model_revision, r.layer, r.neuron, r.polarity, r.kind, r.split, r.split_rank, r.rank,
-       r.seq_id, r.max_act, r.max_activation, c.tokens, r.acts, r.levels
-from recs r
+select d.model_id, d.model_revision, d.layer, d.neuron, d.polarity, d.kind, d.split, d.split_rank, d.rank,
+       d.seq_id, d.max_act, d.max_activation, c.tokens, d.acts,
+       list_transform(d.acts, lambda v: case when d.max_activation > 0
+           then least(10, floor(10 * greatest(d.sign * v::double, 0) / d.max_activation::double)) else 0 end
+       )::utinyint[] as levels
+from decoded d
 join atlas.corpus_tokens c
-  on c.seq_id = r.seq_id and c.model_id = r.model_id and c.model_revision = r.model_revision;
+  on c.seq_id = d.seq_id and c.model_id = d.model_id and c.model_revision = d.model_revision;

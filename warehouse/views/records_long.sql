@@ -2,6 +2,8 @@
 -- kind: 'top' (by max, descending), 'bottom' (by min, most negative first), 'random',
 -- 'quantile' (bins by max) and 'quantile_neg' (bins by -min, bin 0 = least negative); 'bottom' and
 -- 'quantile_neg' rows exist only where the negative direction was captured (negative_captured).
+-- acts: the record's activations, decoded from its 8-bit codes on [min_act, max_act]
+-- (`pipeline.records.dequantize`: the same expression, so Python and SQL read the same floats).
 -- requires: activation_records, corpus_tokens
 create or replace view atlas.records_long as
 with recs as (
@@ -22,7 +24,9 @@ with recs as (
     from atlas.activation_records a
 )
 select r.model_id, r.model_revision, r.layer, r.neuron, r.kind, r.rank, r.bin, r.seq_id, r.max_act, r.min_act,
-       c.tokens, r.acts
+       c.tokens,
+       list_transform(r.codes, lambda v: (r.min_act::double + v * (r.max_act::double - r.min_act::double) / 255)::float)
+           as acts
 from recs r
 join atlas.corpus_tokens c
   on c.seq_id = r.seq_id and c.model_id = r.model_id and c.model_revision = r.model_revision;
