@@ -72,14 +72,14 @@ def default_cache_path() -> Path | str:
 
 def postgres_conninfo(location: str) -> str | None:
     """The libpq connection string of a Postgres cache location, or None for a SQLite path."""
-    from pipeline.warehouse import refuse_password
-
     if location.startswith(("postgresql://", "postgres://")):
         conninfo = location
     elif location.startswith(POSTGRES_PREFIX):
         conninfo = location[len(POSTGRES_PREFIX) :].strip()
     else:
         return None
+    from pipeline.warehouse import refuse_password  # loads DuckDB: only for a Postgres cache
+
     refuse_password(conninfo, "the LLM cache's location")
     return conninfo
 
