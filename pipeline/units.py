@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.records import codes_to_acts
+from pipeline.errors import AtlasInputError
+from pipeline.records import dequantize
 
 POSITIVE, NEGATIVE = "+", "-"
 SPLITS = ("train", "calibration", "valid", "test")
@@ -148,7 +149,7 @@ def units_from_frames(
                 for r in records
             )
         except KeyError as missing:
-            raise ValueError(
+            raise AtlasInputError(
                 f"unit ({layer}, {neuron}, {polarity}): record {missing} is not in activation_records or"
                 " corpus_tokens: materialize activation_records and top_k_examples of the layer again"
             ) from None
@@ -190,10 +191,12 @@ def _record_acts(
         for column in RECORD_LISTS
         if column in chosen.columns
     ]
-    if not parts:
+    long = pl.concat(parts) if parts else pl.DataFrame()
+    if long.height == 0:
         return {}
-    long = codes_to_acts(pl.concat(parts))
-    matrix = long["acts"].cast(pl.Array(pl.Float32, long["acts"].list.len().max() or 0)).to_numpy()
+    codes = long["codes"].cast(pl.Array(pl.UInt8, long["codes"].list.len().max())).to_numpy()
+    matrix = dequantize(codes, long["min_act"].to_numpy(), long["max_act"].to_numpy())
+    matrix.setflags(write=False)  # rows are shared by a neuron's two units (its random records)
     return dict(zip(long.select("layer", "neuron", "list", "seq_id").iter_rows(), matrix, strict=True))
 
 
