@@ -19,7 +19,6 @@ from assets.io import WarehouseDbIOManager
 from assets.resources import AblationResource, SubjectModelResource
 from assets.stages import (
     LAYER_METADATA,
-    RECORD_COLUMNS,
     WAREHOUSE,
     _layers,
     _lineage,
@@ -30,7 +29,7 @@ from assets.stages import (
 from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
 from pipeline.ablation import LayerAblator
 from pipeline.corpus import prefix_ids
-from pipeline.units import units_from_frames
+from pipeline.units import RECORD_COLUMNS, units_from_frames
 
 
 def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:

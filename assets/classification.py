@@ -26,7 +26,7 @@ from assets.interpret import LLM_POOL, _failure_reasons, _identity, _strip
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
-from assets.stages import LAYER_METADATA, RECORD_COLUMNS, WAREHOUSE, _layers, _lineage, _preview, land_layer
+from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.classify import (
     QUANTILE_LISTS,
     SCORERS,
@@ -36,7 +36,7 @@ from pipeline.classify import (
     with_quantiles,
 )
 from pipeline.failures import check_failure_share
-from pipeline.units import units_from_frames
+from pipeline.units import RECORD_COLUMNS, units_from_frames
 
 CLASSIFIER_DISCRIMINATES = "classifier_discriminates"
 # The per-direction quantile lists read from activation_records (`pipeline.classify.QUANTILE_LISTS`):

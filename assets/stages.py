@@ -28,13 +28,12 @@ from pipeline.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_cou
 from pipeline.models import ModelIdentity
 from pipeline.progress import duration
 from pipeline.records import collect_activation_records, records_frame
-from pipeline.units import RECORD_LISTS
+from pipeline.units import RECORD_COLUMNS
 
 WAREHOUSE = "warehouse"
 LAYER_METADATA = {"partition_expr": "layer"}
-# What the interpretation steps read of activation_records: the lists holding their examples'
-# activations (top_k_examples refers to them; `pipeline.units.units_from_frames`).
-RECORD_COLUMNS = ["layer", "neuron", *RECORD_LISTS]
+# What the interpretation steps read of activation_records: the lists top_k_examples refers to and
+# the activations of their sequences (`pipeline.units.units_from_frames`).
 RECORD_ACTS = AssetIn(metadata={"columns": RECORD_COLUMNS})
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.records import RECORD_KINDS
 from pipeline.units import RECORD_LISTS
 from pipeline.warehouse import SCHEMA
 
@@ -35,8 +36,11 @@ def _outcome(bad: int, what: str, ok: str) -> CheckOutcome:
 def activation_records_complete(conn: Any, top_k: int, random_k: int) -> CheckOutcome:
     """Finite statistics (min <= max), as many top and random records per neuron as configured (or
     as the corpus has sequences), and where the negative direction was captured as many bottom
-    records as top ones and as many negative quantile samples as positive ones; none where it was not."""
+    records as top ones and as many negative quantile samples as positive ones, none where it was not;
+    `sequences` holds each listed sequence once, and no other."""
     n_seq = _count(conn, "select count(*) from {s}.corpus_tokens")
+    listed = "flatten([" + ", ".join(f"list_transform({k}, lambda r: r.seq_id)" for k in RECORD_KINDS) + "])"
+    stored = "list_transform(sequences, lambda s: s.seq_id)"
     bad = _count(
         conn,
         "select count(*) from {s}.activation_records where max_activation is null or mean_activation is null"
@@ -45,7 +49,10 @@ def activation_records_complete(conn: Any, top_k: int, random_k: int) -> CheckOu
         " or not isfinite(min_activation) or min_activation > max_activation"
         " or len(top) <> ? or len(random) <> ?"
         " or len(bottom) <> (case when negative_captured then len(top) else 0 end)"
-        " or len(quantile_neg) <> (case when negative_captured then len(quantile) else 0 end)",
+        " or len(quantile_neg) <> (case when negative_captured then len(quantile) else 0 end)"
+        # `sequences` holds each listed sequence exactly once
+        f" or not list_has_all({stored}, {listed}) or len(list_distinct({listed})) <> len(sequences)"
+        f" or len(list_distinct({stored})) <> len(sequences)",
         [min(top_k, n_seq), min(random_k, n_seq)],
     )
     return _outcome(bad, "neurons with missing/non-finite statistics or a wrong record count", "all neurons complete")

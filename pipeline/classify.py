@@ -34,6 +34,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -41,7 +42,7 @@ import polars as pl
 from pipeline.llm import LLMFailure, Usage
 from pipeline.progress import Progress
 from pipeline.prompts import EXPLANATION_ENDING, format_token
-from pipeline.records import dequantize
+from pipeline.records import record_acts
 from pipeline.scoring import Discrimination, discrimination
 from pipeline.units import NEGATIVE, POSITIVE, Example, Unit, UnitKey, derangement
 
@@ -88,18 +89,16 @@ def with_quantiles(
     """Each unit with its direction's quantile samples added as examples of kind 'quantile' on the
     'test' split (split_rank = the sample's rank). A direction whose list is missing from
     activation_records (e.g. `quantile_neg` before signed capture) gets none."""
-    wanted: dict[tuple[int, int], list[str]] = {}
-    for layer, neuron, polarity in units:
-        column = QUANTILE_LISTS[polarity]
-        if column in activation_records.columns:
-            wanted.setdefault((layer, neuron), []).append(column)
-    columns = sorted({c for cs in wanted.values() for c in cs})
-    rows = {
-        (r["layer"], r["neuron"]): r
-        for r in activation_records.select("layer", "neuron", *columns).iter_rows(named=True)
-        if (r["layer"], r["neuron"]) in wanted
-    }
-    seqs = {int(s["seq_id"]) for r in rows.values() for c in columns for s in (r.get(c) or [])}
+    neurons = pl.DataFrame(
+        sorted({(layer, neuron) for layer, neuron, _ in units}),
+        schema={"layer": pl.Int32, "neuron": pl.Int32},
+        orient="row",
+    )
+    chosen = activation_records.join(neurons, on=["layer", "neuron"], how="semi")
+    samples: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    for r in record_acts(chosen, sorted(set(QUANTILE_LISTS.values()))).iter_rows(named=True):
+        samples.setdefault((r["layer"], r["neuron"], r["kind"]), []).append(r)
+    seqs = {int(s["seq_id"]) for recs in samples.values() for s in recs}
     tokens = {
         row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))
         for row in corpus_tokens.select("seq_id", "tokens", "token_ids")
@@ -108,12 +107,10 @@ def with_quantiles(
     }
     out: dict[UnitKey, Unit] = {}
     for key, unit in units.items():
-        row = rows.get((unit.layer, unit.neuron))
-        samples = (row or {}).get(QUANTILE_LISTS[unit.polarity]) or []
         extra = tuple(
             Example(QUANTILE, "test", int(s["rank"]), int(s["seq_id"]), *tokens[int(s["seq_id"])],
-                    dequantize(np.asarray(s["codes"]), s["min_act"], s["max_act"]))
-            for s in samples
+                    np.asarray(s["acts"], dtype=np.float32))
+            for s in samples.get((unit.layer, unit.neuron, QUANTILE_LISTS[unit.polarity]), [])
         )  # fmt: skip
         out[key] = dataclasses.replace(unit, examples=unit.examples + extra)
     return out

@@ -43,7 +43,7 @@ from pipeline.prompts import (
     format_token,
     simulation_prompt,
 )
-from pipeline.units import RECORD_LISTS, Unit, select_units, units_from_frames
+from pipeline.units import RECORD_COLUMNS, Unit, select_units, units_from_frames
 
 PLACEHOLDER_EXPLANATION = "words about food and cooking"  # the length of a typical explanation
 CountTokens = Callable[[str], int]
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
         records = conn.sql(
-            f"select layer, neuron, {', '.join(RECORD_LISTS)}, quantile, quantile_neg from atlas.activation_records"
+            f"select {', '.join(RECORD_COLUMNS)}, quantile, quantile_neg from atlas.activation_records"
         ).pl()
     if examples.is_empty():
         raise AtlasInputError("top_k_examples is empty: materialize activation_records and top_k_examples first")

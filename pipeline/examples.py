@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline.records import codes_to_acts
+from pipeline.records import record_acts
 from pipeline.units import MAX_LEVEL, NEGATIVE, POSITIVE, SPLITS, normalize
 
 __all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
@@ -31,14 +31,11 @@ __all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
 
 def _records_long(activation_records: pl.DataFrame, column: str, kind: str, polarity: str | None) -> pl.DataFrame:
     """The records of one column, one row each, as `kind` records of the given polarity (None: of both)."""
-    return codes_to_acts(
-        activation_records.select("layer", "neuron", column)
-        .explode(column)
-        .drop_nulls(column)
-        .unnest(column)
+    return (
+        record_acts(activation_records, [column])
         .with_columns(pl.lit(kind).alias("kind"), pl.lit(polarity, dtype=pl.String).alias("polarity"))
-        .select("layer", "neuron", "polarity", "kind", "rank", "seq_id", "max_act", "min_act", "codes")
-    ).drop("max_act", "min_act")
+        .select("layer", "neuron", "polarity", "kind", "rank", "seq_id", "acts")
+    )
 
 
 TOKEN_TYPE = pl.List(
@@ -68,10 +65,10 @@ def top_k_examples(
     tokens; `polarity` comes last, so tables written before it existed migrate by appending it.
     '-' rows exist for neurons whose negative direction was captured.
 
-    A split record is a reference {kind, split, split_rank, rank, seq_id}: its activations stay in
-    `activation_records` (the neuron's `top` list for a '+' top record, `bottom` for a '-' one,
-    `random` for a random one; a sequence is in a list once), read back by
-    `pipeline.units.units_from_frames` and the `examples_long` view, which adds the 0-10 levels.
+    A split record is a reference {kind, split, split_rank, rank, seq_id} to a record of the
+    neuron's `top` list (a '+' top record), `bottom` list (a '-' one) or `random` list in
+    `activation_records`, whose `sequences` hold its activations; `pipeline.units.units_from_frames`
+    and the `examples_long` view read them back, the view with the 0-10 levels.
 
     Top tokens are the token ids with the highest mean activation (in the unit's direction) over
     the train and calibration records (top and random, each sequence once) that occur at least

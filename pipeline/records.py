@@ -11,11 +11,12 @@ Per neuron and layer we keep, in one pass:
   direction, by -min for the negative one;
 - running mean/variance (Chan's parallel merge in float64), max, min, and positive/negative counts.
 
-In the warehouse a record's activations are stored once, as 8-bit codes on the record's own range:
-code c stands for min_act + c * (max_act - min_act) / 255 (`quantize`, `dequantize`). The record's
-min and max stay exact float32; every other activation is within (max_act - min_act) / 510 of the
-captured value, a fiftieth of one 0-10 level of a top record. This keeps a neuron's 100 records
-(gated default) near 6.4 KB instead of 25.6 KB in float32.
+In the warehouse each sequence of a neuron's records is stored once (`sequences`; the lists hold
+rank, seq_id and bin), its activations as 8-bit codes on the sequence's own range: code c stands
+for min_act + c * (max_act - min_act) / 255 (`quantize`, `dequantize`). Min and max stay exact
+float32; every other activation is within (max_act - min_act) / 510 of the captured value, a
+fiftieth of one 0-10 level of a top record. A gated neuron's 100 records (about 72 distinct
+sequences at the defaults) take about 4.6 KB instead of 25.6 KB in float32.
 
 Gated MLPs (`act(gate) * up`) fire both ways, so the negative direction defaults on for them and
 off for ReLU/GELU MLPs (`SamplingSpec.negative`).
@@ -486,22 +487,21 @@ def collect_activation_records(
     return {layer: acc.finalize() for layer, acc in accs.items()}
 
 
+RECORD_KINDS = ("top", "random", "quantile", "bottom", "quantile_neg")  # activation_records' lists
+
+
 def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
-    """[N, k] records -> one row per neuron with a list of structs {rank, seq_id, max_act[, bin],
-    codes, min_act}: the activations as 8-bit codes on [min_act, max_act] (`quantize`)."""
+    """[N, k] records -> one row per neuron with a list of structs {rank, seq_id[, bin]}; the
+    activations are in the neuron's `sequences` (`_sequences`)."""
     n, k = records.ids.shape
     columns = {
         "neuron": np.repeat(neurons, k).astype(np.int32),
         "rank": np.tile(np.arange(k, dtype=np.int16), n),
         "seq_id": records.ids.reshape(-1).astype(np.int32),
-        "max_act": records.max.reshape(-1).astype(np.float32),
     }
     if records.bin is not None:
         columns["bin"] = records.bin.reshape(-1).astype(np.int16)
-    lo, hi = records.min.reshape(-1).astype(np.float32), records.max.reshape(-1).astype(np.float32)
-    columns["codes"] = quantize(records.acts.reshape(n * k, records.acts.shape[-1]), lo, hi)
-    columns["min_act"] = lo
-    flat = pl.DataFrame(columns).with_columns(pl.col("codes").cast(pl.List(pl.UInt8)))
+    flat = pl.DataFrame(columns)
     fields = [c for c in flat.columns if c != "neuron"]
     nested = flat.group_by("neuron", maintain_order=True).agg(pl.struct(fields).alias(name))
     if k == 0:
@@ -510,10 +510,99 @@ def _nested(neurons: np.ndarray, records: RecordSet, name: str) -> pl.DataFrame:
     return nested
 
 
+SEQUENCE_TYPE = pl.List(
+    pl.Struct({"seq_id": pl.Int32, "max_act": pl.Float32, "min_act": pl.Float32, "codes": pl.List(pl.UInt8)})
+)
+
+
+def _sequences(neurons: np.ndarray, sets: Sequence[RecordSet]) -> pl.DataFrame:
+    """One row per neuron: `sequences`, each distinct sequence of its records once (a sequence is
+    often in several lists: the random and both quantile samples share one reservoir), in seq_id
+    order, with its max, min and activations as 8-bit codes on [min_act, max_act] (`quantize`)."""
+    present = [s for s in sets if s.ids.shape[1] > 0]
+    if not present:
+        empty = pl.Series("sequences", [[] for _ in neurons], dtype=SEQUENCE_TYPE)
+        return pl.DataFrame({"neuron": neurons.astype(np.int32)}).with_columns(empty)
+    ids = np.concatenate([s.ids for s in present], axis=1)  # [N, K]
+    order = np.argsort(ids, axis=1, kind="stable")
+    ranked = np.take_along_axis(ids, order, axis=1)
+    first = np.ones(ranked.shape, dtype=bool)
+    first[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    rows, cols = np.nonzero(first)  # row-major: each neuron's sequences in seq_id order
+    src = order[rows, cols]  # column of the first list entry holding it
+    widths = np.cumsum([0] + [s.ids.shape[1] for s in present])
+    which = np.searchsorted(widths, src, side="right") - 1
+    t = present[0].acts.shape[-1]
+    acts = np.empty((len(rows), t), dtype=np.float32)
+    hi, lo = np.empty(len(rows), np.float32), np.empty(len(rows), np.float32)
+    for i, s in enumerate(present):
+        pick = which == i
+        r, c = rows[pick], src[pick] - widths[i]
+        acts[pick], hi[pick], lo[pick] = s.acts[r, c], s.max[r, c], s.min[r, c]
+    flat = pl.DataFrame(
+        {
+            "neuron": neurons[rows].astype(np.int32),
+            "seq_id": ranked[rows, cols].astype(np.int32),
+            "max_act": hi,
+            "min_act": lo,
+            "codes": quantize(acts, lo, hi),
+        }
+    ).with_columns(pl.col("codes").cast(pl.List(pl.UInt8)))
+    nested = flat.group_by("neuron", maintain_order=True).agg(
+        pl.struct("seq_id", "max_act", "min_act", "codes").alias("sequences")
+    )
+    return (
+        pl.DataFrame({"neuron": neurons.astype(np.int32)})
+        .join(nested, on="neuron", how="left", maintain_order="left")
+        .with_columns(pl.col("sequences").fill_null(pl.lit([], dtype=SEQUENCE_TYPE)))
+    )
+
+
+def record_acts(activation_records: pl.DataFrame, kinds: Sequence[str]) -> pl.DataFrame:
+    """The records of the given lists, one row each: layer, neuron, kind (the list), rank, seq_id,
+    bin (NULL outside the quantile lists), max_act, min_act and `acts` (float32, decoded from the
+    neuron's `sequences`). The one reader of the storage format; `records_long` is its SQL twin."""
+    parts = [
+        activation_records.select("layer", "neuron", kind)
+        .explode(kind)
+        .drop_nulls(kind)
+        .unnest(kind)
+        .with_columns(pl.lit(kind).alias("kind"))
+        for kind in kinds
+        if kind in activation_records.columns
+    ]
+    listed = pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+    if listed.height == 0:
+        schema = {"layer": pl.Int32, "neuron": pl.Int32, "kind": pl.String, "rank": pl.Int16, "seq_id": pl.Int32}
+        schema |= {"bin": pl.Int16, "max_act": pl.Float32, "min_act": pl.Float32, "acts": pl.List(pl.Float32)}
+        return pl.DataFrame(schema=schema)
+    if "bin" not in listed.columns:
+        listed = listed.with_columns(pl.lit(None, dtype=pl.Int16).alias("bin"))
+    stored = (
+        activation_records.select("layer", "neuron", "sequences")
+        .join(listed.select("layer", "neuron").unique(), on=["layer", "neuron"], how="semi")
+        .explode("sequences")
+        .drop_nulls("sequences")
+        .unnest("sequences")
+    )
+    joined = listed.select("layer", "neuron", "kind", "rank", "seq_id", "bin").join(
+        stored, on=["layer", "neuron", "seq_id"], how="left", maintain_order="left"
+    )
+    missing = joined.filter(pl.col("codes").is_null())
+    if missing.height:
+        row = missing.row(0, named=True)
+        raise AtlasInputError(
+            f"activation_records of layer {row['layer']}, neuron {row['neuron']} lists sequence {row['seq_id']}"
+            f" ({row['kind']}) without its activations: materialize activation_records of the layer again"
+        )
+    return codes_to_acts(joined)
+
+
 def records_frame(rec: LayerRecords) -> pl.DataFrame:
     """One row per neuron: statistics and the top, random and quantile records, then (appended, so
     older tables migrate by adding columns) the min, the negative share, whether the negative
-    direction was captured, and the bottom and quantile_neg records (empty lists when it was not)."""
+    direction was captured, the bottom and quantile_neg records (empty lists when it was not), and
+    the activations of all of them, each sequence once (`sequences`)."""
     n = rec.max.shape[0]
     neurons = np.arange(n)
     frame = pl.DataFrame(
@@ -537,4 +626,5 @@ def records_frame(rec: LayerRecords) -> pl.DataFrame:
     )
     for name in ("bottom", "quantile_neg"):
         frame = frame.join(_nested(neurons, getattr(rec, name), name), on="neuron", how="left", maintain_order="left")
-    return frame
+    sequences = _sequences(neurons, [getattr(rec, name) for name in RECORD_KINDS])
+    return frame.join(sequences, on="neuron", how="left", maintain_order="left")

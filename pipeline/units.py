@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.errors import AtlasInputError
-from pipeline.records import dequantize
+from pipeline.records import record_acts
 
 POSITIVE, NEGATIVE = "+", "-"
 SPLITS = ("train", "calibration", "valid", "test")
@@ -119,8 +119,8 @@ def units_from_frames(
     examples: pl.DataFrame, corpus_tokens: pl.DataFrame, activation_records: pl.DataFrame
 ) -> dict[UnitKey, Unit]:
     """One `Unit` per row of `top_k_examples` (rows written before polarity existed read as '+'),
-    its records' activations read from `activation_records` (columns layer, neuron, top, random
-    and, where captured, bottom): where `pipeline.examples.top_k_examples` says they are."""
+    its records' activations read from `activation_records` (`RECORD_COLUMNS`), where
+    `pipeline.examples.top_k_examples` says they are."""
     wanted = {int(s) for recs in examples["records"].to_list() for r in recs or [] for s in [r["seq_id"]]}
     tokens = {
         row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))
@@ -167,6 +167,7 @@ def units_from_frames(
 
 
 RECORD_LISTS = ("top", "bottom", "random")  # the activation_records lists a unit's examples come from
+RECORD_COLUMNS = ["layer", "neuron", *RECORD_LISTS, "sequences"]  # what units_from_frames reads of them
 
 
 def source_list(kind: str, polarity: str) -> str:
@@ -182,22 +183,12 @@ def _record_acts(
     """(layer, neuron, list, seq_id) -> float32 activations, for the given neurons' top, bottom and
     random records."""
     chosen = activation_records.join(neurons, on=["layer", "neuron"], how="semi")
-    parts = [
-        chosen.select("layer", "neuron", column)
-        .explode(column)
-        .drop_nulls(column)
-        .unnest(column)
-        .select("layer", "neuron", pl.lit(column).alias("list"), "seq_id", "max_act", "min_act", "codes")
-        for column in RECORD_LISTS
-        if column in chosen.columns
-    ]
-    long = pl.concat(parts) if parts else pl.DataFrame()
+    long = record_acts(chosen, RECORD_LISTS)
     if long.height == 0:
         return {}
-    codes = long["codes"].cast(pl.Array(pl.UInt8, long["codes"].list.len().max())).to_numpy()
-    matrix = dequantize(codes, long["min_act"].to_numpy(), long["max_act"].to_numpy())
+    matrix = long["acts"].cast(pl.Array(pl.Float32, long["acts"].list.len().max())).to_numpy()
     matrix.setflags(write=False)  # rows are shared by a neuron's two units (its random records)
-    return dict(zip(long.select("layer", "neuron", "list", "seq_id").iter_rows(), matrix, strict=True))
+    return dict(zip(long.select("layer", "neuron", "kind", "seq_id").iter_rows(), matrix, strict=True))
 
 
 def select_units(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
+from pipeline.errors import AtlasInputError
 from pipeline.examples import normalize, top_k_examples
 from pipeline.units import units_from_frames
 
@@ -17,19 +19,25 @@ def test_normalize_hand_values() -> None:
 
 
 def _records(k: int, t: int = 3) -> pl.DataFrame:
-    """One neuron whose top record r has activations (k - r) on token 7 and 0 elsewhere (code 255
-    is the record's max, 0 its min); random records are all zero."""
-    rec = pl.Struct(
-        {"rank": pl.Int16, "seq_id": pl.Int32, "max_act": pl.Float32, "codes": pl.List(pl.UInt8), "min_act": pl.Float32}
-    )
-    top = [
-        {"rank": r, "seq_id": r, "max_act": float(k - r), "codes": [255] + [0] * (t - 1), "min_act": 0.0}
-        for r in range(k)
+    """One neuron whose top record r (sequence r) has activations (k - r) on token 7 and 0 elsewhere
+    (code 255 is the sequence's max, 0 its min); random records (sequences k..2k-1) are all zero."""
+    rec = pl.Struct({"rank": pl.Int16, "seq_id": pl.Int32})
+    seq = pl.Struct({"seq_id": pl.Int32, "max_act": pl.Float32, "min_act": pl.Float32, "codes": pl.List(pl.UInt8)})
+    top = [{"rank": r, "seq_id": r} for r in range(k)]
+    rand = [{"rank": r, "seq_id": k + r} for r in range(k)]
+    sequences = [
+        {"seq_id": r, "max_act": float(k - r), "min_act": 0.0, "codes": [255] + [0] * (t - 1)} for r in range(k)
     ]
-    rand = [{"rank": r, "seq_id": k + r, "max_act": 0.0, "codes": [0] * t, "min_act": 0.0} for r in range(k)]
+    sequences += [{"seq_id": k + r, "max_act": 0.0, "min_act": 0.0, "codes": [0] * t} for r in range(k)]
     return pl.DataFrame(
-        {"layer": [2], "neuron": [5], "top": [top], "random": [rand]},
-        schema={"layer": pl.Int32, "neuron": pl.Int32, "top": pl.List(rec), "random": pl.List(rec)},
+        {"layer": [2], "neuron": [5], "top": [top], "random": [rand], "sequences": [sequences]},
+        schema={
+            "layer": pl.Int32,
+            "neuron": pl.Int32,
+            "top": pl.List(rec),
+            "random": pl.List(rec),
+            "sequences": pl.List(seq),
+        },
     )
 
 
@@ -88,3 +96,12 @@ def test_a_top_token_needs_the_minimum_count() -> None:
     assert [t["token_id"] for t in row["top_tokens"]] == [7]
     once = top_k_examples(_records(8), corpus, n_top_tokens=5, min_token_count=1).row(0, named=True)
     assert [t["token_id"] for t in once["top_tokens"]] == [9, 7]  # mean 8 beats 7's (7 + 4 + 3) / 7
+
+
+def test_a_listed_sequence_without_activations_is_a_clear_error() -> None:
+    """The lists refer to `sequences` by seq_id: a listed sequence missing there is refused, not dropped."""
+    records = _records(4)
+    kept = [s for s in records["sequences"][0].to_list() if s["seq_id"] != 2]
+    records = records.with_columns(pl.Series("sequences", [kept], dtype=records.schema["sequences"]))
+    with pytest.raises(AtlasInputError, match="neuron 5 lists sequence 2 .top. without its activations"):
+        top_k_examples(records, _corpus(8))

@@ -158,7 +158,7 @@ def _digit_units(database: Path) -> dict:
             "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
-        records = conn.sql("select layer, neuron, top, bottom, random from atlas.activation_records").pl()
+        records = conn.sql("select layer, neuron, top, bottom, random, sequences from atlas.activation_records").pl()
     return units_from_frames(examples, corpus, records)
 
 

@@ -222,29 +222,35 @@ def test_records_frame_holds_both_directions() -> None:
         "random",
         "quantile",
     ]  # as before this change; what is new comes after
-    assert on.columns[11:] == ["min_activation", "negative_frac", "negative_captured", "bottom", "quantile_neg"]
-    struct = on.schema["bottom"].inner
-    assert [f.name for f in struct.fields] == ["rank", "seq_id", "max_act", "codes", "min_act"]
-    assert [f.name for f in on.schema["quantile_neg"].inner.fields] == [
-        "rank",
-        "seq_id",
-        "max_act",
-        "bin",
-        "codes",
-        "min_act",
+    assert on.columns[11:] == [
+        "min_activation",
+        "negative_frac",
+        "negative_captured",
+        "bottom",
+        "quantile_neg",
+        "sequences",
     ]
+    assert [f.name for f in on.schema["bottom"].inner.fields] == ["rank", "seq_id"]
+    assert [f.name for f in on.schema["quantile_neg"].inner.fields] == ["rank", "seq_id", "bin"]
+    assert [f.name for f in on.schema["sequences"].inner.fields] == ["seq_id", "max_act", "min_act", "codes"]
     assert on["negative_captured"].to_list() == [True] * N and off["negative_captured"].to_list() == [False] * N
     assert on["bottom"].list.len().to_list() == [3] * N and off["bottom"].list.len().to_list() == [0] * N
     assert off.schema["bottom"] == on.schema["bottom"]
-    first = on.filter(pl.col("neuron") == 0)["bottom"].list.first().struct.unnest()
+    row = on.filter(pl.col("neuron") == 0).row(0, named=True)
     seq_min = acts.amin(dim=1).numpy()[:, 0]
     best = _brute_force(seq_min, 1)[0]
-    assert first["seq_id"][0] == best and first["min_act"][0] == pytest.approx(float(seq_min[best]))
-    # Stored as 8-bit codes on the record's [min, max]: both ends exact, the rest within half a step.
+    assert row["bottom"][0]["seq_id"] == best
+    # Each listed sequence once in `sequences`, in seq_id order, and no other.
+    listed = {r["seq_id"] for name in ("top", "random", "quantile", "bottom", "quantile_neg") for r in row[name]}
+    assert [s["seq_id"] for s in row["sequences"]] == sorted(listed)
+    assert len(listed) < sum(len(row[name]) for name in ("top", "random", "quantile", "bottom", "quantile_neg"))
+    (first,) = [s for s in row["sequences"] if s["seq_id"] == best]
+    assert first["min_act"] == pytest.approx(float(seq_min[best]))
+    # Stored as 8-bit codes on the sequence's [min, max]: both ends exact, the rest within half a step.
     true = acts[best, :, 0].numpy().astype(np.float64)
-    lo, hi = float(first["min_act"][0]), float(first["max_act"][0])
+    lo, hi = float(first["min_act"]), float(first["max_act"])
     assert (lo, hi) == (float(np.float32(true.min())), float(np.float32(true.max())))
-    decoded = dequantize(np.asarray(first["codes"][0]), lo, hi).astype(np.float64)
+    decoded = dequantize(np.asarray(first["codes"]), lo, hi).astype(np.float64)
     assert decoded.min() == lo and decoded.max() == hi
     assert np.abs(decoded - true).max() <= (hi - lo) / 510 * (1 + 1e-6)
     assert np.abs(decoded - true).max() > 0  # lossy: the bound is the one that matters

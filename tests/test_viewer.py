@@ -131,14 +131,16 @@ def test_the_index_is_sorted_by_score_and_links_every_unit(viewer_run: tuple) ->
 
 def _stored_acts(q, neuron: int, polarity: str, kind: str, seq_id: int) -> list[float]:
     """A layer-0 record's activations as stored: top_k_examples refers to the neuron's `top`
-    (`bottom` for '-') or `random` list of activation_records, which keeps 8-bit codes on the
-    record's [min_act, max_act]."""
+    (`bottom` for '-') or `random` list of activation_records, whose `sequences` keep 8-bit codes
+    on each sequence's [min_act, max_act]."""
     name = "random" if kind == "random" else ("bottom" if polarity == "-" else "top")
-    ((rec,),) = q(
-        f"select list_filter({name}, lambda r: r.seq_id = {int(seq_id)})[1] from atlas.activation_records"
+    ((listed, rec),) = q(
+        f"select len(list_filter({name}, lambda r: r.seq_id = {int(seq_id)})),"
+        f" list_filter(sequences, lambda s: s.seq_id = {int(seq_id)})[1] from atlas.activation_records"
         " where layer = 0 and neuron = ?",
         [neuron],
     )
+    assert listed == 1
     lo, hi = np.float64(rec["min_act"]), np.float64(rec["max_act"])
     return (lo + np.asarray(rec["codes"], np.float64) * (hi - lo) / 255).astype(np.float32).tolist()
 

@@ -1,10 +1,10 @@
 -- One row per (layer, neuron, polarity, split record) of top_k_examples, with tokens, activations
--- and 0-10 levels. top_k_examples holds references; the activations are activation_records': a '+'
--- unit's top records are the neuron's `top` list, a '-' unit's its `bottom` list, and random
--- records its `random` list (decoded as in records_long). acts are the neuron's raw (signed)
--- activations; levels and max_act are in the unit's direction (for polarity '-': relu(-a) /
--- max_activation, where max_activation = |min|), computed as `pipeline.units.normalize` does.
--- Rows written before polarity existed read as '+'.
+-- and 0-10 levels. top_k_examples holds references: a '+' unit's top records are in the neuron's
+-- `top` list of activation_records, a '-' unit's in its `bottom` list and random records in its
+-- `random` list (the check examples_complete verifies it); the activations are in its `sequences`
+-- (decoded as in records_long). acts are the neuron's raw (signed) activations; levels and max_act
+-- are in the unit's direction (for polarity '-': relu(-a) / max_activation, where max_activation =
+-- |min|), computed as `pipeline.units.normalize` does. Rows written before polarity existed read as '+'.
 -- requires: top_k_examples, activation_records, corpus_tokens
 create or replace view atlas.examples_long as
 with recs as (
@@ -12,14 +12,8 @@ with recs as (
            e.max_activation, unnest(e.records, recursive := true)
     from atlas.top_k_examples e
 ),
-stored as (
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'top' as list, unnest(a.top, recursive := true)
-    from atlas.activation_records a
-    union all by name
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'bottom' as list, unnest(a.bottom, recursive := true)
-    from atlas.activation_records a
-    union all by name
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'random' as list, unnest(a.random, recursive := true)
+seqs as (
+    select a.model_id, a.model_revision, a.layer, a.neuron, unnest(a.sequences, recursive := true)
     from atlas.activation_records a
 ),
 decoded as (
@@ -29,10 +23,9 @@ decoded as (
            list_transform(s.codes, lambda v: (s.min_act::double + v * (s.max_act::double - s.min_act::double) / 255)::float)
                as acts
     from recs r
-    join stored s
+    join seqs s
       on s.model_id = r.model_id and s.model_revision = r.model_revision and s.layer = r.layer
      and s.neuron = r.neuron and s.seq_id = r.seq_id
-     and s.list = case when r.kind = 'random' then 'random' when r.polarity = '-' then 'bottom' else 'top' end
 )
 select d.model_id, d.model_revision, d.layer, d.neuron, d.polarity, d.kind, d.split, d.split_rank, d.rank,
        d.seq_id, d.max_act, d.max_activation, c.tokens, d.acts,
