@@ -6,42 +6,36 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
-    BackfillPolicy,
     MetadataValue,
     ResourceParam,
     StaticPartitionsDefinition,
     asset,
 )
 
-from assets.automation import RERUN
-from assets.interpret import _identity, _strip
+from assets.common import (
+    RECORD_COLUMNS,
+    atlas_asset_args,
+    identity_of,
+    land_layer,
+    partition_layers,
+    preview,
+    require_same_model,
+    strip_lineage,
+    with_lineage,
+)
 from assets.io import WarehouseDbIOManager
 from assets.resources import AblationResource, SubjectModelResource
-from assets.stages import (
-    LAYER_METADATA,
-    WAREHOUSE,
-    _layers,
-    _lineage,
-    _preview,
-    _require_same_model,
-    land_layer,
-)
 from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
 from pipeline.ablation import LayerAblator
 from pipeline.corpus import prefix_ids
-from pipeline.units import RECORD_COLUMNS, units_from_frames
+from pipeline.units import units_from_frames
 
 
 def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
         code_version="2",
-        automation_condition=RERUN,
-        io_manager_key=WAREHOUSE,
-        group_name="atlas",
-        partitions_def=layers_def,
-        backfill_policy=BackfillPolicy.single_run(),
-        metadata=LAYER_METADATA,
         ins={"activation_records": AssetIn(metadata={"columns": [*RECORD_COLUMNS, "mean_activation"]})},
+        **atlas_asset_args(layers_def),
     )
     def ablations(
         context: AssetExecutionContext,
@@ -58,12 +52,12 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         """Per ablated unit (the best by test score, and optionally random others): KL of the
         next-token distribution when the neuron is replaced by its mean vs by its calibrated test
         simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
-        identity = _identity(top_k_examples)
+        identity = identity_of(top_k_examples)
         loaded = subject.load()
-        _require_same_model(identity, loaded.identity)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
+        require_same_model(identity, loaded.identity)
+        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         frames = []
-        for layer in _layers(context):
+        for layer in partition_layers(context):
             chosen = choose_units(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)
             picked = [f"{n}{p}" for n, p in chosen.select("neuron", "polarity").iter_rows()]
             context.log.info(f"layer {layer}: ablating units {picked}")
@@ -93,7 +87,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
                 "ablated": frame.height,
                 "scored": scored.height,
                 "mean_ablation_score": float(scored["ablation_score"].mean()) if scored.height else None,
-                "preview": _preview(
+                "preview": preview(
                     frame,
                     ["layer", "neuron", "polarity", "test_score", "kl_mean", "kl_simulated", "ablation_score"],
                     10,
@@ -101,6 +95,6 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
             }
             | ({} if scored.height else {"note": MetadataValue.text("no neuron could be scored")})
         )
-        return _lineage(frame, identity, context)
+        return with_lineage(frame, identity, context)
 
     return [ablations]

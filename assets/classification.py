@@ -11,7 +11,6 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
-    BackfillPolicy,
     ConfigurableResource,
     MetadataValue,
     Output,
@@ -21,12 +20,21 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.automation import RERUN
-from assets.interpret import LLM_POOL, _failure_reasons, _identity, _strip
+from assets.common import (
+    LLM_POOL,
+    RECORD_COLUMNS,
+    atlas_asset_args,
+    failure_reasons,
+    identity_of,
+    land_layer,
+    partition_layers,
+    preview,
+    strip_lineage,
+    with_lineage,
+)
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
-from assets.stages import LAYER_METADATA, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.classify import (
     QUANTILE_LISTS,
     SCORERS,
@@ -36,7 +44,7 @@ from pipeline.classify import (
     with_quantiles,
 )
 from pipeline.failures import check_failure_share
-from pipeline.units import RECORD_COLUMNS, units_from_frames
+from pipeline.units import units_from_frames
 
 CLASSIFIER_DISCRIMINATES = "classifier_discriminates"
 # The per-direction quantile lists read from activation_records (`pipeline.classify.QUANTILE_LISTS`):
@@ -88,12 +96,6 @@ def _histogram01(values: list[float], bins: int = 10) -> str:
 def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
     @asset(
         code_version="2",
-        automation_condition=RERUN,
-        io_manager_key=WAREHOUSE,
-        group_name="atlas",
-        partitions_def=layers_def,
-        backfill_policy=BackfillPolicy.single_run(),
-        metadata=LAYER_METADATA,
         pool=LLM_POOL,
         ins={"activation_records": AssetIn(metadata={"columns": [*RECORD_COLUMNS, *QUANTILE_COLUMNS]})},
         check_specs=[
@@ -104,6 +106,7 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
                 "same prompts) clearly enough, over the layers just written: a paired sign-flip test per scorer.",
             )
         ],
+        **atlas_asset_args(layers_def),
     )
     def classification_scores(
         context: AssetExecutionContext,
@@ -120,8 +123,8 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         accuracy, F1 and AUC (where the model gives label probabilities) on held-out quantile samples and as
         many non-activating texts, beside the control (another unit's explanation on the same prompts)."""
         spec = classify.spec()
-        identity = _identity(top_k_examples)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
+        identity = identity_of(top_k_examples)
+        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         units = with_quantiles(units, activation_records, corpus_tokens)
         chosen = scores.filter((pl.col("split") == "test") & pl.col("best"))
         client = simulator.classifier() if chosen.height else None
@@ -129,11 +132,11 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
             context.log.info(f"scoring {chosen.height} units with {client.backend}:{client.model} ({spec.scorers})")
         before = client.usage.snapshot() if client else {}
         frames = []
-        for layer in _layers(context):  # controls pair units of one layer, so layers are independent
+        for layer in partition_layers(context):  # controls pair units of one layer, so layers are independent
             frames.append(
                 classify_layer(
-                    _strip(explanations).filter(pl.col("layer") == layer),
-                    _strip(scores).filter(pl.col("layer") == layer),
+                    strip_lineage(explanations).filter(pl.col("layer") == layer),
+                    strip_lineage(scores).filter(pl.col("layer") == layer),
                     units,
                     client,
                     spec,
@@ -147,9 +150,9 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         asked = frame.filter(pl.col("n_prompts").is_not_null())
         outcomes = [(r, 1) for r in asked["failure_reason"].to_list()]
         check_failure_share(outcomes, simulator.max_failure_share, "classified units")
-        layers = _layers(context)
+        layers = partition_layers(context)
         verdicts = {(la, s): classification_discrimination(frame, la, s) for la in layers for s in spec.scorers}
-        yield Output(_lineage(frame, identity, context), metadata=_metadata(frame, verdicts, spent))
+        yield Output(with_lineage(frame, identity, context), metadata=_metadata(frame, verdicts, spent))
         failing = [f"{layer}/{s}" for (layer, s), v in verdicts.items() if not v.passed]
         yield AssetCheckResult(
             check_name=CLASSIFIER_DISCRIMINATES,
@@ -175,7 +178,7 @@ def _metadata(frame: pl.DataFrame, verdicts: dict, spent: dict) -> dict:
         "rows": frame.height,
         "scored": frame.filter(pl.col("balanced_accuracy").is_not_null()).height,
         "signal": MetadataValue.md("\n".join(f"- layer {la} {s}: {v.verdict}" for (la, s), v in verdicts.items())),
-        "failure_reasons": _failure_reasons(frame),
+        "failure_reasons": failure_reasons(frame),
     }
     for scorer in SCORERS:
         part = frame.filter((pl.col("scorer") == scorer) & pl.col("balanced_accuracy").is_not_null())
@@ -188,5 +191,5 @@ def _metadata(frame: pl.DataFrame, verdicts: dict, spent: dict) -> dict:
             meta[f"mean_{scorer}_auc"] = float(part["auc"].mean())
         meta[f"histogram_{scorer}"] = MetadataValue.md(_histogram01(part["balanced_accuracy"].to_list()))
     columns = ["layer", "neuron", "polarity", "scorer", "balanced_accuracy", "control_balanced_accuracy", "auc"]
-    meta["preview"] = _preview(frame.sort("balanced_accuracy", descending=True, nulls_last=True), columns, 10)
+    meta["preview"] = preview(frame.sort("balanced_accuracy", descending=True, nulls_last=True), columns, 10)
     return meta

@@ -21,6 +21,7 @@ from assets.automation import (
 )
 from assets.checks import build_asset_checks
 from assets.classification import ClassifyResource, build_classification_assets
+from assets.common import WAREHOUSE, layer_partitions
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
 from assets.resources import (
@@ -32,7 +33,7 @@ from assets.resources import (
     SimulatorResource,
     SubjectModelResource,
 )
-from assets.stages import WAREHOUSE, build_stage_assets, layer_partitions
+from assets.stages import build_stage_assets
 from assets.viewer import build_viewer_assets
 from pipeline.models import EMBEDDED, model_layer_count
 from pipeline.warehouse import SCHEMA, default_data_path, default_database

@@ -11,7 +11,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetsDefinition,
-    BackfillPolicy,
     MetadataValue,
     Output,
     ResourceParam,
@@ -19,11 +18,21 @@ from dagster import (
     asset,
 )
 
-from assets.automation import RERUN
+from assets.common import (
+    LLM_POOL,
+    RECORD_ACTS,
+    atlas_asset_args,
+    failure_reasons,
+    identity_of,
+    land_layer,
+    partition_layers,
+    preview,
+    strip_lineage,
+    with_lineage,
+)
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
-from assets.stages import LAYER_METADATA, RECORD_ACTS, WAREHOUSE, _layers, _lineage, _preview, land_layer
 from pipeline.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.interpret import (
     CANDIDATE_KINDS,
@@ -34,22 +43,9 @@ from pipeline.interpret import (
     score_layer,
     simulate_layer,
 )
-from pipeline.models import ModelIdentity
 from pipeline.units import select_units, units_from_frames
 
 DISCRIMINATES = "simulator_discriminates"
-# The Dagster pool of the steps that call the explainer/simulator: its limit (`dagster instance
-# concurrency set llm N`, or `concurrency.pools.default_limit` in dagster.yaml) bounds the requests
-# all runs on all machines send at once to the LLM servers.
-LLM_POOL = "llm"
-
-
-def _identity(frame: pl.DataFrame) -> ModelIdentity:
-    return ModelIdentity(frame["model_id"][0], frame["model_revision"][0])
-
-
-def _strip(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.drop("model_id", "model_revision", "run_id", "code_version", strict=False)
 
 
 def _histogram(values: list[float], bins: int = 10) -> str:
@@ -66,17 +62,7 @@ def _histogram(values: list[float], bins: int = 10) -> str:
 
 
 def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
-    common = dict(
-        io_manager_key=WAREHOUSE,
-        group_name="atlas",
-        partitions_def=layers_def,
-        backfill_policy=BackfillPolicy.single_run(),
-        metadata=LAYER_METADATA,
-    )
-
-    @asset(
-        code_version="2", automation_condition=RERUN, pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **common
-    )
+    @asset(code_version="2", pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **atlas_asset_args(layers_def))
     def explanations(
         context: AssetExecutionContext,
         top_k_examples: pl.DataFrame,
@@ -89,10 +75,10 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         """Per unit: the LLM's explanations of its train top records, its token-space explanation and
         the token-lookup reference; copies of few-shot text and explanations shared by many units are
         flagged degenerate. Each layer is committed when it is done."""
-        identity = _identity(top_k_examples)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
+        identity = identity_of(top_k_examples)
+        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         selected = {}
-        for layer in _layers(context):
+        for layer in partition_layers(context):
             n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
             selected[layer] = select_units(units, layer, n, explain.n_neurons, explain.neuron_ids)
         backend = explainer.client()
@@ -121,19 +107,17 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "tokens_spent": int(
                     frame["prompt_tokens"].fill_null(0).sum() + frame["completion_tokens"].fill_null(0).sum()
                 ),
-                "preview": _preview(
+                "preview": preview(
                     frame.filter(pl.col("kind") != TOKEN_LOOKUP),
                     ["layer", "neuron", "polarity", "kind", "explanation", "degenerate_reason"],
                     16,
                 ),
-                "failure_reasons": _failure_reasons(frame),
+                "failure_reasons": failure_reasons(frame),
             }
         )
-        return _lineage(frame, identity, context)
+        return with_lineage(frame, identity, context)
 
-    @asset(
-        code_version="2", automation_condition=RERUN, pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **common
-    )
+    @asset(code_version="2", pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **atlas_asset_args(layers_def))
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
@@ -146,14 +130,14 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         """Per explanation: simulated levels on the valid split (every candidate), on calibration and
         test (each kind's chosen one), and the control on test (another unit's explanation). Each
         layer is committed when it is done."""
-        identity = _identity(top_k_examples)
-        units = units_from_frames(_strip(top_k_examples), corpus_tokens, activation_records)
+        identity = identity_of(top_k_examples)
+        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         needs_llm = explanations.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
         client = simulator.client() if needs_llm.height else None
         before = client.usage.snapshot() if client else {}
         frames = []
-        for layer in _layers(context):  # controls pair units of one layer, so layers are independent
-            layer_explanations = _strip(explanations).filter(pl.col("layer") == layer)
+        for layer in partition_layers(context):  # controls pair units of one layer, so layers are independent
+            layer_explanations = strip_lineage(explanations).filter(pl.col("layer") == layer)
             frames.append(simulate_layer(layer_explanations, units, client, log=context.log.info))
             land_layer(context, warehouse, layer, frames[-1], identity)
         frame = pl.concat(frames)
@@ -168,14 +152,13 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "rows": frame.height,
                 "failed": frame.filter(pl.col("simulated").is_null()).height,
                 "simulator": f"{client.backend}:{client.model} {client.prompt_version}" if client else "lookup only",
-                "failure_reasons": _failure_reasons(frame),
+                "failure_reasons": failure_reasons(frame),
             }
         )
-        return _lineage(frame, identity, context)
+        return with_lineage(frame, identity, context)
 
     @asset(
         code_version="2",
-        automation_condition=RERUN,
         check_specs=[
             AssetCheckSpec(
                 DISCRIMINATES,
@@ -184,17 +167,17 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "same sequences) clearly enough, over the layers just written: a paired sign-flip test.",
             )
         ],
-        **common,
+        **atlas_asset_args(layers_def),
     )
     def scores(context: AssetExecutionContext, simulations: pl.DataFrame, top_k_examples: pl.DataFrame) -> Iterator:
         """Per explanation and split (valid, test): correlation (top+random, top, random), calibrated r²
         and absolute deviation explained, the control's correlation and the gap; `best` marks each
         unit's chosen explanation, whose test row is its score."""
-        identity = _identity(top_k_examples)
-        frame = score_layer(_strip(simulations))
-        layers = _layers(context)
+        identity = identity_of(top_k_examples)
+        frame = score_layer(strip_lineage(simulations))
+        layers = partition_layers(context)
         verdicts = {layer: layer_discrimination(frame, layer) for layer in layers}
-        yield Output(_lineage(frame, identity, context), metadata=_score_metadata(frame, verdicts))
+        yield Output(with_lineage(frame, identity, context), metadata=_score_metadata(frame, verdicts))
         failing = [layer for layer, v in verdicts.items() if not v.passed]
         yield AssetCheckResult(
             check_name=DISCRIMINATES,
@@ -215,19 +198,6 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
     return [explanations, simulations, scores]
 
 
-def _failure_reasons(frame: pl.DataFrame) -> MetadataValue:
-    """Why rows failed, with counts: the run page says what went wrong without a query."""
-    failed = frame.filter(pl.col("failure_reason").is_not_null())
-    if failed.is_empty():
-        return MetadataValue.md("no failures")
-    counts = failed.group_by("failure_reason").agg(pl.len().alias("rows"), pl.col("neuron").unique().sort())
-    counts = counts.sort("rows", descending=True).with_columns(
-        pl.col("failure_reason").str.replace_all(r"[|\n]", " "),
-        pl.col("neuron").cast(pl.List(pl.String)).list.join(", "),
-    )
-    return _preview(counts.rename({"neuron": "neurons"}), ["failure_reason", "rows", "neurons"], 20)
-
-
 def _score_metadata(frame: pl.DataFrame, verdicts: dict) -> dict:
     test = frame.filter(pl.col("split") == "test")
     best = test.filter(pl.col("best") & pl.col("corr_all").is_not_null())
@@ -244,6 +214,6 @@ def _score_metadata(frame: pl.DataFrame, verdicts: dict) -> dict:
         meta[f"mean_test_{kind}"] = float(values.mean()) if len(values) else None
     columns = ["layer", "neuron", "polarity", "kind", "corr_all", "control_corr_all", "gap", "r2_all"]
     ranked = best.sort("corr_all", descending=True)
-    meta["best"] = _preview(ranked, columns, 5)
-    meta["worst"] = _preview(ranked.reverse(), columns, 5)
+    meta["best"] = preview(ranked, columns, 5)
+    meta["worst"] = preview(ranked.reverse(), columns, 5)
     return {k: v for k, v in meta.items() if v is not None}

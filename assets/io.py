@@ -21,6 +21,11 @@ from typing import Any
 import duckdb
 import polars as pl
 from dagster import InputContext, OutputContext
+
+# Private on purpose: dagster 1.13 exports neither DbIOManager nor TableSlice publicly (dagster-duckdb
+# itself imports them from dagster._core), and _get_cleanup_statement is dagster-duckdb's own helper.
+# pyproject.toml bounds dagster <1.14 and dagster-duckdb <0.30 for that reason; check these imports
+# before raising the bounds.
 from dagster._core.storage.db_io_manager import DbIOManager, TableSlice
 from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler

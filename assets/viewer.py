@@ -6,7 +6,6 @@ from pathlib import Path
 from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
-    BackfillPolicy,
     MaterializeResult,
     MetadataValue,
     StaticPartitionsDefinition,
@@ -14,7 +13,7 @@ from dagster import (
 )
 
 from assets.automation import rerun_condition
-from assets.stages import _layers
+from assets.common import atlas_asset_args, partition_layers
 from pipeline.viewer import DATA_FILE, load_layer, write_layer
 from pipeline.warehouse import open_warehouse, sidecar_dir
 
@@ -28,11 +27,9 @@ def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDe
     @asset(
         code_version="2",
         automation_condition=rerun_condition(optional_deps=("ablations", "classification_scores")),
-        group_name="atlas",
-        partitions_def=layers_def,
-        backfill_policy=BackfillPolicy.single_run(),
         deps=["top_k_examples", "explanations", "simulations", "scores", "ablations", "classification_scores"],
         required_resource_keys={"warehouse"},
+        **atlas_asset_args(layers_def, in_warehouse=False),
     )
     def neuron_viewer(context: AssetExecutionContext) -> MaterializeResult:
         """Static HTML per layer (open the file, no server): `layer_<n>/index.html`, an index sorted by
@@ -42,7 +39,7 @@ def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDe
         database = context.resources.warehouse.database
         root = viewer_root(database)
         explained, units, data_bytes, indexes = 0, 0, 0, []
-        for layer in _layers(context):
+        for layer in partition_layers(context):
             with open_warehouse(database, read_only=True) as conn:
                 data = load_layer(conn, layer)
             index = write_layer(data, root)
