@@ -684,6 +684,15 @@ def _parse_echo(resp: Any, prompt: str, generated_max: int) -> dict[str, Any]:
     return {"tokens": [str(t) for t in tokens[:keep]], "top_logprobs": top[:keep], "text_offset": offsets[:keep]}
 
 
+_NUMBER = (int, float)  # a tuple: `isinstance(v, int | float)` builds the union for every candidate
+
+
+def _finite_top(entry: dict[Any, Any]) -> dict[str, float]:
+    """One position's top logprobs with finite numbers only, as {token: float}."""
+    isfinite = math.isfinite
+    return {str(t): float(v) for t, v in entry.items() if isinstance(v, _NUMBER) and isfinite(v)}
+
+
 class _TopLogprobs(Sequence[dict[str, float]]):
     """Each echoed token's top logprobs (finite numbers only; {} for the first token's null), cleaned
     when read: a simulator reads a few positions of a long prompt, and cleaning every position cost
@@ -705,7 +714,7 @@ class _TopLogprobs(Sequence[dict[str, float]]):
         entry = self._raw[i]
         if not isinstance(entry, dict):
             return {}
-        return {str(t): float(v) for t, v in entry.items() if isinstance(v, int | float) and math.isfinite(v)}
+        return _finite_top(entry)
 
 
 def _parse_next(resp: Any, prompt: Prompt) -> dict[str, Any]:
@@ -718,7 +727,7 @@ def _parse_next(resp: Any, prompt: Prompt) -> dict[str, Any]:
     raw_top = getattr(lp, "top_logprobs", None)
     if isinstance(raw_top, list) and raw_top and isinstance(raw_top[0], dict):
         entry = raw_top[0]
-        return {"top": {str(t): float(v) for t, v in entry.items() if isinstance(v, int | float) and math.isfinite(v)}}
+        return {"top": _finite_top(entry)}
     content = getattr(lp, "content", None) if lp is not None else None
     if content is None and isinstance(lp, dict):
         content = lp.get("content")
@@ -788,10 +797,7 @@ def _parse_completion_reply(resp: Any, want_logprobs: bool) -> ChatReply:
         content = _field(lp, "content") if lp is not None else None
         if isinstance(names, list) and isinstance(tops, list) and len(names) == len(tops) and names:
             for name, top in zip(names, tops, strict=True):
-                cands = {
-                    str(t): float(v) for t, v in (top or {}).items() if isinstance(v, int | float) and math.isfinite(v)
-                }
-                tokens.append((str(name).encode("utf-8"), cands))
+                tokens.append((str(name).encode("utf-8"), _finite_top(top or {})))
         elif isinstance(content, list) and content:
             tokens = _content_tokens(content)
         elif parsed["texts"][0]:

@@ -100,7 +100,7 @@ def _split_ten(dist: Distribution, after_one: dict[str, float]) -> Distribution 
 def slot_distributions(echo: EchoLogprobs, prompt: str, slots: Sequence[int]) -> list[Distribution]:
     """Each slot's level distribution from an echoed prompt's top logprobs (`Unusable` if unreadable)."""
     if len(echo.text_offset) == len(echo.tokens):
-        starts = list(echo.text_offset)
+        starts = echo.text_offset
     else:  # no offsets from the server: the token strings must spell the prompt
         if "".join(echo.tokens) != prompt:
             raise Unusable("the echoed tokens do not spell the prompt and the server gave no text offsets")
