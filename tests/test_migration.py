@@ -58,17 +58,22 @@ def test_an_old_table_gains_polarity_and_its_rows_read_plus(old_warehouse: tuple
     assert q("select distinct polarity from atlas.top_tokens where layer = 1") == [("+",)]
 
 
+def _refused(database: Path, resources: dict) -> str:
+    """Materialize layer 0 of activation_records, which must fail: the failure's message."""
+    result = run_stages(database, 2, (0, 0), **resources, selection=["activation_records"], raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else ""
+    return message + failure.step_failure_data.error.message
+
+
 def test_a_table_whose_columns_changed_otherwise_is_refused(old_warehouse: tuple[Path, dict]) -> None:
     database, resources = old_warehouse
     with duckdb.connect(str(database)) as conn:  # a struct without a field the new rows carry
         conn.execute("alter table atlas.activation_records drop column bottom")
         conn.execute("alter table atlas.activation_records add column bottom integer[]")
         before = conn.execute("select count(*) from atlas.activation_records").fetchone()
-    result = run_stages(database, 2, (0, 0), **resources, selection=["activation_records"], raise_on_error=False)
-    assert not result.success
-    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else ""
-    message += failure.step_failure_data.error.message
+    message = _refused(database, resources)
     assert "atlas.activation_records was written by another version" in message
     assert "bottom INTEGER[] -> STRUCT(" in message and "drop table atlas.activation_records" in message
     assert query(database)("select count(*) from atlas.activation_records") == [before]  # nothing lost
@@ -92,10 +97,6 @@ def test_a_float32_record_table_is_refused_not_truncated(old_warehouse: tuple[Pa
         conn.execute("drop table atlas.activation_records")
         conn.execute("alter table atlas.old_records rename to activation_records")
         before = conn.execute("select top from atlas.activation_records order by layer, neuron").fetchall()
-    result = run_stages(database, 2, (0, 0), **resources, selection=["activation_records"], raise_on_error=False)
-    assert not result.success
-    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failure.step_failure_data.error.cause.message if failure.step_failure_data.error.cause else ""
-    message += failure.step_failure_data.error.message
+    message = _refused(database, resources)
     assert "acts FLOAT[]" in message and "new sequences" in message and "drop table atlas.activation_records" in message
     assert query(database)("select top from atlas.activation_records order by layer, neuron") == before
