@@ -7,6 +7,7 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     MetadataValue,
+    Output,
     ResourceParam,
     StaticPartitionsDefinition,
     asset,
@@ -21,7 +22,7 @@ from assets.common import (
     preview,
     require_same_model,
     strip_lineage,
-    with_lineage,
+    versioned_output,
 )
 from assets.io import WarehouseDbIOManager
 from assets.resources import AblationResource, SubjectModelResource
@@ -48,7 +49,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         subject: SubjectModelResource,
         ablation: AblationResource,
         warehouse: ResourceParam[WarehouseDbIOManager],
-    ) -> pl.DataFrame:
+    ) -> Output[pl.DataFrame]:
         """Per ablated unit (the best by test score, and optionally random others): KL of the
         next-token distribution when the neuron is replaced by its mean vs by its calibrated test
         simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
@@ -95,6 +96,6 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
             }
             | ({} if scored.height else {"note": MetadataValue.text("no neuron could be scored")})
         )
-        return with_lineage(frame, identity, context)
+        return versioned_output(frame, identity, context)
 
     return [ablations]

@@ -13,7 +13,6 @@ from dagster import (
     AssetsDefinition,
     ConfigurableResource,
     MetadataValue,
-    Output,
     ResourceParam,
     StaticPartitionsDefinition,
     asset,
@@ -30,7 +29,7 @@ from assets.common import (
     partition_layers,
     preview,
     strip_lineage,
-    with_lineage,
+    versioned_output,
 )
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
@@ -152,7 +151,7 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         check_failure_share(outcomes, simulator.max_failure_share, "classified units")
         layers = partition_layers(context)
         verdicts = {(la, s): classification_discrimination(frame, la, s) for la in layers for s in spec.scorers}
-        yield Output(with_lineage(frame, identity, context), metadata=_metadata(frame, verdicts, spent))
+        yield versioned_output(frame, identity, context, metadata=_metadata(frame, verdicts, spent))
         failing = [f"{layer}/{s}" for (layer, s), v in verdicts.items() if not v.passed]
         yield AssetCheckResult(
             check_name=CLASSIFIER_DISCRIMINATES,

@@ -4,7 +4,8 @@ the materialization pages. Asset modules import these public names from here, ne
 private helpers."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -13,7 +14,9 @@ from dagster import (
     AssetIn,
     AssetMaterialization,
     BackfillPolicy,
+    DataVersion,
     MetadataValue,
+    Output,
     StaticPartitionsDefinition,
 )
 
@@ -37,6 +40,15 @@ RECORD_ACTS = AssetIn(metadata={"columns": RECORD_COLUMNS})
 LLM_POOL = "llm"
 # The columns `with_lineage` puts before every row.
 LINEAGE_COLUMNS = ("model_id", "model_revision", "run_id", "code_version")
+# Columns that say how a row was obtained (from the response cache, for how many tokens), not what
+# it says: left out of the data version, so a rerun answered from the cache changes nothing.
+BOOKKEEPING_COLUMNS = (
+    "cached",
+    "prompt_tokens",
+    "completion_tokens",
+    "control_prompt_tokens",
+    "control_completion_tokens",
+)
 
 
 def layer_partitions(n_layers: int) -> StaticPartitionsDefinition:
@@ -70,6 +82,38 @@ def with_lineage(frame: pl.DataFrame, identity: ModelIdentity, context: AssetExe
         pl.lit(context.run.run_id).alias("run_id"),
         pl.lit(code_version, dtype=pl.String).alias("code_version"),
         pl.all(),
+    )
+
+
+def content_version(frame: pl.DataFrame, identity: ModelIdentity) -> DataVersion:
+    """A hash of a step's rows (lineage and bookkeeping columns aside), its columns' names and
+    types, and the model.
+
+    Dagster's default data version hashes the code version and the inputs' versions, so a rerun
+    with other settings (`sampling.top_k`, the explainer's model, ...) kept the old version and
+    left downstream looking fresh. Hashing the rows makes every setting that changes results part
+    of the version, and only those: a rerun that writes the same rows (the same settings again, the
+    LLM's answers from the response cache) keeps the version and marks nothing stale. Polars' row hash is stable
+    within one polars version; after an upgrade the first rerun may mark downstream stale once."""
+    frame = frame.drop(*BOOKKEEPING_COLUMNS, strict=False)
+    digest = hashlib.sha256(f"{identity.data_version}\n{frame.schema}\n".encode())
+    for seed in (0, 1):  # two 64-bit hashes per row
+        digest.update(frame.hash_rows(seed=seed).to_numpy().tobytes())
+    return DataVersion(digest.hexdigest()[:32])
+
+
+def versioned_output(
+    frame: pl.DataFrame,
+    identity: ModelIdentity,
+    context: AssetExecutionContext,
+    metadata: Mapping[str, Any] | None = None,
+) -> Output[pl.DataFrame]:
+    """The step's table with lineage (`with_lineage`), versioned by its content (`content_version`).
+    A multi-layer step gives every layer it wrote the same version."""
+    return Output(
+        with_lineage(frame, identity, context),
+        data_version=content_version(frame, identity),
+        metadata=dict(metadata) if metadata else None,
     )
 
 

@@ -28,7 +28,7 @@ from assets.common import (
     partition_layers,
     preview,
     strip_lineage,
-    with_lineage,
+    versioned_output,
 )
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
@@ -71,7 +71,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         explainer: ExplainerResource,
         explain: ExplainResource,
         warehouse: ResourceParam[WarehouseDbIOManager],
-    ) -> pl.DataFrame:
+    ) -> Output[pl.DataFrame]:
         """Per unit: the LLM's explanations of its train top records, its token-space explanation and
         the token-lookup reference; copies of few-shot text and explanations shared by many units are
         flagged degenerate. Each layer is committed when it is done."""
@@ -115,7 +115,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "failure_reasons": failure_reasons(frame),
             }
         )
-        return with_lineage(frame, identity, context)
+        return versioned_output(frame, identity, context)
 
     @asset(code_version="2", pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **atlas_asset_args(layers_def))
     def simulations(
@@ -126,7 +126,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         activation_records: pl.DataFrame,
         simulator: SimulatorResource,
         warehouse: ResourceParam[WarehouseDbIOManager],
-    ) -> pl.DataFrame:
+    ) -> Output[pl.DataFrame]:
         """Per explanation: simulated levels on the valid split (every candidate), on calibration and
         test (each kind's chosen one), and the control on test (another unit's explanation). Each
         layer is committed when it is done."""
@@ -155,7 +155,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "failure_reasons": failure_reasons(frame),
             }
         )
-        return with_lineage(frame, identity, context)
+        return versioned_output(frame, identity, context)
 
     @asset(
         code_version="2",
@@ -177,7 +177,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         frame = score_layer(strip_lineage(simulations))
         layers = partition_layers(context)
         verdicts = {layer: layer_discrimination(frame, layer) for layer in layers}
-        yield Output(with_lineage(frame, identity, context), metadata=_score_metadata(frame, verdicts))
+        yield versioned_output(frame, identity, context, metadata=_score_metadata(frame, verdicts))
         failing = [layer for layer, v in verdicts.items() if not v.passed]
         yield AssetCheckResult(
             check_name=DISCRIMINATES,

@@ -20,6 +20,7 @@ from assets.common import (
     preview,
     require_same_model,
     strip_lineage,
+    versioned_output,
     with_lineage,
 )
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
@@ -76,7 +77,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         subject_model: pl.DataFrame,
         subject: SubjectModelResource,
         corpus: CorpusResource,
-    ) -> pl.DataFrame:
+    ) -> Output[pl.DataFrame]:
         """The corpus cut into fixed-length sequences: token ids and the strings the explainer sees."""
         tokenizer, identity = subject.load_tokenizer()
         require_same_model(identity_of(subject_model), identity)
@@ -89,7 +90,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 "preview": preview(frame, ["seq_id", "text"], 5),
             }
         )
-        return with_lineage(frame, identity, context)
+        return versioned_output(frame, identity, context)
 
     @asset(
         code_version="3",  # 2: both directions (bottom, quantile_neg, min/negative stats); 3: 8-bit codes
@@ -101,7 +102,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         corpus_tokens: pl.DataFrame,
         subject: SubjectModelResource,
         sampling: SamplingResource,
-    ) -> pl.DataFrame:
+    ) -> Output[pl.DataFrame]:
         """Per neuron: statistics plus top, random and quantile records, and for a captured negative
         direction the bottom and negative quantile records. All selected layers are captured in ONE
         forward pass over the corpus, which stops after the deepest of them."""
@@ -152,7 +153,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 ),
             }
         )
-        return with_lineage(frame, loaded.identity, context)
+        return versioned_output(frame, loaded.identity, context)
 
     @asset(
         code_version="2",  # 2: records are references to activation_records (8-bit codes there)
@@ -163,7 +164,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         activation_records: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         sampling: SamplingResource,
-    ) -> pl.DataFrame:
+    ) -> Output[pl.DataFrame]:
         """Per neuron: strided train/calibration/valid/test splits, the 0-10 normalization max, top tokens."""
         identity = identity_of(activation_records)
         records = strip_lineage(activation_records)
@@ -188,6 +189,6 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
                 ),
             }
         )
-        return with_lineage(frame, identity, context)
+        return versioned_output(frame, identity, context)
 
     return [subject_model, corpus_tokens, activation_records, top_k_examples]
