@@ -51,7 +51,7 @@ test: install llama-server
 
 # Requests and tokens the LLM stages will need for EXPLAIN_LAYERS (needs top_k_examples materialized).
 cost: install
-	$(PY) -m pipeline.cost --layers "$(EXPLAIN_LAYERS)"
+	$(PY) -m pipeline.infra.cost --layers "$(EXPLAIN_LAYERS)"
 
 bench: install
 	$(PY) -m bench.capture

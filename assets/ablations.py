@@ -1,4 +1,4 @@
-"""The `ablations` asset: a thin wrapper over `pipeline.ablate_layer`."""
+"""The `ablations` asset: a thin wrapper over `pipeline.core.ablate_layer`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
 import polars as pl
@@ -26,10 +26,10 @@ from assets.common import (
 )
 from assets.io import WarehouseDbIOManager
 from assets.resources import AblationResource, SubjectModelResource
-from pipeline.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
-from pipeline.ablation import LayerAblator
-from pipeline.corpus import prefix_ids
-from pipeline.units import units_from_frames
+from pipeline.core.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
+from pipeline.core.ablation import LayerAblator
+from pipeline.core.corpus import prefix_ids
+from pipeline.core.units import units_from_frames
 
 
 def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:

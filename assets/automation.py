@@ -16,8 +16,8 @@ from dagster import (
 )
 
 from assets.resources import CorpusResource, SubjectModelResource
-from pipeline.corpus import corpus_fingerprint
-from pipeline.models import resolve_model
+from pipeline.core.corpus import corpus_fingerprint
+from pipeline.core.models import resolve_model
 
 
 def rerun_condition(optional_deps: tuple[str, ...] = ()) -> AutomationCondition:

@@ -1,4 +1,4 @@
-"""Asset checks: thin wrappers running `pipeline.checks` against the warehouse file. Blocking
+"""Asset checks: thin wrappers running `pipeline.infra.checks` against the warehouse file. Blocking
 checks stop the run's downstream steps, so bad rows never reach the next stage."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
@@ -8,8 +8,8 @@ import duckdb
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, asset_check
 
 from assets.resources import SamplingResource
-from pipeline import checks
-from pipeline.warehouse import open_warehouse
+from pipeline.infra import checks
+from pipeline.infra.warehouse import open_warehouse
 
 BLOCKING = {"activation_records", "top_k_examples", "explanations", "simulations", "scores"}
 

@@ -1,4 +1,4 @@
-"""The `classification_scores` asset: detection and fuzzing per layer, a thin wrapper over `pipeline.classify`."""
+"""The `classification_scores` asset: detection and fuzzing per layer, a thin wrapper over `pipeline.core.classify`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
 from collections.abc import Iterator
@@ -34,7 +34,7 @@ from assets.common import (
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
-from pipeline.classify import (
+from pipeline.core.classify import (
     QUANTILE_LISTS,
     SCORERS,
     ClassifySpec,
@@ -42,11 +42,11 @@ from pipeline.classify import (
     classify_layer,
     with_quantiles,
 )
-from pipeline.failures import check_failure_share
-from pipeline.units import units_from_frames
+from pipeline.core.failures import check_failure_share
+from pipeline.core.units import units_from_frames
 
 CLASSIFIER_DISCRIMINATES = "classifier_discriminates"
-# The per-direction quantile lists read from activation_records (`pipeline.classify.QUANTILE_LISTS`):
+# The per-direction quantile lists read from activation_records (`pipeline.core.classify.QUANTILE_LISTS`):
 # 'quantile' (bins by max) for '+' units, 'quantile_neg' (bins by -min) for '-' units.
 QUANTILE_COLUMNS = [QUANTILE_LISTS["+"], QUANTILE_LISTS["-"]]
 

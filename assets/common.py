@@ -22,9 +22,9 @@ from dagster import (
 
 from assets.automation import RERUN
 from assets.io import WarehouseDbIOManager
-from pipeline.errors import AtlasInputError
-from pipeline.models import ModelIdentity
-from pipeline.units import RECORD_COLUMNS
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.models import ModelIdentity
+from pipeline.core.units import RECORD_COLUMNS
 
 # The IO manager (resource key) that stores each asset as one warehouse table.
 WAREHOUSE = "warehouse"
@@ -32,7 +32,7 @@ GROUP = "atlas"
 # Layer-partitioned tables keep the partition in their `layer` column.
 LAYER_METADATA = {"partition_expr": "layer"}
 # What the interpretation steps read of activation_records: the lists top_k_examples refers to and
-# their sequences' activations (`pipeline.units.units_from_frames`).
+# their sequences' activations (`pipeline.core.units.units_from_frames`).
 RECORD_ACTS = AssetIn(metadata={"columns": RECORD_COLUMNS})
 # The Dagster pool of the steps that call the explainer/simulator: its limit (`dagster instance
 # concurrency set llm N`, or `concurrency.pools.default_limit` in dagster.yaml) bounds the requests

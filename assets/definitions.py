@@ -35,8 +35,8 @@ from assets.resources import (
 )
 from assets.stages import build_stage_assets
 from assets.viewer import build_viewer_assets
-from pipeline.models import EMBEDDED, model_layer_count
-from pipeline.warehouse import SCHEMA, default_data_path, default_database
+from pipeline.core.models import EMBEDDED, model_layer_count
+from pipeline.infra.warehouse import SCHEMA, default_data_path, default_database
 
 
 def build_definitions(model: str | None = None, corpus: str | None = None, database: str | None = None) -> Definitions:

@@ -1,4 +1,4 @@
-"""Explanations, simulations and scores: per layer, thin wrappers over `pipeline.interpret`."""
+"""Explanations, simulations and scores: per layer, thin wrappers over `pipeline.core.interpret`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
 from collections import Counter
@@ -33,8 +33,8 @@ from assets.common import (
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
-from pipeline.failures import check_failure_share, explanation_outcomes, simulation_outcomes
-from pipeline.interpret import (
+from pipeline.core.failures import check_failure_share, explanation_outcomes, simulation_outcomes
+from pipeline.core.interpret import (
     CANDIDATE_KINDS,
     LLM,
     TOKEN_LOOKUP,
@@ -43,7 +43,7 @@ from pipeline.interpret import (
     score_layer,
     simulate_layer,
 )
-from pipeline.units import select_units, units_from_frames
+from pipeline.core.units import select_units, units_from_frames
 
 DISCRIMINATES = "simulator_discriminates"
 

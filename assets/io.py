@@ -2,13 +2,13 @@
 
 Dagster's DuckDB client deletes a partition's rows and inserts the new ones in autocommit mode,
 so a failure between the two loses the partition. Here both run in one transaction, together
-with refreshing the SQL views, under the warehouse lock (`pipeline.warehouse.open_warehouse`), so
+with refreshing the SQL views, under the warehouse lock (`pipeline.infra.warehouse.open_warehouse`), so
 concurrent runs and multiprocess steps take turns instead of failing on DuckDB's file lock.
 
 On a DuckLake warehouse (`ducklake:postgres:...`) there is no lock: writers on many machines
 commit optimistically, and a write whose commit conflicts with another writer's (DuckLake counts
 any two writes that delete from and insert into one table) is run again whole, from the same
-in-memory frame, a bounded number of times (`pipeline.warehouse.retry_on_conflict`).
+in-memory frame, a bounded number of times (`pipeline.infra.warehouse.retry_on_conflict`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dagster_duckdb.io_manager import DuckDbClient, _get_cleanup_statement
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 from pydantic import Field
 
-from pipeline.errors import AtlasInputError
-from pipeline.warehouse import add_appended_columns, create_views, is_lake, open_warehouse, retry_on_conflict
+from pipeline.core.errors import AtlasInputError
+from pipeline.infra.warehouse import add_appended_columns, create_views, is_lake, open_warehouse, retry_on_conflict
 
 # Set while a DuckLake write is being tried again after a commit conflict.
 _RETRYING: ContextVar[bool] = ContextVar("warehouse_write_retrying", default=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.models import EMBEDDED, model_layer_count
+from pipeline.core.models import EMBEDDED, model_layer_count
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.llm import Usage
+from pipeline.core.llm import Usage
 
 
 def usage_metadata(usage: Usage, before: dict[str, int], prefix: str) -> dict[str, int]:

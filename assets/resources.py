@@ -8,20 +8,20 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
-from pipeline.classify import Classifier
-from pipeline.classify_backends import LABEL_TOP_LOGPROBS, CachedClassifier, LocalClassifier, ServerClassifier
-from pipeline.corpus import CorpusSpec
-from pipeline.errors import AtlasInputError
-from pipeline.llm import APIS, GenerationParams, LLMBackend, role_env
-from pipeline.llm_cache import CachedBackend, CachedSimulator, LLMCache, default_cache_path
-from pipeline.llm_local import LocalBackend
-from pipeline.llm_openai import OpenAIBackend
-from pipeline.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
-from pipeline.prompts import explainer_few_shot_explanations
-from pipeline.records import SamplingSpec
-from pipeline.simulate_local import LocalSimulator
-from pipeline.simulate_remote import MAX_TOP_LOGPROBS, ChatSimulator, EchoSimulator
-from pipeline.simulator import Simulator
+from pipeline.core.classify import Classifier
+from pipeline.core.corpus import CorpusSpec
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.llm import APIS, GenerationParams, LLMBackend, role_env
+from pipeline.core.llm_local import LocalBackend
+from pipeline.core.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
+from pipeline.core.prompts import explainer_few_shot_explanations
+from pipeline.core.records import SamplingSpec
+from pipeline.core.simulate_local import LocalSimulator
+from pipeline.core.simulator import Simulator
+from pipeline.infra.classify_backends import LABEL_TOP_LOGPROBS, CachedClassifier, LocalClassifier, ServerClassifier
+from pipeline.infra.llm_cache import CachedBackend, CachedSimulator, LLMCache, default_cache_path
+from pipeline.infra.llm_openai import OpenAIBackend
+from pipeline.infra.simulate_remote import MAX_TOP_LOGPROBS, ChatSimulator, EchoSimulator
 
 BACKENDS = ("local", "openai")
 
@@ -295,7 +295,7 @@ class SimulatorResource(_LLMSettings):
     _classifier: Any = PrivateAttr(default=None)
 
     def classifier(self) -> Classifier:
-        """The detection/fuzzing scorer on the simulator's model (`pipeline.classify_backends`):
+        """The detection/fuzzing scorer on the simulator's model (`pipeline.infra.classify_backends`):
         in-process label probabilities from logits, or the server's labels (with their top
         logprobs unless logprobs: false). Made once per resource instance; answers are cached."""
         if self._classifier is None:

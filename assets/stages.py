@@ -24,11 +24,11 @@ from assets.common import (
     with_lineage,
 )
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
-from pipeline.corpus import prefix_ids, tokenize_corpus
-from pipeline.examples import top_k_examples as build_top_k_examples
-from pipeline.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_count
-from pipeline.progress import duration
-from pipeline.records import collect_activation_records, records_frame
+from pipeline.core.corpus import prefix_ids, tokenize_corpus
+from pipeline.core.examples import top_k_examples as build_top_k_examples
+from pipeline.core.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_count
+from pipeline.core.progress import duration
+from pipeline.core.records import collect_activation_records, records_frame
 
 
 def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:

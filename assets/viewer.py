@@ -1,4 +1,5 @@
-"""The `neuron_viewer` asset: a static HTML page and a data file per layer, a thin wrapper over `pipeline.viewer`."""
+"""The `neuron_viewer` asset: a static HTML page and a data file per layer, a thin wrapper over
+`pipeline.infra.viewer`."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation objects.
 
 from pathlib import Path
@@ -14,8 +15,8 @@ from dagster import (
 
 from assets.automation import rerun_condition
 from assets.common import atlas_asset_args, partition_layers
-from pipeline.viewer import DATA_FILE, load_layer, write_layer
-from pipeline.warehouse import open_warehouse, sidecar_dir
+from pipeline.infra.viewer import DATA_FILE, load_layer, write_layer
+from pipeline.infra.warehouse import open_warehouse, sidecar_dir
 
 
 def viewer_root(database: str) -> Path:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from bench.capture import corpus_token_ids, fault_in_weights, peak_rss_kib, reset_peak_rss
-from pipeline.ablation import LayerAblator, ablate_neurons
-from pipeline.corpus import prefix_ids
-from pipeline.mlp import mlp_projections
-from pipeline.models import load_subject_model
+from pipeline.core.ablation import LayerAblator, ablate_neurons
+from pipeline.core.corpus import prefix_ids
+from pipeline.core.mlp import mlp_projections
+from pipeline.core.models import load_subject_model
 
 
 def naive(model: torch.nn.Module, layer: int, ids: torch.Tensor, neuron: int, values: list[np.ndarray]) -> None:

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.corpus import CorpusSpec, prefix_ids, tokenize_corpus
-from pipeline.mlp import mlp_is_gated
-from pipeline.models import SubjectModel, load_subject_model
-from pipeline.records import SamplingSpec, collect_activation_records
+from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
+from pipeline.core.mlp import mlp_is_gated
+from pipeline.core.models import SubjectModel, load_subject_model
+from pipeline.core.records import SamplingSpec, collect_activation_records
 
 GOAL_RATIO = 1.15
 CHILD_TAG = "BENCH_CHILD_RESULT "

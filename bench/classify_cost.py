@@ -7,7 +7,7 @@ is the subject, the explainer, the simulator and the detection/fuzzing scorer un
 choose others. Then it prints, per unit explained, the requests and tokens spent by simulation
 (every candidate on valid, the chosen ones on calibration and test, the controls: one request per
 sequence simulated, as a server needs, and the tokens from the simulations materialization) and by
-detection and fuzzing together (their prompts and their controls'), then `python -m pipeline.report
+detection and fuzzing together (their prompts and their controls'), then `python -m pipeline.infra.report
 classification` on the warehouse (each scorer's own cost and the rank correlations).
 """
 
@@ -34,9 +34,9 @@ from assets.resources import (
 )
 from assets.stages import build_stage_assets, layer_partitions
 from assets.viewer import build_viewer_assets
-from pipeline.models import EMBEDDED, model_layer_count
-from pipeline.report import classification_report, print_classification
-from pipeline.warehouse import SCHEMA, open_warehouse
+from pipeline.core.models import EMBEDDED, model_layer_count
+from pipeline.infra.report import classification_report, print_classification
+from pipeline.infra.warehouse import SCHEMA, open_warehouse
 
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations",
           "scores", "ablations", "classification_scores", "neuron_viewer"]  # fmt: skip

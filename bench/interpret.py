@@ -41,18 +41,18 @@ import polars as pl
 import torch
 
 from bench.capture import time_bare
-from pipeline.corpus import CorpusSpec, prefix_ids, tokenize_corpus
-from pipeline.examples import top_k_examples
-from pipeline.interpret import LLM, explain_layer, simulate_layer
-from pipeline.llm import GenerationParams
-from pipeline.llm_cache import CachedBackend, CachedSimulator, LLMCache
-from pipeline.llm_local import LocalBackend
-from pipeline.models import SubjectModel, load_subject_model
-from pipeline.prompts import explainer_few_shot_explanations
-from pipeline.records import SamplingSpec, collect_activation_records, records_frame
-from pipeline.simulate_local import LocalSimulator
-from pipeline.simulator import Simulator
-from pipeline.units import Unit, units_from_frames
+from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
+from pipeline.core.examples import top_k_examples
+from pipeline.core.interpret import LLM, explain_layer, simulate_layer
+from pipeline.core.llm import GenerationParams
+from pipeline.core.llm_local import LocalBackend
+from pipeline.core.models import SubjectModel, load_subject_model
+from pipeline.core.prompts import explainer_few_shot_explanations
+from pipeline.core.records import SamplingSpec, collect_activation_records, records_frame
+from pipeline.core.simulate_local import LocalSimulator
+from pipeline.core.simulator import Simulator
+from pipeline.core.units import Unit, units_from_frames
+from pipeline.infra.llm_cache import CachedBackend, CachedSimulator, LLMCache
 
 PATHS = ("today", "optimized")
 GOAL_SPEEDUP = 2.0

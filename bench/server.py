@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.interpret import explain_layer, simulate_layer
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt, Usage
-from pipeline.llm_cache import LLMCache
-from pipeline.llm_openai import OpenAIBackend
-from pipeline.simulate_remote import EchoSimulator
-from pipeline.simulator import Simulator
-from pipeline.units import Example, Unit, UnitKey
+from pipeline.core.interpret import explain_layer, simulate_layer
+from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt, Usage
+from pipeline.core.simulator import Simulator
+from pipeline.core.units import Example, Unit, UnitKey
+from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.llm_openai import OpenAIBackend
+from pipeline.infra.simulate_remote import EchoSimulator
 
 GOAL = 0.8  # share of the ideal concurrency / latency
 WORDS = [f"w{i}" for i in range(512)]

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.corpus import CorpusSpec, tokenize_corpus
-from pipeline.models import load_subject_model
-from pipeline.simulate_local import LocalSimulator, NaiveLocalSimulator
+from pipeline.core.corpus import CorpusSpec, tokenize_corpus
+from pipeline.core.models import load_subject_model
+from pipeline.core.simulate_local import LocalSimulator, NaiveLocalSimulator
 
 EXPLANATIONS = ("numbers written with digits", "words about programming", "punctuation at the end of a sentence")
 GOAL = 5.0

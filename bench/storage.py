@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.warehouse import SCHEMA, default_database, open_warehouse
+from pipeline.infra.warehouse import SCHEMA, default_database, open_warehouse
 
 GOAL_BYTES_PER_NEURON = 8 * 1024
 

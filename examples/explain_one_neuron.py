@@ -3,15 +3,15 @@ Run: `python -m examples.explain_one_neuron [LAYER NEURON]` (the embedded Gemma 
 
 import numpy as np
 
-from pipeline.corpus import CorpusSpec, prefix_ids, tokenize_corpus
-from pipeline.examples import top_k_examples
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
-from pipeline.models import load_subject_model
-from pipeline.prompts import explanation_prompt, parse_explanation
-from pipeline.records import SamplingSpec, collect_activation_records, records_frame
-from pipeline.scoring import correlation
-from pipeline.simulator import Simulator
-from pipeline.units import units_from_frames
+from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
+from pipeline.core.examples import top_k_examples
+from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure
+from pipeline.core.models import load_subject_model
+from pipeline.core.prompts import explanation_prompt, parse_explanation
+from pipeline.core.records import SamplingSpec, collect_activation_records, records_frame
+from pipeline.core.scoring import correlation
+from pipeline.core.simulator import Simulator
+from pipeline.core.units import units_from_frames
 
 
 def explain_and_score(
@@ -42,9 +42,9 @@ def explain_and_score(
 if __name__ == "__main__":
     import sys
 
-    from pipeline.llm_local import LocalBackend
-    from pipeline.models import EMBEDDED
-    from pipeline.simulate_local import LocalSimulator
+    from pipeline.core.llm_local import LocalBackend
+    from pipeline.core.models import EMBEDDED
+    from pipeline.core.simulate_local import LocalSimulator
 
     layer, neuron = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 2 else (6, 0)
     gemma = load_subject_model(EMBEDDED)

@@ -32,7 +32,7 @@ from assets.resources import (  # noqa: E402
 )
 from assets.stages import build_stage_assets, layer_partitions  # noqa: E402
 from assets.viewer import build_viewer_assets  # noqa: E402
-from pipeline.warehouse import SCHEMA  # noqa: E402
+from pipeline.infra.warehouse import SCHEMA  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -132,7 +132,7 @@ def loopback_llm(
 
 def code_step(max_act: float, min_act: float) -> float:
     """The most a stored activation may differ from the captured one: half of the record's 8-bit
-    code step, (max_act - min_act) / 255 / 2 (`pipeline.records.quantize`)."""
+    code step, (max_act - min_act) / 255 / 2 (`pipeline.core.records.quantize`)."""
     return (float(max_act) - float(min_act)) / 510
 
 

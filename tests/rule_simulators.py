@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from assets.resources import SimulatorResource
-from pipeline.classify import DETECTION, Answer, Classifier, Shown, render
-from pipeline.llm import LLMFailure
-from pipeline.simulator import Simulator
+from pipeline.core.classify import DETECTION, Answer, Classifier, Shown, render
+from pipeline.core.llm import LLMFailure
+from pipeline.core.simulator import Simulator
 
 
 def quoted(explanation: str) -> set[str]:

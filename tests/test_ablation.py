@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny_models import DIGIT_NEURON, build_digit_model, build_tokenizer
 
-from pipeline.ablation import LayerAblator, Row, ablate_neurons, ablation_score
-from pipeline.mlp import mlp_capture, mlp_projections, run_until_captured
-from pipeline.scoring import fit_calibration
+from pipeline.core.ablation import LayerAblator, Row, ablate_neurons, ablation_score
+from pipeline.core.mlp import mlp_capture, mlp_projections, run_until_captured
+from pipeline.core.scoring import fit_calibration
 
 TEXTS = ["the 3 of 7 and 9", "was 1 2 in the 8", "they were at it no so", "5 5 5 for 0 and"]  # equal lengths
 

@@ -14,11 +14,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.corpus import CorpusSpec, tokenize_corpus
-from pipeline.errors import AtlasInputError
-from pipeline.mlp import check_layers
-from pipeline.models import load_subject_model, load_tokenizer, model_layer_count, resolve_model
-from pipeline.records import SamplingSpec
+from pipeline.core.corpus import CorpusSpec, tokenize_corpus
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.mlp import check_layers
+from pipeline.core.models import load_subject_model, load_tokenizer, model_layer_count, resolve_model
+from pipeline.core.records import SamplingSpec
 
 WORDS = (
     "the a of and to in is was for on that with as by at from it this be are or an his her they which one all "
@@ -251,7 +251,7 @@ def test_non_utf8_text_is_read_with_replacement(
     """Latin-1 bytes in a text file become U+FFFD (with a warning) instead of aborting the run."""
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"the caf\xe9 of the \xff\xfe world and a " + _words(10).encode())
-    with caplog.at_level(logging.WARNING, logger="pipeline.corpus"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.corpus"):
         frame = _corpus(tokenizer, path, seq_len=4, n_sequences=100)
     assert "not valid UTF-8" in caplog.text
     tokens = [t for seq in frame["tokens"].to_list() for t in seq]

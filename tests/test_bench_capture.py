@@ -9,8 +9,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bench.capture import Memory, Throughput, input_batches, measure_throughput, memory_verdict
-from pipeline.models import ModelIdentity, SubjectModel
-from pipeline.records import SamplingSpec
+from pipeline.core.models import ModelIdentity, SubjectModel
+from pipeline.core.records import SamplingSpec
 
 
 def tiny_subject() -> SubjectModel:

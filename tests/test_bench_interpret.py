@@ -10,10 +10,10 @@ from tiny_models import tiny_gemma
 from transformers import AutoTokenizer
 
 from bench.interpret import PATHS, format_report, make_units, measure
-from pipeline.llm import GenerationParams
-from pipeline.models import ModelIdentity, SubjectModel, embedded_model_dir
-from pipeline.prompts import explainer_few_shot_explanations
-from pipeline.records import SamplingSpec
+from pipeline.core.llm import GenerationParams
+from pipeline.core.models import ModelIdentity, SubjectModel, embedded_model_dir
+from pipeline.core.prompts import explainer_few_shot_explanations
+from pipeline.core.records import SamplingSpec
 
 
 def tiny_subject() -> SubjectModel:

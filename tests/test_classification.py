@@ -27,10 +27,10 @@ from tiny_models import TOKEN_SETS, write_sets_corpus, write_sets_model
 
 from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SimulatorResource, SubjectModelResource
-from pipeline.classify import ClassifySpec, held_out, items
-from pipeline.report import main as report_main
-from pipeline.units import Example, Unit
-from pipeline.viewer import DATA_FILE, read_data
+from pipeline.core.classify import ClassifySpec, held_out, items
+from pipeline.core.units import Example, Unit
+from pipeline.infra.report import main as report_main
+from pipeline.infra.viewer import DATA_FILE, read_data
 
 NEURONS = sorted(TOKEN_SETS)
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
@@ -192,7 +192,7 @@ def test_neuron_summary_and_the_viewer_show_both_scores_beside_simulation_and_ab
 
 def _spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's rho from its definition, ties given their average rank (written here, apart from
-    `pipeline.report`, which ranks through polars); None for a constant side."""
+    `pipeline.infra.report`, which ranks through polars); None for a constant side."""
 
     def ranks(v: list[float]) -> np.ndarray:
         return np.array([sum(w < u for w in v) + (sum(w == u for w in v) + 1) / 2 for u in v])

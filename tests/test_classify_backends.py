@@ -15,11 +15,11 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from pipeline.classify import DETECTION, FUZZING, Answer, Classifier, Shown, answer_text, classification_prompt
-from pipeline.classify_backends import CachedClassifier, LocalClassifier, read_labels
-from pipeline.llm import ChatReply, LLMFailure
-from pipeline.llm_cache import LLMCache
-from pipeline.models import load_subject_model
+from pipeline.core.classify import DETECTION, FUZZING, Answer, Classifier, Shown, answer_text, classification_prompt
+from pipeline.core.llm import ChatReply, LLMFailure
+from pipeline.core.models import load_subject_model
+from pipeline.infra.classify_backends import CachedClassifier, LocalClassifier, read_labels
+from pipeline.infra.llm_cache import LLMCache
 
 PROMPT = [
     Shown(("The", " cat", " sat", " on", " 3", " mats", "."), (False, False, False, False, True, False, False)),

@@ -22,8 +22,8 @@ from rule_simulators import RULES, RuleSimulator
 from tiny_models import SET_GAIN, TOKEN_SETS, write_sets_corpus, write_sets_model
 
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
-from pipeline.viewer import load_layer, render_index
-from pipeline.warehouse import open_warehouse
+from pipeline.infra.viewer import load_layer, render_index
+from pipeline.infra.warehouse import open_warehouse
 
 NEURONS = sorted(TOKEN_SETS)
 REPLY = " a pattern the explainer double always writes.\n"

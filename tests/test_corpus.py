@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from tiny_models import build_tokenizer
 
-from pipeline.corpus import CorpusSpec, prefix_ids, tokenize_corpus
+from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
 
 DOCS = [" ".join(["the", "one", "was", "on", "it", str(i % 10)] * 5) for i in range(20)]
 

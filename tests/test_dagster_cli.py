@@ -12,7 +12,7 @@ import pytest
 from conftest import query
 from dagster_dev import PARTITIONED, ROOT, STAGES, dagster_dev, materialize_command, project_env, run_cli
 
-from pipeline.models import EMBEDDED, model_layer_count
+from pipeline.core.models import EMBEDDED, model_layer_count
 
 ASSETS = "{ assetNodes { assetKey { path } isPartitioned partitionKeys } }"
 

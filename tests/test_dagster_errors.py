@@ -13,7 +13,7 @@ from dagster import DagsterInstance, StaticPartitionsDefinition, asset, material
 from assets.io import WarehouseIOManager
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 from assets.stages import build_stage_assets
-from pipeline.warehouse import SCHEMA
+from pipeline.infra.warehouse import SCHEMA
 
 
 def _failure_messages(result) -> str:  # noqa: ANN001

@@ -20,9 +20,9 @@ from test_warehouse_lock import _hold
 
 from assets.io import TransactionalDuckDbClient, WarehouseIOManager
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
-from pipeline import llm_cache
-from pipeline.llm_cache import LLMCache
-from pipeline.warehouse import (
+from pipeline.infra import llm_cache
+from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.warehouse import (
     SCHEMA,
     VIEWS_DIR,
     WarehouseBusy,

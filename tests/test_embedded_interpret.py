@@ -22,9 +22,9 @@ from assets.resources import (
     SamplingResource,
     SubjectModelResource,
 )
-from pipeline.models import EMBEDDED, model_layer_count
-from pipeline.report import main as report_main
-from pipeline.viewer import DATA_FILE, read_data
+from pipeline.core.models import EMBEDDED, model_layer_count
+from pipeline.infra.report import main as report_main
+from pipeline.infra.viewer import DATA_FILE, read_data
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from conftest import code_step, query, run_stages
 
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
-from pipeline.models import EMBEDDED, load_subject_model, model_layer_count
+from pipeline.core.models import EMBEDDED, load_subject_model, model_layer_count
 
 N_SEQ, SEQ_LEN, TOP_K, RANDOM_K, Q_BINS, PER_Q = 24, 32, 8, 8, 2, 2
 LAYERS = (0, 1)

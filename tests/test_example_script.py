@@ -12,9 +12,9 @@ import pytest
 from rule_simulators import QuotedTokens
 from tiny_models import DIGIT_NEURON, DIGITS, WORDS
 
-from pipeline.corpus import CorpusSpec
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt
-from pipeline.records import SamplingSpec
+from pipeline.core.corpus import CorpusSpec
+from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt
+from pipeline.core.records import SamplingSpec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "explain_one_neuron.py"
 

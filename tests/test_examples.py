@@ -6,9 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.errors import AtlasInputError
-from pipeline.examples import normalize, top_k_examples
-from pipeline.units import units_from_frames
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.examples import normalize, top_k_examples
+from pipeline.core.units import units_from_frames
 
 
 def test_normalize_hand_values() -> None:

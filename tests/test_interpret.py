@@ -18,14 +18,14 @@ from tiny_models import DIGIT_NEURON, DIGITS
 
 from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
-from pipeline.errors import AtlasInputError
-from pipeline.interpret import KINDS, LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
-from pipeline.llm import Completion, GenerationParams, LLMFailure
-from pipeline.llm_local import LocalBackend
-from pipeline.models import load_subject_model
-from pipeline.simulate_local import LocalSimulator
-from pipeline.simulator import Simulator
-from pipeline.units import units_from_frames
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.interpret import KINDS, LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
+from pipeline.core.llm import Completion, GenerationParams, LLMFailure
+from pipeline.core.llm_local import LocalBackend
+from pipeline.core.models import load_subject_model
+from pipeline.core.simulate_local import LocalSimulator
+from pipeline.core.simulator import Simulator
+from pipeline.core.units import units_from_frames
 
 NEURONS = [DIGIT_NEURON, 5]
 
@@ -234,8 +234,8 @@ GEMMA_TURNS = (  # Gemma's turn format, as an instruct model's tokenizer would c
 def test_local_chat_explainer_renders_the_turns_through_the_models_chat_template() -> None:
     import copy
 
-    from pipeline.errors import AtlasInputError
-    from pipeline.prompts import FEW_SHOT, explanation_messages
+    from pipeline.core.errors import AtlasInputError
+    from pipeline.core.prompts import FEW_SHOT, explanation_messages
 
     gemma = load_subject_model("embedded")
     with pytest.raises(AtlasInputError, match="needs a model with a chat template"):
@@ -409,7 +409,7 @@ def test_cost_command_predicts_the_requests_and_tokens_the_run_spent(
     explainer's (the embedded Gemma's) prompt tokens per request exactly, and the simulator's
     requests at most what the flow can ask (per unit: every candidate on valid, two chosen ones on
     calibration and test, their controls on test)."""
-    from pipeline.cost import main
+    from pipeline.infra.cost import main
 
     database, result = local_run
     q = query(database)
@@ -476,7 +476,7 @@ def test_ablations_record_an_undefined_score_with_its_reason(local_run: tuple) -
 
 
 def test_ablation_report_command_runs_on_the_warehouse(local_run: tuple, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.report import main
+    from pipeline.infra.report import main
 
     main(["ablation", "--db", str(local_run[0])])
     out = capsys.readouterr().out
@@ -508,7 +508,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("check", sorted(CORRUPTIONS))
 def test_each_check_fails_on_corrupted_data(local_run: tuple, tmp_path: Path, check: str) -> None:
-    from pipeline import checks
+    from pipeline.infra import checks
 
     database = tmp_path / "corrupt.duckdb"
     database.write_bytes(local_run[0].read_bytes())
@@ -524,7 +524,7 @@ def test_each_check_fails_on_corrupted_data(local_run: tuple, tmp_path: Path, ch
 def test_examples_complete_fails_when_a_record_has_no_activations(local_run: tuple, tmp_path: Path) -> None:
     """top_k_examples refers to activation_records' lists: a reference left dangling (the records
     rewritten without the examples) is caught, one count per lost record."""
-    from pipeline import checks
+    from pipeline.infra import checks
 
     database = tmp_path / "dangling.duckdb"
     database.write_bytes(local_run[0].read_bytes())

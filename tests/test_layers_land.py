@@ -16,7 +16,7 @@ from conftest import query
 from dagster import AssetKey, DagsterInstance
 from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
 
-from pipeline.warehouse import open_warehouse
+from pipeline.infra.warehouse import open_warehouse
 
 NEURONS = list(range(4))
 KINDS = ("llm", "token_lookup", "token_space")

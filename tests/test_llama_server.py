@@ -30,16 +30,16 @@ from assets.resources import (
     SimulatorResource,
     SubjectModelResource,
 )
-from pipeline.classify import DETECTION, FUZZING, Answer, Shown
-from pipeline.corpus import token_strings
-from pipeline.interpret import LLM
-from pipeline.llm import GenerationParams, LLMFailure
-from pipeline.llm_cache import LLMCache
-from pipeline.llm_openai import OpenAIBackend
-from pipeline.models import EMBEDDED, _embedded_gguf, load_subject_model, model_layer_count
-from pipeline.prompts import EXPLAIN_CHAT_VERSION, EXPLAIN_VERSION, SIMULATE_CHAT_VERSION, SIMULATE_VERSION
-from pipeline.simulate_local import LocalSimulator
-from pipeline.simulate_remote import EchoSimulator
+from pipeline.core.classify import DETECTION, FUZZING, Answer, Shown
+from pipeline.core.corpus import token_strings
+from pipeline.core.interpret import LLM
+from pipeline.core.llm import GenerationParams, LLMFailure
+from pipeline.core.models import EMBEDDED, _embedded_gguf, load_subject_model, model_layer_count
+from pipeline.core.prompts import EXPLAIN_CHAT_VERSION, EXPLAIN_VERSION, SIMULATE_CHAT_VERSION, SIMULATE_VERSION
+from pipeline.core.simulate_local import LocalSimulator
+from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.llm_openai import OpenAIBackend
+from pipeline.infra.simulate_remote import EchoSimulator
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,16 @@ import numpy as np
 import pytest
 from loopback_llm import LoopbackServer, ServerState, simple_tokens
 
-from pipeline.errors import AtlasInputError
-from pipeline.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
-from pipeline.llm_cache import LLMCache, cache_key
-from pipeline.llm_openai import (
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
+from pipeline.core.prompts import (
+    SIMULATE_CHAT_SAMPLED_VERSION,
+    SIMULATE_CHAT_VERSION,
+    SIMULATE_VERSION,
+    simulation_prompt,
+)
+from pipeline.infra.llm_cache import LLMCache, cache_key
+from pipeline.infra.llm_openai import (
     NO_CHAT_LOGPROBS,
     NO_LOGPROBS,
     OpenAIBackend,
@@ -33,8 +39,7 @@ from pipeline.llm_openai import (
     read_json,
     retry_after_seconds,
 )
-from pipeline.prompts import SIMULATE_CHAT_SAMPLED_VERSION, SIMULATE_CHAT_VERSION, SIMULATE_VERSION, simulation_prompt
-from pipeline.simulate_remote import ChatSimulator, EchoSimulator
+from pipeline.infra.simulate_remote import ChatSimulator, EchoSimulator
 
 KEY = "sk-test-PLANTED-123"
 KEY_ENV = "NEURON_ATLAS_TEST_LLM_KEY"
@@ -381,9 +386,9 @@ def test_cache_is_shared_safely_by_threads(tmp_path: Path) -> None:
 
 
 def test_chat_explainer_sends_the_few_shot_prompt_as_turns_and_parses_the_reply(server: LoopbackServer) -> None:
-    from pipeline.interpret import explain_layer
-    from pipeline.prompts import EXPLAIN_CHAT_VERSION, FEW_SHOT
-    from pipeline.units import Example, Unit
+    from pipeline.core.interpret import explain_layer
+    from pipeline.core.prompts import EXPLAIN_CHAT_VERSION, FEW_SHOT
+    from pipeline.core.units import Example, Unit
 
     n = len(FEW_SHOT) + 1
     # A chatty reply that repeats the prompt's sentence: the explanation is what follows it.
@@ -406,9 +411,9 @@ def test_an_explanation_that_copies_few_shot_text_is_drawn_again_with_another_se
     """The explainer's first reply repeats a few-shot explanation; the sample is asked again with a
     new seed, the fresh reply replaces it, and the row says it was drawn again. A reply that copies
     in every round stays, flagged degenerate."""
-    from pipeline.interpret import REDRAW_ROUNDS, explain_layer
-    from pipeline.prompts import FEW_SHOT, SIMULATE_FEW_SHOT
-    from pipeline.units import Example, Unit
+    from pipeline.core.interpret import REDRAW_ROUNDS, explain_layer
+    from pipeline.core.prompts import FEW_SHOT, SIMULATE_FEW_SHOT
+    from pipeline.core.units import Example, Unit
 
     copy = FEW_SHOT[1].explanation
     units = [

@@ -12,10 +12,10 @@ import tiny_models
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from pipeline.llm import Completion, GenerationParams
-from pipeline.llm_local import LocalBackend, shared_length
-from pipeline.models import embedded_model_dir
-from pipeline.prompts import explainer_few_shot_explanations, explanation_prompt
+from pipeline.core.llm import Completion, GenerationParams
+from pipeline.core.llm_local import LocalBackend, shared_length
+from pipeline.core.models import embedded_model_dir
+from pipeline.core.prompts import explainer_few_shot_explanations, explanation_prompt
 
 RECORDS = [
     [[("The", 0), (" year", 0), (" 19", 10), ("87", 3), (" was", 0), (" cold", 0)]],

@@ -28,8 +28,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline.errors import AtlasInputError
-from pipeline.mlp import check_layers, mlp_capture, mlp_is_gated, mlp_projections, neuron_count, run_until_captured
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.mlp import check_layers, mlp_capture, mlp_is_gated, mlp_projections, neuron_count, run_until_captured
 
 N_LAYERS, HIDDEN, INTERMEDIATE, VOCAB = 3, 32, 64, 128
 
@@ -351,8 +351,8 @@ def test_opt_blocks_without_an_mlp_module_are_captured_per_token() -> None:
     come out as [sequence, token] activations equal to relu(fc1(norm(x)))."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from pipeline.models import ModelIdentity, SubjectModel
-    from pipeline.records import SamplingSpec, collect_activation_records
+    from pipeline.core.models import ModelIdentity, SubjectModel
+    from pipeline.core.records import SamplingSpec, collect_activation_records
 
     torch.manual_seed(0)
     model = OPTForCausalLM(

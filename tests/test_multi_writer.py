@@ -24,9 +24,9 @@ from dagster_dev import ROOT, SMALL_RESOURCES
 from postgres_server import PostgresServer, postgres_server
 from scale_out import new_machine, new_platform
 
-from pipeline.interpret import KINDS as EXPLANATION_KINDS
-from pipeline.llm_cache import LLMCache
-from pipeline.warehouse import open_warehouse
+from pipeline.core.interpret import KINDS as EXPLANATION_KINDS
+from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.warehouse import open_warehouse
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ KINDS = sorted(EXPLANATION_KINDS)  # each neuron's explanations, in the order th
 READER = """
 import json, sys, time
 from pathlib import Path
-from pipeline.warehouse import open_warehouse
+from pipeline.infra.warehouse import open_warehouse
 database, stop = sys.argv[1], Path(sys.argv[2])
 KEYS = {"activation_records": "neuron", "explanations": "(neuron, kind, sample_index)"}
 def look(conn):

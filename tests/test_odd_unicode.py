@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
-from pipeline.viewer import LayerData, NeuronPage, UnitView, read_data, render_data
+from pipeline.infra.viewer import LayerData, NeuronPage, UnitView, read_data, render_data
 
 ODD = [
     "the brain 🧠 and the family 👨\u200d👩\u200d👧 of 7 ",

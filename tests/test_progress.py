@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import progress as progress_module
-from pipeline.progress import Progress
+from pipeline.core import progress as progress_module
+from pipeline.core.progress import Progress
 
 
 class Clock:

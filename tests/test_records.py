@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.errors import AtlasInputError
-from pipeline.records import (
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.records import (
     LayerAccumulator,
     LayerRecords,
     SamplingSpec,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.baseline import TokenLookupSimulator, token_space_explanation
-from pipeline.scoring import (
+from pipeline.core.baseline import TokenLookupSimulator, token_space_explanation
+from pipeline.core.scoring import (
     MIN_GAP,
     ZERO_PRED,
     ZERO_TRUE,
@@ -128,7 +128,7 @@ def test_token_space_explanation() -> None:
 
 
 def test_rank_correlation() -> None:
-    from pipeline.report import rank_correlation
+    from pipeline.infra.report import rank_correlation
 
     assert rank_correlation(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 400])) == pytest.approx(1.0)
     assert rank_correlation(np.array([1, 2, 3]), np.array([3, 2, 1])) == pytest.approx(-1.0)

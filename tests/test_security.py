@@ -22,7 +22,7 @@ from tiny_models import DIGIT_NEURON
 from assets.io import WarehouseIOManager
 from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
 from assets.stages import build_stage_assets
-from pipeline.viewer import (
+from pipeline.infra.viewer import (
     DATA_FILE,
     DATA_GLOBAL,
     LayerData,
@@ -33,7 +33,7 @@ from pipeline.viewer import (
     read_data,
     write_layer,
 )
-from pipeline.warehouse import SCHEMA
+from pipeline.infra.warehouse import SCHEMA
 
 HOSTILE = """it's "odd"'); drop table atlas.corpus_tokens; --"""
 TABLES = ["activation_records", "corpus_tokens", "subject_model", "top_k_examples"]

@@ -19,12 +19,12 @@ import pytest
 from loopback_llm import LoopbackServer, ServerState
 
 from bench.server import OneAtATime
-from pipeline.interpret import EXPLANATION_SCHEMA, LLM, simulate_layer
-from pipeline.llm_cache import LLMCache
-from pipeline.llm_openai import OpenAIBackend
-from pipeline.simulate_remote import ChatSimulator, EchoSimulator
-from pipeline.simulator import Simulator
-from pipeline.units import Example, Unit, UnitKey
+from pipeline.core.interpret import EXPLANATION_SCHEMA, LLM, simulate_layer
+from pipeline.core.simulator import Simulator
+from pipeline.core.units import Example, Unit, UnitKey
+from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.llm_openai import OpenAIBackend
+from pipeline.infra.simulate_remote import ChatSimulator, EchoSimulator
 
 N_UNITS = 6
 VALID = 2  # valid sequences per unit: one explanation alone already has 2 requests in flight

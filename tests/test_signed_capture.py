@@ -33,11 +33,11 @@ from tiny_models import (
 
 from assets.classification import ClassifyResource
 from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
-from pipeline import checks
-from pipeline.corpus import CorpusSpec, tokenize_corpus
-from pipeline.errors import AtlasInputError
-from pipeline.models import ModelIdentity, SubjectModel
-from pipeline.records import LayerRecords, RecordSet, SamplingSpec, collect_activation_records, records_frame
+from pipeline.core.corpus import CorpusSpec, tokenize_corpus
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.models import ModelIdentity, SubjectModel
+from pipeline.core.records import LayerRecords, RecordSet, SamplingSpec, collect_activation_records, records_frame
+from pipeline.infra import checks
 
 SEQ_LEN, N_SEQ, K = 16, 64, 8
 # The pipeline run: a larger corpus and top_k/random_k, so every digit and NEG_WORDS word occurs in

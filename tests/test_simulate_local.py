@@ -17,10 +17,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline.errors import AtlasInputError
-from pipeline.models import embedded_model_dir
-from pipeline.simulate_local import LevelTokens, LocalSimulator, NaiveLocalSimulator
-from pipeline.simulator import expected_level, parse_level
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.models import embedded_model_dir
+from pipeline.core.simulate_local import LevelTokens, LocalSimulator, NaiveLocalSimulator
+from pipeline.core.simulator import expected_level, parse_level
 
 SEQUENCES = [
     ["The", " year", " 19", "87", " was", " cold", "."],

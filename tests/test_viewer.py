@@ -28,10 +28,10 @@ from assets.resources import (
     SamplingResource,
     SubjectModelResource,
 )
-from pipeline.errors import AtlasInputError
-from pipeline.scoring import Discrimination
-from pipeline.viewer import DATA_FILE, LayerData, NeuronPage, UnitView, load_layer, read_data, write_layer
-from pipeline.warehouse import open_warehouse
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.scoring import Discrimination
+from pipeline.infra.viewer import DATA_FILE, LayerData, NeuronPage, UnitView, load_layer, read_data, write_layer
+from pipeline.infra.warehouse import open_warehouse
 
 # Tokens a page must show as text: each would change the page title if it ever ran.
 HOSTILE_TOKENS = (

@@ -11,11 +11,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.warehouse import WarehouseBusy, open_warehouse
+from pipeline.infra.warehouse import WarehouseBusy, open_warehouse
 
 HOLD = """
 import sys, time, duckdb
-from pipeline.warehouse import open_warehouse
+from pipeline.infra.warehouse import open_warehouse
 database, how, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 if how == "pipeline":
     with open_warehouse(database) as conn:

@@ -4,7 +4,7 @@
 -- `random` list (the check examples_complete verifies it); the activations are in its `sequences`
 -- (decoded as in records_long). acts are the neuron's raw (signed) activations; levels and max_act
 -- are in the unit's direction (for polarity '-': relu(-a) / max_activation, where max_activation =
--- |min|), computed as `pipeline.units.normalize` does. Rows written before polarity existed read as '+'.
+-- |min|), computed as `pipeline.core.units.normalize` does. Rows written before polarity existed read as '+'.
 -- requires: top_k_examples, activation_records, corpus_tokens
 create or replace view atlas.examples_long as
 with recs as (

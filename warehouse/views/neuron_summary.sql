@@ -6,7 +6,7 @@
 -- explanation (balanced accuracy on held-out quantile samples, with its control's and the gap; NULL
 -- where not classified); and the five top tokens.
 -- A score means something only where the gap is clearly above zero: see the scores asset's
--- simulator_discriminates check, or `python -m pipeline.report signal`.
+-- simulator_discriminates check, or `python -m pipeline.infra.report signal`.
 -- requires: top_k_examples, explanations, scores, ablations, classification_scores
 create or replace view atlas.neuron_summary as
 with units as (

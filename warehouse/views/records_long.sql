@@ -4,7 +4,7 @@
 -- 'quantile_neg' rows exist only where the negative direction was captured (negative_captured).
 -- A list holds (rank, seq_id[, bin]); the neuron's `sequences` hold each sequence once, with its max,
 -- min and 8-bit codes on [min_act, max_act], decoded here as `acts` by the expression of
--- `pipeline.records.dequantize`, so Python and SQL read the same floats.
+-- `pipeline.core.records.dequantize`, so Python and SQL read the same floats.
 -- requires: activation_records, corpus_tokens
 create or replace view atlas.records_long as
 with recs as (

@@ -34,8 +34,8 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import AtlasInputError
-from pipeline.mlp import (
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.mlp import (
     check_layers,
     mlp_capture,
     mlp_is_gated,
@@ -43,7 +43,7 @@ from pipeline.mlp import (
     neuron_count,
     run_until_captured,
 )
-from pipeline.models import SubjectModel
+from pipeline.core.models import SubjectModel
 
 NEGATIVE_CHOICES = ("auto", "on", "off")
 # Above this share of (sequence, neuron) pairs entering the pools in a batch, entrants are copied

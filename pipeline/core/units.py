@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.errors import AtlasInputError
-from pipeline.records import record_acts
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.records import record_acts
 
 POSITIVE, NEGATIVE = "+", "-"
 SPLITS = ("train", "calibration", "valid", "test")
@@ -120,7 +120,7 @@ def units_from_frames(
 ) -> dict[UnitKey, Unit]:
     """One `Unit` per row of `top_k_examples` (rows written before polarity existed read as '+'),
     its records' activations read from `activation_records` (`RECORD_COLUMNS`), where
-    `pipeline.examples.top_k_examples` says they are."""
+    `pipeline.core.examples.top_k_examples` says they are."""
     wanted = {int(s) for recs in examples["records"].to_list() for r in recs or [] for s in [r["seq_id"]]}
     tokens = {
         row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.llm import LLMFailure, Usage
+from pipeline.core.llm import LLMFailure, Usage
 
 LEVELS = tuple(range(11))
 

@@ -1,5 +1,5 @@
 """What explaining and simulating a selection of layers and neurons will ask of the LLMs, before launch:
-`python -m pipeline.cost --layers 0-3 --neurons 8 [--db FILE]`.
+`python -m pipeline.infra.cost --layers 0-3 --neurons 8 [--db FILE]`.
 
 Counts come from the warehouse's `top_k_examples` and `corpus_tokens` (materialize those first): the
 explainer's prompts are built exactly as the `explanations` step builds them. The simulator's are
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from pipeline.classify import (
+from pipeline.core.classify import (
     SCORERS,
     ClassifySpec,
     answer_text,
@@ -33,17 +33,17 @@ from pipeline.classify import (
     pack,
     with_quantiles,
 )
-from pipeline.errors import AtlasInputError
-from pipeline.interpret import CANDIDATE_KINDS
-from pipeline.llm import role_env
-from pipeline.prompts import (
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.interpret import CANDIDATE_KINDS
+from pipeline.core.llm import role_env
+from pipeline.core.prompts import (
     chat_simulation_messages,
     explanation_messages,
     explanation_prompt,
     format_token,
     simulation_prompt,
 )
-from pipeline.units import RECORD_COLUMNS, Unit, select_units, units_from_frames
+from pipeline.core.units import RECORD_COLUMNS, Unit, select_units, units_from_frames
 
 PLACEHOLDER_EXPLANATION = "words about food and cooking"  # the length of a typical explanation
 CountTokens = Callable[[str], int]
@@ -208,7 +208,7 @@ def _total(costs: Sequence[StageCost] | object) -> StageCost:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.warehouse import default_database, open_warehouse
+    from pipeline.infra.warehouse import default_database, open_warehouse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", default=str(default_database()), help="warehouse file")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=16, help="classify.window")
     args = parser.parse_args(argv)
 
-    from pipeline.models import load_tokenizer
+    from pipeline.core.models import load_tokenizer
 
     tokenizer, identity = load_tokenizer(args.tokenizer)
     with open_warehouse(args.db, read_only=True) as conn:

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 import polars as pl
 
-from pipeline.baseline import TOKEN_SPACE_VERSION, TokenLookupSimulator, token_space_explanation
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure
-from pipeline.progress import Progress
-from pipeline.prompts import (
+from pipeline.core.baseline import TOKEN_SPACE_VERSION, TokenLookupSimulator, token_space_explanation
+from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure
+from pipeline.core.progress import Progress
+from pipeline.core.prompts import (
     EXPLAIN_CHAT_VERSION,
     EXPLAIN_VERSION,
     explanation_messages,
@@ -37,7 +37,7 @@ from pipeline.prompts import (
     parse_chat_explanation,
     parse_explanation,
 )
-from pipeline.scoring import (
+from pipeline.core.scoring import (
     Discrimination,
     SplitScores,
     correlation,
@@ -45,8 +45,8 @@ from pipeline.scoring import (
     fit_calibration,
     score_split,
 )
-from pipeline.simulator import Job, JobResult, Simulator
-from pipeline.units import Example, Unit, UnitKey, derangement
+from pipeline.core.simulator import Job, JobResult, Simulator
+from pipeline.core.units import Example, Unit, UnitKey, derangement
 
 LLM = "llm"  # explanations written by the explainer model
 TOKEN_SPACE = "token_space"  # the unit's top tokens as text, judged by the same simulator (the paper's baseline)
@@ -76,7 +76,7 @@ EXPLANATION_SCHEMA = {
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
     "cached": pl.Boolean,
-    # Appended column (pipeline.warehouse.APPENDED_COLUMNS): how many times this LLM sample was drawn
+    # Appended column (pipeline.infra.warehouse.APPENDED_COLUMNS): how many times this LLM sample was drawn
     # again because it copied few-shot text.
     "copies_redrawn": pl.Int16,
 }

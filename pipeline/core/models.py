@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AtlasInputError
+from pipeline.core.errors import AtlasInputError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SubjectModel:
 
     @property
     def n_layers(self) -> int:
-        from pipeline.mlp import mlp_projections
+        from pipeline.core.mlp import mlp_projections
 
         return len(mlp_projections(self.model))
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import duckdb
 
-from pipeline.errors import AtlasInputError
-from pipeline.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, layer_discrimination
-from pipeline.scoring import Discrimination
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, layer_discrimination
+from pipeline.core.scoring import Discrimination
 
 
 @dataclass

@@ -31,9 +31,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
-from pipeline.llm import ChatReply, EchoLogprobs, GenerationParams, LLMFailure, Unusable, Usage
-from pipeline.llm_openai import OpenAIBackend
-from pipeline.prompts import (
+from pipeline.core.llm import ChatReply, EchoLogprobs, GenerationParams, LLMFailure, Unusable, Usage
+from pipeline.core.prompts import (
     SIMULATE_CHAT_SAMPLED_VERSION,
     SIMULATE_CHAT_VERSION,
     SIMULATE_VERSION,
@@ -43,7 +42,8 @@ from pipeline.prompts import (
     simulation_pieces,
     simulation_prefix,
 )
-from pipeline.simulator import LEVELS, Job, JobResult, OnJob, Simulator, parse_level
+from pipeline.core.simulator import LEVELS, Job, JobResult, OnJob, Simulator, parse_level
+from pipeline.infra.llm_openai import OpenAIBackend
 
 MAX_TOP_LOGPROBS = 20  # what chat APIs allow (OpenAI, Ollama); vLLM's default --max-logprobs
 ECHO_READ = "slot-levels-v1"  # what the echo cache entries hold: bump if the reduction changes

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from pipeline.errors import AtlasInputError
-from pipeline.llm import LLMFailure
-from pipeline.prompts import SIMULATE_VERSION, simulation_pieces, simulation_prefix_parts
-from pipeline.simulator import LEVELS, Simulator
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.llm import LLMFailure
+from pipeline.core.prompts import SIMULATE_VERSION, simulation_pieces, simulation_prefix_parts
+from pipeline.core.simulator import LEVELS, Simulator
 
 
 @dataclass(frozen=True)

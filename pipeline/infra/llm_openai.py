@@ -36,8 +36,8 @@ import openai
 import orjson
 from openai import AsyncOpenAI
 
-from pipeline.errors import AtlasInputError
-from pipeline.llm import (
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.llm import (
     APIS,
     ChatReply,
     Completion,
@@ -49,7 +49,7 @@ from pipeline.llm import (
     Prompt,
     Unusable,
 )
-from pipeline.llm_cache import LLMCache
+from pipeline.infra.llm_cache import LLMCache
 
 log = logging.getLogger(__name__)
 

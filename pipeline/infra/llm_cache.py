@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt, Usage
-from pipeline.simulator import Simulator
+from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt, Usage
+from pipeline.core.simulator import Simulator
 
 DEFAULT_PATH = Path("warehouse") / "llm_cache.sqlite"
 ENV_VAR = "NEURON_ATLAS_LLM_CACHE"
@@ -60,7 +60,7 @@ def cache_key(backend: str, model: str, kind: str, prompt: str, params: dict[str
 def default_cache_path() -> Path | str:
     """$NEURON_ATLAS_LLM_CACHE; else, with a DuckLake warehouse, its Postgres catalog database
     (shared by every machine that writes the lake); else llm_cache.sqlite beside the warehouse file."""
-    from pipeline.warehouse import default_database, is_lake, lake_catalog, sidecar_dir
+    from pipeline.infra.warehouse import default_database, is_lake, lake_catalog, sidecar_dir
 
     if os.environ.get(ENV_VAR):
         return os.environ[ENV_VAR]
@@ -78,7 +78,7 @@ def postgres_conninfo(location: str) -> str | None:
         conninfo = location[len(POSTGRES_PREFIX) :].strip()
     else:
         return None
-    from pipeline.warehouse import refuse_password  # loads DuckDB: only for a Postgres cache
+    from pipeline.infra.warehouse import refuse_password  # loads DuckDB: only for a Postgres cache
 
     refuse_password(conninfo, "the LLM cache's location")
     return conninfo

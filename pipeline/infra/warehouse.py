@@ -37,7 +37,7 @@ import duckdb
 from filelock import FileLock, Timeout
 
 SCHEMA = "atlas"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VIEWS_DIR = PROJECT_ROOT / "warehouse" / "views"
 LAKE_PREFIX = "ducklake:postgres:"
 DATA_PATH_ENV = "NEURON_ATLAS_DATA_PATH"

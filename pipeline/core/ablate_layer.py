@@ -15,9 +15,9 @@ from dataclasses import asdict
 import numpy as np
 import polars as pl
 
-from pipeline.ablation import LayerAblator, ablate_neurons
-from pipeline.scoring import Calibration
-from pipeline.units import Unit, UnitKey
+from pipeline.core.ablation import LayerAblator, ablate_neurons
+from pipeline.core.scoring import Calibration
+from pipeline.core.units import Unit, UnitKey
 
 ABLATION_SCHEMA = {
     "layer": pl.Int32,

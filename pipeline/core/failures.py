@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import polars as pl
 
-from pipeline.errors import AtlasInputError
+from pipeline.core.errors import AtlasInputError
 
 
 class TooManyFailures(RuntimeError):

@@ -1,8 +1,8 @@
 """Command-line reports over the warehouse.
 
-    python -m pipeline.report signal   [--db FILE]   does any score mean something? (per layer)
-    python -m pipeline.report ablation [--db FILE]   simulation vs ablation scores
-    python -m pipeline.report classification [--db FILE]   simulation, detection, fuzzing, ablation
+    python -m pipeline.infra.report signal   [--db FILE]   does any score mean something? (per layer)
+    python -m pipeline.infra.report ablation [--db FILE]   simulation vs ablation scores
+    python -m pipeline.infra.report classification [--db FILE]   simulation, detection, fuzzing, ablation
 
 `signal` prints, per layer of the current model: how many distinct LLM explanations there are and
 how many copy few-shot text or were shared by many units (degenerate); the reported (test-split)
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, layer_discrimination
-from pipeline.warehouse import default_database, open_warehouse
+from pipeline.core.interpret import LLM, TOKEN_LOOKUP, TOKEN_SPACE, layer_discrimination
+from pipeline.infra.warehouse import default_database, open_warehouse
 
-QUERIES = Path(__file__).resolve().parents[1] / "warehouse" / "queries"
+QUERIES = Path(__file__).resolve().parents[2] / "warehouse" / "queries"
 
 
 def rank_correlation(x: np.ndarray, y: np.ndarray) -> float | None:

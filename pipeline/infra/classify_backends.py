@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.classify import (
+from pipeline.core.classify import (
     CLASSIFY_CHAT_VERSION,
     CLASSIFY_VERSION,
     Answer,
@@ -34,10 +34,10 @@ from pipeline.classify import (
     classification_prompt,
     classification_prompt_parts,
 )
-from pipeline.errors import AtlasInputError
-from pipeline.llm import ChatReply, GenerationParams, LLMFailure, Usage
-from pipeline.llm_cache import LLMCache
-from pipeline.llm_openai import OpenAIBackend
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.llm import ChatReply, GenerationParams, LLMFailure, Usage
+from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.llm_openai import OpenAIBackend
 
 LABELS_READ = "label-list-v1"  # what the server classifier's cache entries hold: bump if the reading changes
 LABEL_TOP_LOGPROBS = 5  # P("0") and P("1") are among a label token's top 5 (OpenAI's legacy completions cap)

@@ -4,13 +4,13 @@ polarity) with splits, 0-10 levels and top tokens.
 A neuron's '+' unit reads its top records (by max); where the negative direction was captured,
 its '-' unit reads the bottom records (by min) as its top records, with levels from
 relu(-a)/|min| and top tokens by mean -a. Both units share the neuron's random records. Every
-record keeps the raw signed activations; `pipeline.units.Unit.true` turns them into the unit's
+record keeps the raw signed activations; `pipeline.core.units.Unit.true` turns them into the unit's
 direction.
 
 Splits are strided slices, as in the paper's code: record i of a ranked list goes to split
 i mod 4 (train, calibration, valid, test), so every split sees the whole activation range.
 The explainer is shown train top records; candidates are chosen on valid, calibrated on
-calibration and reported on test (see `pipeline.interpret`).
+calibration and reported on test (see `pipeline.core.interpret`).
 
 Held-out data is disjoint from what the explainer could have seen: the capture draws random
 records among the sequences that are none of the neuron's top or bottom records (and a random
@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from pipeline.records import record_acts
-from pipeline.units import MAX_LEVEL, NEGATIVE, POSITIVE, SPLITS, normalize
+from pipeline.core.records import record_acts
+from pipeline.core.units import MAX_LEVEL, NEGATIVE, POSITIVE, SPLITS, normalize
 
 __all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
 
@@ -67,7 +67,7 @@ def top_k_examples(
 
     A split record is a reference {kind, split, split_rank, rank, seq_id} to a record of the
     neuron's `top` list (a '+' top record), `bottom` list (a '-' one) or `random` list in
-    `activation_records`, whose `sequences` hold its activations; `pipeline.units.units_from_frames`
+    `activation_records`, whose `sequences` hold its activations; `pipeline.core.units.units_from_frames`
     and the `examples_long` view read them back, the view with the 0-10 levels.
 
     Top tokens are the token ids with the highest mean activation (in the unit's direction) over

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.llm import LLMFailure
-from pipeline.simulator import Simulator
+from pipeline.core.llm import LLMFailure
+from pipeline.core.simulator import Simulator
 
 TOKEN_SPACE_VERSION = "token-space-v1"
 

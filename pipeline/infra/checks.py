@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.records import RECORD_KINDS
-from pipeline.units import RECORD_LISTS
-from pipeline.warehouse import SCHEMA
+from pipeline.core.records import RECORD_KINDS
+from pipeline.core.units import RECORD_LISTS
+from pipeline.infra.warehouse import SCHEMA
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def activation_records_complete(conn: Any, top_k: int, random_k: int) -> CheckOu
 
 def examples_complete(conn: Any) -> CheckOutcome:
     """Every unit has a finite normalization max, and every split record refers to a record of the
-    neuron's list in activation_records (where its activations are: `pipeline.units.source_list`),
+    neuron's list in activation_records (where its activations are: `pipeline.core.units.source_list`),
     so the 0-10 levels the explainer and the views compute are defined."""
     no_max = _count(
         conn, "select count(*) from {s}.top_k_examples where max_activation is null or not isfinite(max_activation)"

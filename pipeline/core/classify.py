@@ -24,7 +24,7 @@ and the unit's valid/test random records), one per sequence before a second of a
 equal, so chance is 0.5 balanced accuracy.
 
 The control: each unit's chosen explanation is scored beside the chosen explanation of another
-unit of the layer (the fixed derangement of `pipeline.units`), on the SAME prompts.
+unit of the layer (the fixed derangement of `pipeline.core.units`), on the SAME prompts.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.llm import LLMFailure, Usage
-from pipeline.progress import Progress
-from pipeline.prompts import EXPLANATION_ENDING, format_token
-from pipeline.records import record_acts
-from pipeline.scoring import Discrimination, discrimination
-from pipeline.units import NEGATIVE, POSITIVE, Example, Unit, UnitKey, derangement
+from pipeline.core.llm import LLMFailure, Usage
+from pipeline.core.progress import Progress
+from pipeline.core.prompts import EXPLANATION_ENDING, format_token
+from pipeline.core.records import record_acts
+from pipeline.core.scoring import Discrimination, discrimination
+from pipeline.core.units import NEGATIVE, POSITIVE, Example, Unit, UnitKey, derangement
 
 DETECTION, FUZZING = "detection", "fuzzing"
 SCORERS = (DETECTION, FUZZING)
@@ -67,7 +67,7 @@ class ClassifySpec:
     window: int = 16  # tokens per text shown (a longer held-out sequence is cut to windows)
 
     def validate(self) -> None:
-        from pipeline.errors import AtlasInputError
+        from pipeline.core.errors import AtlasInputError
 
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad or not self.scorers:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.mlp import _decoder_blocks, check_layers, mlp_projections
+from pipeline.core.mlp import _decoder_blocks, check_layers, mlp_projections
 
 KL_FLOOR = 1e-9  # KL(mean) below this: the neuron does not move the output, the ratio is undefined
 

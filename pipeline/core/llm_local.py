@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StoppingCriteriaList, StopStringCriteria
 
-from pipeline.errors import AtlasInputError
-from pipeline.llm import APIS, Completion, GenerationParams, LLMBackend, LLMFailure, Prompt
+from pipeline.core.errors import AtlasInputError
+from pipeline.core.llm import APIS, Completion, GenerationParams, LLMBackend, LLMFailure, Prompt
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import AtlasInputError
+from pipeline.core.errors import AtlasInputError
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _OUT_PROJ_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")

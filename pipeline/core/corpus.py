@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.errors import AtlasInputError
+from pipeline.core.errors import AtlasInputError
 
 log = logging.getLogger(__name__)
 
