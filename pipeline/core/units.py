@@ -24,7 +24,6 @@ import numpy as np
 import polars as pl
 
 from pipeline.core.errors import AtlasInputError
-from pipeline.core.records import record_acts
 
 POSITIVE, NEGATIVE = "+", "-"
 SPLITS = ("train", "calibration", "valid", "test")
@@ -182,6 +181,8 @@ def _record_acts(
 ) -> dict[tuple[int, int, str, int], np.ndarray]:
     """(layer, neuron, list, seq_id) -> float32 activations, for the given neurons' top, bottom and
     random records."""
+    from pipeline.core.records import record_acts  # here: that module imports torch, which units' readers need not
+
     chosen = activation_records.join(neurons, on=["layer", "neuron"], how="semi")
     long = record_acts(chosen, RECORD_LISTS)
     if long.height == 0:
