@@ -11,6 +11,15 @@ with an `LLMFailure` for that prompt only. Other 4xx fail at once: retrying a ba
 The API key is read from the environment at request time and never kept on the instance, written
 to the cache, logged, or put in a failure reason (reasons are scrubbed of it, since a server may
 quote the key back in an error body).
+
+With `client_processes=N` (N > 1) each attempt of a request is sent, together with the reading of
+its reply and the caller's reducer, to one of N client processes (`pipeline.infra.llm_processes`), each
+with its own client, and only the reduced value comes back: one Python process spends several ms
+of CPU per request and so is capped by its GIL near 150 requests/s, whatever the cores. Everything
+else stays here: the `max_concurrency` limit (over all processes together), retries and failure
+reasons, usage, the cache and the order of results. A client process reads the key from the same
+environment variable (it inherits the environment; the key is never sent to it). Requests whose
+reducers cannot be sent to another process (a lambda, a function of `__main__`) run here.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -50,6 +60,7 @@ from pipeline.core.llm import (
     Unusable,
 )
 from pipeline.infra.llm_cache import LLMCache
+from pipeline.infra.llm_processes import NotPortable, ProcessPool
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,248 @@ class _Session:
     client: AsyncOpenAI
     semaphore: asyncio.Semaphore
     pending: dict[tuple[str, str, str], asyncio.Future[Any]] = dataclasses.field(default_factory=dict)
+    pool: ProcessPool | None = None  # the client processes, when the backend has them
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What one attempt came to: a value (`reason` None), or why not and whether to try again
+    (after `wait` seconds where the server said, else after the backoff)."""
+
+    value: Any = None
+    reason: str | None = None
+    retry: bool = False
+    wait: float | None = None
+
+
+def _outcome_of(exc: Exception, timeout_s: float, retry_timeouts: bool) -> _Outcome | None:
+    """An attempt's exception as a failed `_Outcome`; None for one that is not about the request (raise it)."""
+    if isinstance(exc, openai.APIStatusError):
+        reason = f"HTTP {exc.status_code}: {_brief(exc.message)}"
+        if exc.status_code == 429:
+            return _Outcome(reason=reason, retry=True, wait=retry_after_seconds(exc.response.headers))
+        return _Outcome(reason=reason, retry=exc.status_code >= 500)  # other 4xx: retrying will not help
+    if isinstance(exc, openai.APITimeoutError):
+        reason = f"timed out after {timeout_s:g} s"
+        if not retry_timeouts:
+            # The server may still be working on it: resending would queue the same work again.
+            return _Outcome(reason=f"{reason}; not resent (raise timeout_s, or lower max_concurrency)")
+        return _Outcome(reason=reason, retry=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return _Outcome(reason=f"connection error: {_brief(str(exc))}", retry=True)
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, _Malformed)):
+        return _Outcome(reason=f"malformed response: {_brief(str(exc))}", retry=True)
+    if isinstance(exc, (_Fatal, Unusable)):
+        return _Outcome(reason=str(exc))
+    return None
+
+
+def _tokens(resp: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens a response reports (0 where it does not)."""
+    usage = getattr(resp, "usage", None)
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    completion_tokens = getattr(usage, "completion_tokens", None)
+    return (
+        prompt_tokens if isinstance(prompt_tokens, int) else 0,
+        completion_tokens if isinstance(completion_tokens, int) else 0,
+    )
+
+
+def _scrub(text: str, api_key_env: str) -> str:
+    """Remove the API key from text a server may have quoted it in."""
+    key = os.environ.get(api_key_env)
+    return text.replace(key, "<api key>") if key else text
+
+
+def _sampling(model: str, params: GenerationParams) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "model": model,
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "n": params.n,
+        "seed": params.seed,
+    }
+    if params.stop:
+        common["stop"] = list(params.stop)
+    return common
+
+
+# -- the requests, as plain data a client process can run ---------------------------------------------
+# Each kind of request is `request(client, prompt, state)` (the HTTP call; `state` is the backend,
+# or a client process's context, whichever remembers that the server ignores `n`) and `read(resp,
+# prompt, reducer)` (the reply as the JSON value the caller keeps). The backend's methods use them
+# in this process, and send them to its client processes.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Complete:
+    model: str
+    params: GenerationParams
+    chat: bool
+
+    def _one(self, client: AsyncOpenAI, prompt: Prompt, n: int, seed: int) -> Awaitable[Any]:
+        common = _sampling(self.model, dataclasses.replace(self.params, n=n, seed=seed))
+        if self.chat:
+            return client.chat.completions.create(messages=_messages(prompt), **common)
+        return client.completions.create(prompt=prompt, **common)
+
+    async def request(self, client: AsyncOpenAI, prompt: Prompt, state: Any) -> Any:
+        params, one = self.params, self._one
+        if params.n == 1:
+            return await one(client, prompt, 1, params.seed)
+        if not state._n_ignored:
+            resp = await one(client, prompt, params.n, params.seed)
+            got = len(getattr(resp, "choices", None) or [])
+            if got != 1:
+                return resp
+            # llama.cpp's server (and others) ignore `n` and answer one choice: ask for the rest
+            # one at a time, with their own seeds, from now on.
+            if not state._n_ignored:
+                log.info("%s: the server ignores n=%d; sampling one choice per request", self.model, params.n)
+            state._n_ignored = True
+            return _merged([resp] + [await one(client, prompt, 1, params.seed + k) for k in range(1, params.n)])
+        # One after another, so the requests in flight stay within max_concurrency.
+        return _merged([await one(client, prompt, 1, params.seed + k) for k in range(params.n)])
+
+    def read(self, resp: Any, prompt: Prompt, reducer: None) -> dict[str, Any]:
+        return _parse_completion(resp, self.params.n, chat=self.chat)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Echo:
+    model: str
+    top_logprobs: int
+    max_tokens: int  # generated after the echoed prompt (0, or 1 for servers that refuse 0)
+
+    def request(self, client: AsyncOpenAI, prompt: Prompt, state: Any) -> Awaitable[Any]:
+        return _json_body(
+            client.completions.with_raw_response.create(
+                model=self.model,
+                prompt=prompt,
+                echo=True,
+                logprobs=self.top_logprobs,
+                max_tokens=self.max_tokens,
+                temperature=0,
+            )
+        )
+
+    def read(self, resp: Any, prompt: Prompt, reducer: Callable[[EchoLogprobs, str], Any]) -> Any:
+        assert isinstance(prompt, str)
+        echo = _parse_echo(resp, prompt, self.max_tokens)
+        return reducer(EchoLogprobs(echo["tokens"], echo["top_logprobs"], echo["text_offset"]), prompt)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Next:
+    model: str
+    top_logprobs: int
+
+    def request(self, client: AsyncOpenAI, prompt: Prompt, state: Any) -> Awaitable[Any]:
+        return _json_body(
+            client.completions.with_raw_response.create(
+                model=self.model, prompt=prompt, max_tokens=1, logprobs=self.top_logprobs, temperature=0
+            )
+        )
+
+    def read(self, resp: Any, prompt: Prompt, reducer: None) -> dict[str, Any]:
+        return _parse_next(resp, prompt)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChatLevels:
+    model: str
+    params: GenerationParams
+    top_logprobs: int | None
+
+    def request(self, client: AsyncOpenAI, prompt: Prompt, state: Any) -> Awaitable[Any]:
+        extra: dict[str, Any] = {}
+        if self.top_logprobs is not None:
+            extra = {"logprobs": True, "top_logprobs": self.top_logprobs}
+        return _json_body(
+            client.chat.completions.with_raw_response.create(
+                messages=_messages(prompt), **_sampling(self.model, self.params), **extra
+            )
+        )
+
+    def read(self, resp: Any, prompt: Prompt, reducer: Callable[[ChatReply], Any]) -> Any:
+        return reducer(_parse_chat_reply(resp, self.top_logprobs is not None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompletionLevels:
+    model: str
+    params: GenerationParams
+    top_logprobs: int | None
+
+    def request(self, client: AsyncOpenAI, prompt: Prompt, state: Any) -> Awaitable[Any]:
+        extra: dict[str, Any] = {} if self.top_logprobs is None else {"logprobs": self.top_logprobs}
+        return client.completions.create(prompt=prompt, **_sampling(self.model, self.params), **extra)
+
+    def read(self, resp: Any, prompt: Prompt, reducer: Callable[[ChatReply], Any]) -> Any:
+        return reducer(_parse_completion_reply(resp, self.top_logprobs is not None))
+
+
+Call = _Complete | _Echo | _Next | _ChatLevels | _CompletionLevels
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClientSettings:
+    """What a client process needs to make its client (the key's variable name, never the key)."""
+
+    base_url: str
+    api_key_env: str
+    timeout_s: float
+    retry_timeouts: bool
+
+    def __call__(self) -> _ClientContext:
+        client = AsyncOpenAI(
+            api_key=os.environ.get(self.api_key_env) or NO_KEY,
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            max_retries=0,
+        )
+        # The SDK loads its resources on first use: load them now, before the process says it is ready.
+        _ = client.completions.with_raw_response, client.chat.completions.with_raw_response
+        return _ClientContext(client, self)
+
+
+@dataclasses.dataclass
+class _ClientContext:
+    """A client process's client, and what it has learnt of the server."""
+
+    client: AsyncOpenAI
+    settings: _ClientSettings
+    _n_ignored: bool = False
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+    """One attempt of one request, run in a client process: (outcome, tokens reported or None when no
+    reply arrived, whether the server is now known to ignore `n`)."""
+
+    call: Call
+    prompt: Prompt
+    reducer: Any
+    n_ignored: bool
+
+    async def __call__(self, ctx: _ClientContext) -> tuple[_Outcome, tuple[int, int] | None, bool]:
+        ctx._n_ignored = ctx._n_ignored or self.n_ignored
+        settings = ctx.settings
+        tokens = None
+        try:
+            resp = await self.call.request(ctx.client, self.prompt, ctx)
+            tokens = _tokens(resp)
+            outcome = _Outcome(self.call.read(resp, self.prompt, self.reducer))
+        except Exception as exc:
+            found = _outcome_of(exc, settings.timeout_s, settings.retry_timeouts)
+            if found is None:
+                raise
+            outcome = dataclasses.replace(found, reason=_scrub(found.reason or "", settings.api_key_env))
+        return outcome, tokens, ctx._n_ignored
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -129,6 +382,7 @@ class OpenAIBackend(LLMBackend):
         max_retry_after_s: float = 120.0,
         echo_max_tokens: int = 0,
         cache: LLMCache | None = None,
+        client_processes: int = 1,
     ):
         if api not in APIS:
             raise AtlasInputError(f"unknown api {api!r}: use one of {', '.join(APIS)}")
@@ -138,6 +392,8 @@ class OpenAIBackend(LLMBackend):
             raise AtlasInputError(f"max_attempts must be at least 1, got {max_attempts}")
         if not timeout_s > 0:
             raise AtlasInputError(f"timeout_s must be above 0, got {timeout_s}")
+        if client_processes < 1:
+            raise AtlasInputError(f"client_processes must be at least 1, got {client_processes}")
         if echo_max_tokens not in (0, 1):
             raise AtlasInputError(
                 f"echo_max_tokens must be 0 or 1 (1 for servers that refuse 0), got {echo_max_tokens}"
@@ -155,6 +411,9 @@ class OpenAIBackend(LLMBackend):
         self.max_retry_after_s = max_retry_after_s
         self.echo_max_tokens = echo_max_tokens
         self.cache = cache
+        self.client_processes = client_processes
+        self._pool: ProcessPool | None = None  # started by the first session that needs it
+        self._pool_lock = threading.Lock()
         self._scope = f"{self.backend}@{_public_url(self.base_url)}"  # different servers, different answers
         self._n_ignored = False  # set once the server has answered n > 1 with a single choice
         # The client and concurrency limit of the `run` under way in this context (see `session`).
@@ -191,37 +450,13 @@ class OpenAIBackend(LLMBackend):
             raise AtlasInputError("a chat prompt (a list of turns) needs api: chat; this backend uses completions")
         kind = "chat" if chat else "completion"
         key_params = dataclasses.asdict(params)
-
-        def one(client: AsyncOpenAI, prompt: Prompt, n: int, seed: int) -> Awaitable[Any]:
-            common = self._sampling(dataclasses.replace(params, n=n, seed=seed))
-            if chat:
-                return client.chat.completions.create(messages=_messages(prompt), **common)
-            return client.completions.create(prompt=prompt, **common)
-
-        async def request(client: AsyncOpenAI, prompt: Prompt) -> Any:
-            if params.n == 1:
-                return await one(client, prompt, 1, params.seed)
-            if not self._n_ignored:
-                resp = await one(client, prompt, params.n, params.seed)
-                got = len(getattr(resp, "choices", None) or [])
-                if got != 1:
-                    return resp
-                # llama.cpp's server (and others) ignore `n` and answer one choice: ask for the rest
-                # one at a time, with their own seeds, from now on.
-                log.info("%s: the server ignores n=%d; sampling one choice per request", self.model, params.n)
-                self._n_ignored = True
-                return _merged([resp] + [await one(client, prompt, 1, params.seed + k) for k in range(1, params.n)])
-            # One after another, so the requests in flight stay within max_concurrency.
-            return _merged([await one(client, prompt, 1, params.seed + k) for k in range(params.n)])
-
-        def parse(resp: Any, prompt: Prompt) -> dict[str, Any]:
-            return _parse_completion(resp, params.n, chat=chat)
+        call = _Complete(self.model, params, chat)
 
         def done(value: Any, cached: bool) -> Completion | LLMFailure:
             return value if isinstance(value, LLMFailure) else Completion.from_record(value, cached=cached)
 
         report = None if on_result is None else (lambda i, value, cached: on_result(i, done(value, cached)))
-        values = await self._acached_batch(prompts, kind, key_params, request, parse, report)
+        values = await self._acached_batch(prompts, kind, key_params, call, None, report)
         return [done(v, c) for v, c in values]
 
     def echo_logprobs(self, prompts: Sequence[str], top_logprobs: int = 5) -> list[EchoLogprobs | LLMFailure]:
@@ -258,15 +493,8 @@ class OpenAIBackend(LLMBackend):
 
     async def anext_logprobs(self, prompts: Sequence[str], top_logprobs: int) -> list[dict[str, float] | LLMFailure]:
         self._require_completions("next-token logprobs")
-
-        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            return _json_body(
-                client.completions.with_raw_response.create(
-                    model=self.model, prompt=prompt, max_tokens=1, logprobs=top_logprobs, temperature=0
-                )
-            )
-
-        values = await self._acached_batch(prompts, "next", {"top_logprobs": top_logprobs}, request, _parse_next)
+        call = _Next(self.model, top_logprobs)
+        values = await self._acached_batch(prompts, "next", {"top_logprobs": top_logprobs}, call)
         return [v if isinstance(v, LLMFailure) else v["top"] for v, _ in values]
 
     def chat_levels(
@@ -290,22 +518,9 @@ class OpenAIBackend(LLMBackend):
         version: str,
     ) -> list[Any | LLMFailure]:
         by_id = {id(c): r for c, r in zip(conversations, reducers, strict=True)}
-
-        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            extra: dict[str, Any] = {}
-            if top_logprobs is not None:
-                extra = {"logprobs": True, "top_logprobs": top_logprobs}
-            return _json_body(
-                client.chat.completions.with_raw_response.create(
-                    messages=_messages(prompt), **self._sampling(params), **extra
-                )
-            )
-
-        def parse(resp: Any, prompt: Prompt) -> Any:
-            return by_id[id(prompt)](_parse_chat_reply(resp, top_logprobs is not None))
-
+        call = _ChatLevels(self.model, params, top_logprobs)
         key = dataclasses.asdict(params) | {"top_logprobs": top_logprobs}
-        values = await self._acached_batch(conversations, f"chat:{version}", key, request, parse)
+        values = await self._acached_batch(conversations, f"chat:{version}", key, call, lambda p: by_id[id(p)])
         return [v for v, _ in values]
 
     def completion_levels(
@@ -321,16 +536,9 @@ class OpenAIBackend(LLMBackend):
         value is what gets cached. The completions twin of `chat_levels`."""
         self._require_completions("completions with logprobs")
         by_id = {id(p): r for p, r in zip(prompts, reducers, strict=True)}
-
-        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            extra: dict[str, Any] = {} if top_logprobs is None else {"logprobs": top_logprobs}
-            return client.completions.create(prompt=prompt, **self._sampling(params), **extra)
-
-        def parse(resp: Any, prompt: Prompt) -> Any:
-            return by_id[id(prompt)](_parse_completion_reply(resp, top_logprobs is not None))
-
+        call = _CompletionLevels(self.model, params, top_logprobs)
         key = dataclasses.asdict(params) | {"top_logprobs": top_logprobs}
-        values = self._cached_batch(prompts, f"completion:{version}", key, request, parse)
+        values = self._cached_batch(prompts, f"completion:{version}", key, call, lambda p: by_id[id(p)])
         return [v for v, _ in values]
 
     # -- machinery --------------------------------------------------------------------------------
@@ -340,17 +548,7 @@ class OpenAIBackend(LLMBackend):
             raise AtlasInputError(f"{what} needs the completions endpoint; this backend was made with api: chat")
 
     def _sampling(self, params: GenerationParams) -> dict[str, Any]:
-        common: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "n": params.n,
-            "seed": params.seed,
-        }
-        if params.stop:
-            common["stop"] = list(params.stop)
-        return common
+        return _sampling(self.model, params)
 
     async def _aecho(
         self,
@@ -360,25 +558,11 @@ class OpenAIBackend(LLMBackend):
         kind: str | None,
     ) -> list[Any | LLMFailure]:
         by_id = {id(p): r for p, r in zip(prompts, reducers, strict=True)}
-
-        def request(client: AsyncOpenAI, prompt: Prompt) -> Awaitable[Any]:
-            return _json_body(
-                client.completions.with_raw_response.create(
-                    model=self.model,
-                    prompt=prompt,
-                    echo=True,
-                    logprobs=top_logprobs,
-                    max_tokens=self.echo_max_tokens,
-                    temperature=0,
-                )
-            )
-
-        def parse(resp: Any, prompt: Prompt) -> Any:
-            assert isinstance(prompt, str)
-            echo = _parse_echo(resp, prompt, self.echo_max_tokens)
-            return by_id[id(prompt)](EchoLogprobs(echo["tokens"], echo["top_logprobs"], echo["text_offset"]), prompt)
-
-        values = await self._acached_batch(prompts, kind, {"top_logprobs": top_logprobs}, request, parse)
+        call = _Echo(self.model, top_logprobs, self.echo_max_tokens)
+        # The raw echo (kind None) is for this process: it is what a client process would save us sending.
+        values = await self._acached_batch(
+            prompts, kind, {"top_logprobs": top_logprobs}, call, lambda p: by_id[id(p)], local=kind is None
+        )
         return [v for v, _ in values]
 
     def run(self, make: Callable[[], Awaitable[T]]) -> T:
@@ -406,35 +590,66 @@ class OpenAIBackend(LLMBackend):
             timeout=self.timeout_s,
             max_retries=0,
         )
-        token = self._session.set(session := _Session(client, asyncio.Semaphore(self.max_concurrency)))
+        pool = self.start_client_processes(wait=False) if self.client_processes > 1 else None
+        session = _Session(client, asyncio.Semaphore(self.max_concurrency), pool=pool)
+        token = self._session.set(session)
         try:
             async with client:
                 yield session
         finally:
             self._session.reset(token)
 
+    def start_client_processes(self, wait: bool = True) -> ProcessPool | None:
+        """The client processes (None with `client_processes` 1), started if they are not running or one
+        has died; with `wait`, once each has made its client (the first session otherwise starts them,
+        and its first requests wait for their imports)."""
+        if self.client_processes < 2:
+            return None
+        with self._pool_lock:
+            if self._pool is not None and self._pool.broken:
+                self._pool.close()
+                self._pool = None
+            if self._pool is None:
+                settings = _ClientSettings(self.base_url, self.api_key_env, self.timeout_s, self.retry_timeouts)
+                self._pool = ProcessPool(self.client_processes, settings, name="openai-client")
+            pool = self._pool
+        if wait:
+            pool.wait_ready()
+        return pool
+
+    def close(self) -> None:
+        """Stop the client processes, if any (also done when the backend is garbage collected, and at
+        exit); a later request starts them again."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
     def _cached_batch(
         self,
         prompts: Sequence[Prompt],
         kind: str | None,
         key_params: dict[str, Any],
-        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
-        parse: Callable[[Any, Prompt], Any],
+        call: Call,
+        reducer_of: Callable[[Prompt], Any] | None = None,
     ) -> list[tuple[Any | LLMFailure, bool]]:
         """`_acached_batch` from sync code."""
-        return self.run(lambda: self._acached_batch(prompts, kind, key_params, request, parse))
+        return self.run(lambda: self._acached_batch(prompts, kind, key_params, call, reducer_of))
 
     async def _acached_batch(
         self,
         prompts: Sequence[Prompt],
         kind: str | None,
         key_params: dict[str, Any],
-        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
-        parse: Callable[[Any, Prompt], Any],
+        call: Call,
+        reducer_of: Callable[[Prompt], Any] | None = None,
         on_result: Callable[[int, Any, bool], None] | None = None,
+        local: bool = False,
     ) -> list[tuple[Any | LLMFailure, bool]]:
         """(JSON value or failure, whether it came from the cache) per prompt, in order, each also
         handed to `on_result(index, value, cached)` as soon as it is known; `kind` None caches nothing.
+        Each prompt is asked with `call`, and its reply read with its reducer, `reducer_of(prompt)`
+        (in a client process where the backend has them, unless `local`).
         The misses are asked at once under the session's limit, and each answer is stored as soon as
         it arrives, so a run stopped (or failed) mid-batch redoes nothing. The cache is read and
         written off the event loop, which keeps reading the other replies meanwhile. A request the
@@ -449,9 +664,12 @@ class OpenAIBackend(LLMBackend):
             )
         self.usage.add(cache_hits=sum(h is not None for h in hits))
         async with self.session() as session:
+            pool = None if local else session.pool
 
             async def ask(i: int) -> Any | LLMFailure:
-                value = await self._with_retries(session.client, session.semaphore, prompts[i], request, parse)
+                prompt = prompts[i]
+                reducer = reducer_of(prompt) if reducer_of else None
+                value = await self._with_retries(session, pool, call, prompt, reducer)
                 if cache is not None and not isinstance(value, LLMFailure):
                     await asyncio.to_thread(cache.put, self._scope, self.model, kind, keys[i], key_params, value)
                 return value
@@ -489,42 +707,23 @@ class OpenAIBackend(LLMBackend):
             return pool.submit(asyncio.run, main()).result()
 
     async def _with_retries(
-        self,
-        client: AsyncOpenAI,
-        semaphore: asyncio.Semaphore,
-        prompt: Prompt,
-        request: Callable[[AsyncOpenAI, Prompt], Awaitable[Any]],
-        parse: Callable[[Any, Prompt], Any],
+        self, session: _Session, pool: ProcessPool | None, call: Call, prompt: Prompt, reducer: Any
     ) -> Any | LLMFailure:
         reason = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
-            wait: float | None = None
-            try:
-                async with semaphore:  # held for the request only, not for the backoff sleep
-                    self.usage.add(requests=1)
-                    resp = await request(client, prompt)
-                self._count_tokens(resp)
-                return parse(resp, prompt)
-            except openai.APIStatusError as exc:
-                reason = f"HTTP {exc.status_code}: {_brief(exc.message)}"
-                if exc.status_code == 429:
-                    wait = retry_after_seconds(exc.response.headers)
-                elif exc.status_code < 500:
-                    return self._failure(reason, attempt)
-            except openai.APITimeoutError:
-                reason = f"timed out after {self.timeout_s:g} s"
-                if not self.retry_timeouts:
-                    # The server may still be working on it: resending would queue the same work again.
-                    return self._failure(f"{reason}; not resent (raise timeout_s, or lower max_concurrency)", attempt)
-            except openai.APIConnectionError as exc:
-                reason = f"connection error: {_brief(str(exc))}"
-            except (openai.APIResponseValidationError, json.JSONDecodeError, _Malformed) as exc:
-                reason = f"malformed response: {_brief(str(exc))}"
-            except (_Fatal, Unusable) as exc:
-                return self._failure(str(exc), attempt)
+            outcome = None
+            if pool is not None:
+                outcome = await self._attempt_there(session, pool, call, prompt, reducer)
+            if outcome is None:
+                outcome = await self._attempt_here(session, call, prompt, reducer)
+            if outcome.reason is None:
+                return outcome.value
+            reason = outcome.reason
+            if not outcome.retry:
+                return self._failure(reason, attempt)
             if attempt < self.max_attempts:
-                if wait is not None:
-                    delay = min(wait, self.max_retry_after_s)
+                if outcome.wait is not None:
+                    delay = min(outcome.wait, self.max_retry_after_s)
                 else:  # full jitter: uniform over [0, capped exponential]
                     delay = random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1)))
                 log.info(
@@ -533,14 +732,42 @@ class OpenAIBackend(LLMBackend):
                 await asyncio.sleep(delay)
         return self._failure(f"{reason} (gave up after {self.max_attempts} attempts)", self.max_attempts)
 
+    async def _attempt_here(self, session: _Session, call: Call, prompt: Prompt, reducer: Any) -> _Outcome:
+        """One attempt in this process: the request under the limit, its reply read after."""
+        try:
+            async with session.semaphore:  # held for the request only, not for the backoff sleep
+                self.usage.add(requests=1)
+                resp = await call.request(session.client, prompt, self)
+            self._count_tokens(resp)
+            return _Outcome(call.read(resp, prompt, reducer))
+        except Exception as exc:
+            if (outcome := _outcome_of(exc, self.timeout_s, self.retry_timeouts)) is None:
+                raise
+            return outcome
+
+    async def _attempt_there(
+        self, session: _Session, pool: ProcessPool, call: Call, prompt: Prompt, reducer: Any
+    ) -> _Outcome | None:
+        """One attempt in a client process (the limit held until its reduced value is back); None
+        when the request cannot be sent there (its reducer is not importable), to run it here."""
+        try:
+            job = pool.pack(_Attempt(call, prompt, reducer, self._n_ignored))
+        except NotPortable as exc:
+            log.debug("%s: a request runs in this process, not a client process: %s", self.model, exc)
+            return None
+        async with session.semaphore:
+            self.usage.add(requests=1)
+            outcome, tokens, n_ignored = await pool.run(job)
+        if tokens is not None:
+            self.usage.add(prompt_tokens=tokens[0], completion_tokens=tokens[1])
+        if n_ignored and not self._n_ignored:
+            log.info("%s: the server ignores n; sampling one choice per request", self.model)
+            self._n_ignored = True
+        return outcome
+
     def _count_tokens(self, resp: Any) -> None:
-        usage = getattr(resp, "usage", None)
-        prompt_tokens = getattr(usage, "prompt_tokens", None)
-        completion_tokens = getattr(usage, "completion_tokens", None)
-        self.usage.add(
-            prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else 0,
-            completion_tokens=completion_tokens if isinstance(completion_tokens, int) else 0,
-        )
+        prompt_tokens, completion_tokens = _tokens(resp)
+        self.usage.add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     def _failure(self, reason: str, attempts: int) -> LLMFailure:
         reason = self._scrub(reason)
@@ -549,8 +776,7 @@ class OpenAIBackend(LLMBackend):
 
     def _scrub(self, text: str) -> str:
         """Remove the API key from text a server may have quoted it in."""
-        key = os.environ.get(self.api_key_env)
-        return text.replace(key, "<api key>") if key else text
+        return _scrub(text, self.api_key_env)
 
 
 class _Json(dict):

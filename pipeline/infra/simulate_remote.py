@@ -160,7 +160,8 @@ class EchoSimulator(Simulator):
         replies = await self.llm.aecho_levels(
             [built[j][0] for j in asked],
             self.top_logprobs,
-            [lambda echo, prompt, slots=built[j][1]: slot_distributions(echo, prompt, slots) for j in asked],
+            # Partials of module functions, not lambdas: the backend's client processes can run them.
+            [functools.partial(slot_distributions, slots=built[j][1]) for j in asked],
             version=ECHO_READ,
         )
         out: list[np.ndarray | LLMFailure] = [np.zeros(0, dtype=np.float64) for _ in sequences]
@@ -317,7 +318,7 @@ class ChatSimulator(Simulator):
             max_tokens=self.max_tokens_per_token * longest + 32, temperature=0.0, top_p=1.0, n=1, stop=(), seed=0
         )
         logprobs = self.top_logprobs is not None
-        readers = [lambda reply, toks=toks: read_chat_levels(reply, toks, logprobs) for toks in tokens]
+        readers = [functools.partial(read_chat_levels, tokens=toks, logprobs=logprobs) for toks in tokens]
         return await self.llm.achat_levels(conversations, params, self.top_logprobs, readers, version=CHAT_READ)
 
     def simulate_each(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray | LLMFailure]:
