@@ -123,6 +123,12 @@ class _LLMSettings(ConfigurableResource):
         description="openai: resend a request that timed out (off: the server may still be working on it, and"
         " a resend would queue the same work again)",
     )
+    client_processes: int = Field(
+        1,
+        description="openai: processes that send the requests and read the replies (1: this one). One Python"
+        " process tops out near 150 requests/s, whatever the cores; more spread that CPU over cores, under the"
+        " same max_concurrency. Each reads the key from api_key_env",
+    )
     max_failure_share: float = Field(
         0.5,
         description="fail the step when more than this share of a layer's requests fail (finished ones stay "
@@ -158,6 +164,7 @@ class _LLMSettings(ConfigurableResource):
             max_attempts=self.max_attempts,
             timeout_s=self.timeout_s,
             retry_timeouts=self.retry_timeouts,
+            client_processes=self.client_processes,
             cache=self._cache(),
             **extra,
         )

@@ -226,3 +226,15 @@ def test_bench_server_imports_no_torch_dagster_or_duckdb() -> None:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_resources_pass_client_processes_to_the_backend(tmp_path: Path) -> None:
+    from assets.resources import ExplainerResource, SimulatorResource
+
+    common = {"backend": "openai", "base_url": "http://127.0.0.1:1/v1", "cache_path": str(tmp_path / "c.sqlite")}
+    simulator = SimulatorResource(**common, client_processes=3).client()
+    assert isinstance(simulator, EchoSimulator) and simulator.llm.client_processes == 3
+    explainer = ExplainerResource(**common, client_processes=2).client()
+    assert isinstance(explainer, OpenAIBackend) and explainer.client_processes == 2
+    assert SimulatorResource(**common).client().llm.client_processes == 1  # type: ignore[attr-defined]
+    assert not client_processes(), "no process starts before a request"
