@@ -265,8 +265,10 @@ class LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the listen backlog: a client opening many connections at once is not refused
 
-    def __init__(self, state: ServerState):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, state: ServerState, port: int = 0, reuse_port: bool = False):
+        # reuse_port: several processes serve one port (the kernel spreads the connections over them).
+        self.allow_reuse_port = reuse_port
+        super().__init__(("127.0.0.1", port), _Handler)
         self.state = state
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
