@@ -205,9 +205,20 @@ def test_a_dead_process_fails_the_batch_and_the_next_batch_starts_anew(server: L
     assert not client_processes()
 
 
-def test_processes_are_shut_down_when_the_backend_is_collected(server: LoopbackServer) -> None:
-    llm = backend(server, 2)
-    assert llm.complete(["hi"], PARAMS)[0].texts == ["reply to hi"]  # type: ignore[union-attr]
+def test_a_server_that_ignores_n_then_processes_shut_down_when_the_backend_is_collected(
+    server: LoopbackServer,
+) -> None:
+    """What one client process learns (the server ignores `n`) reaches the others through the parent,
+    as in tests/test_llm_openai.py's one-process case; then the processes go with the backend."""
+    server.state.ignore_n = True
+    server.state.queued = ["a", "b", "c", "d", "e", "f"]
+    llm = backend(server, 2, max_concurrency=1)
+    first, second = llm.complete(["one", "two"], dataclasses.replace(PARAMS, n=3, seed=7))
+    assert isinstance(first, Completion) and first.texts == ["a", "b", "c"] and first.completion_tokens == 3
+    assert isinstance(second, Completion) and second.texts == ["d", "e", "f"]
+    assert [(b.get("n"), b.get("seed")) for b in server.state.bodies] == [
+        (3, 7), (1, 8), (1, 9), (1, 7), (1, 8), (1, 9)
+    ]  # fmt: skip
     assert len(client_processes()) == 2
     del llm
     gc.collect()

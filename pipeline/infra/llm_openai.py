@@ -750,12 +750,12 @@ class OpenAIBackend(LLMBackend):
     ) -> _Outcome | None:
         """One attempt in a client process (the limit held until its reduced value is back); None
         when the request cannot be sent there (its reducer is not importable), to run it here."""
-        try:
-            job = pool.pack(_Attempt(call, prompt, reducer, self._n_ignored))
-        except NotPortable as exc:
-            log.debug("%s: a request runs in this process, not a client process: %s", self.model, exc)
-            return None
         async with session.semaphore:
+            try:  # packed once the slot is ours: what it says of the server is what is known now
+                job = pool.pack(_Attempt(call, prompt, reducer, self._n_ignored))
+            except NotPortable as exc:
+                log.debug("%s: a request runs in this process, not a client process: %s", self.model, exc)
+                return None
             self.usage.add(requests=1)
             outcome, tokens, n_ignored = await pool.run(job)
         if tokens is not None:

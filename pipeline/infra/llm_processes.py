@@ -148,8 +148,11 @@ class ProcessPool:
         with state.lock:  # one lock with the reader's handling of a death: a job is failed or refused
             if state.broken is not None:
                 raise ClientProcessDied(state.broken)
-            worker = min((w for w in state.workers if w.alive), key=lambda w: w.load)
             job_id = next(self._ids)
+            # The least busy; among equals, the next in turn (so a trickle of requests is spread too).
+            n = len(state.workers)
+            turn = [state.workers[(job_id + k) % n] for k in range(n)]
+            worker = min((w for w in turn if w.alive), key=lambda w: w.load)
             state.pending[job_id] = (loop, future, worker)
             worker.load += 1
         try:
