@@ -67,6 +67,11 @@ def backend(server: LoopbackServer, processes: int, **kw: Any) -> OpenAIBackend:
     return OpenAIBackend("test-model", server.base_url, **(options | kw))
 
 
+def leaky_reducer(echo: Any, prompt: str, word: str) -> Any:
+    """A reducer with a bug that quotes the key (importable by the client processes)."""
+    raise RuntimeError(f"{word} {os.environ[KEY_ENV]}")
+
+
 def client_processes() -> list[multiprocessing.Process]:
     return [p for p in multiprocessing.active_children() if p.name.startswith("openai-client")]
 
@@ -220,7 +225,14 @@ def test_a_server_that_ignores_n_then_processes_shut_down_when_the_backend_is_co
         (3, 7), (1, 8), (1, 9), (1, 7), (1, 8), (1, 9)
     ]  # fmt: skip
     assert len(client_processes()) == 2
-    del llm
+
+    # An error that is no failure of the request (a bug in a reducer) is raised here as it was
+    # raised there, with the key scrubbed from its text and the client process's traceback.
+    with pytest.raises(RuntimeError) as info:
+        llm.echo_levels(["x\tunknown\n"], 5, [functools.partial(leaky_reducer, word="oops")], version="t")
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "oops <api key>" in text and KEY not in text and "in a client process" in text
+    del info, llm  # (the traceback holds the backend too)
     gc.collect()
     assert not client_processes()
 

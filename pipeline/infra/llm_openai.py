@@ -312,6 +312,9 @@ class _ClientContext:
     async def aclose(self) -> None:
         await self.client.close()
 
+    def scrub(self, text: str) -> str:
+        return _scrub(text, self.settings.api_key_env)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Attempt:

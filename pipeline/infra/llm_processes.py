@@ -4,7 +4,8 @@ interpreters instead of one interpreter's GIL.
 
 Each process runs one event loop with a context made once by `setup` (the backend's: its own
 HTTP client) and runs every job sent to it concurrently: a job is a picklable callable, and the
-parent gets back what `await job(context)` returned, or the exception it raised. The parent keeps
+parent gets back what `await job(context)` returned, or the exception it raised (its text and the
+traceback added to it passed through the context's `scrub`, where it has one). The parent keeps
 everything else (the concurrency limit, retries, the cache, usage): a job is one attempt of one
 request, sent to the process with the fewest in flight.
 
@@ -217,6 +218,8 @@ def _read(state: _State) -> None:
                     worker.load -= 1
             if entry is not None:
                 _deliver(entry[0], _resolve, entry[1], (status, value))
+            # Not kept until the next message: a raised value's traceback holds its caller's frames.
+            del entry, value, blob
 
 
 def _died(state: _State, worker: _Worker) -> None:
@@ -314,7 +317,10 @@ async def _loop(conn: Connection, setup: Callable[[], Any]) -> None:
         try:
             value = await job(context)
         except Exception as exc:
-            exc.add_note("in a client process:\n" + "".join(traceback.format_exception(exc)).rstrip())
+            scrub = getattr(context, "scrub", None) or (lambda text: text)  # e.g. of a key a server quoted
+            if exc.args and all(isinstance(a, str) for a in exc.args):
+                exc.args = tuple(scrub(a) for a in exc.args)
+            exc.add_note(scrub("in a client process:\n" + "".join(traceback.format_exception(exc)).rstrip()))
             send(job_id, "raise", exc)
             return
         send(job_id, "ok", value)
