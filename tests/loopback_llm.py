@@ -27,6 +27,14 @@ from typing import Any
 FAULTS = ("429", "500", "slow", "malformed", "empty", "401", "reset", "truncated")
 
 
+def bypass_proxies(monkeypatch: Any) -> None:
+    """Send a test's requests straight to the loopback server, whatever proxy the environment names
+    (`monkeypatch`: pytest's fixture; not imported here, since the benches load this module too)."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 def simple_tokens(text: str, split_digits: bool = False) -> list[str]:
     """Words and single other characters: `unknown` is always a token of its own, after a "\\t" token.
     With `split_digits`, every digit is a token of its own (as Gemma, Llama and Qwen write "10")."""

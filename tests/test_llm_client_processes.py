@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loopback_llm import LoopbackServer, ServerState
+from loopback_llm import LoopbackServer, ServerState, bypass_proxies
 
 from pipeline.core.llm import Completion, GenerationParams, LLMFailure
 from pipeline.core.simulator import Job
@@ -43,9 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    bypass_proxies(monkeypatch)
 
 
 @pytest.fixture

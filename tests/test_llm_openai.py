@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from loopback_llm import LoopbackServer, ServerState, simple_tokens
+from loopback_llm import LoopbackServer, ServerState, bypass_proxies, simple_tokens
 
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.llm import Completion, EchoLogprobs, GenerationParams, LLMFailure
@@ -49,9 +49,7 @@ PARAMS = GenerationParams(max_tokens=8, temperature=0.0, stop=("\n",))
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    bypass_proxies(monkeypatch)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from loopback_llm import LoopbackServer, ServerState
+from loopback_llm import LoopbackServer, ServerState, bypass_proxies
 
 from bench.server import OneAtATime
 from pipeline.core.interpret import EXPLANATION_SCHEMA, LLM, simulate_layer
@@ -33,9 +33,7 @@ CONCURRENCY = 8
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    bypass_proxies(monkeypatch)
 
 
 def token(neuron: int, k: int) -> str:
