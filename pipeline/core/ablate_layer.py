@@ -17,12 +17,10 @@ import polars as pl
 
 from pipeline.core.ablation import LayerAblator, ablate_neurons
 from pipeline.core.scoring import Calibration
-from pipeline.core.units import Unit, UnitKey
+from pipeline.core.units import UNIT_SCHEMA, Unit, UnitKey
 
 ABLATION_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
-    "polarity": pl.String,
+    **UNIT_SCHEMA,
     "selection": pl.String,
     "kind": pl.String,
     "sample_index": pl.Int16,

@@ -39,12 +39,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.core.frames import Float64, Int32, Str, schema_of
 from pipeline.core.llm import LLMFailure, Usage
 from pipeline.core.progress import Progress
 from pipeline.core.prompts import EXPLANATION_ENDING, format_token
 from pipeline.core.records import record_acts
 from pipeline.core.scoring import Discrimination, discrimination
-from pipeline.core.units import NEGATIVE, POSITIVE, Example, Unit, UnitKey, derangement
+from pipeline.core.units import NEGATIVE, POSITIVE, UNIT_KEY, UNIT_SCHEMA, Example, Unit, UnitKey, derangement
 
 DETECTION, FUZZING = "detection", "fuzzing"
 SCORERS = (DETECTION, FUZZING)
@@ -418,18 +419,18 @@ class Classifier(ABC):
 
 @dataclass(frozen=True)
 class ClassScores:
-    n_examples: int
-    n_positive: int
-    n_negative: int
-    n_answered: int
-    accuracy: float | None
-    accuracy_reason: str | None
-    balanced_accuracy: float | None
-    balanced_accuracy_reason: str | None
-    f1: float | None
-    f1_reason: str | None
-    auc: float | None
-    auc_reason: str | None
+    n_examples: Int32
+    n_positive: Int32
+    n_negative: Int32
+    n_answered: Int32
+    accuracy: Float64 | None
+    accuracy_reason: Str | None
+    balanced_accuracy: Float64 | None
+    balanced_accuracy_reason: Str | None
+    f1: Float64 | None
+    f1_reason: Str | None
+    auc: Float64 | None
+    auc_reason: Str | None
 
 
 def auc_score(truth: Sequence[int], scores: Sequence[float]) -> float:
@@ -485,14 +486,12 @@ def class_scores(
 
 # ---------------------------------------------------------------- a layer
 
-UNIT_SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "polarity": pl.String}
-_METRICS = {f.name: f.type for f in dataclasses.fields(ClassScores)}
 CLASSIFICATION_SCHEMA = {
     **UNIT_SCHEMA,
     "scorer": pl.String,  # 'detection' or 'fuzzing'
     "kind": pl.String,  # the scored explanation: the unit's best (chosen on valid) in `scores`
     "sample_index": pl.Int16,
-    **{name: (pl.Int32 if t == "int" else pl.Float64 if "float" in t else pl.String) for name, t in _METRICS.items()},
+    **schema_of(ClassScores),
     "control_neuron": pl.Int32,
     "control_polarity": pl.String,
     "control_kind": pl.String,
@@ -521,7 +520,7 @@ CLASSIFICATION_SCHEMA = {
     "scorer_model": pl.String,
     "prompt_version": pl.String,
 }
-CLASSIFICATION_KEY = ["layer", "neuron", "polarity", "scorer"]
+CLASSIFICATION_KEY = [*UNIT_KEY, "scorer"]
 NO_CONTROL = "no other unit of the layer has a chosen explanation to swap in"
 
 

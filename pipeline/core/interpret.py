@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import polars as pl
 
 from pipeline.core.baseline import TOKEN_SPACE_VERSION, TokenLookupSimulator, token_space_explanation
+from pipeline.core.frames import schema_of
 from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure
 from pipeline.core.progress import Progress
 from pipeline.core.prompts import (
@@ -46,7 +47,7 @@ from pipeline.core.scoring import (
     score_split,
 )
 from pipeline.core.simulator import Job, JobResult, Simulator
-from pipeline.core.units import Example, Unit, UnitKey, derangement
+from pipeline.core.units import UNIT_KEY, UNIT_SCHEMA, Example, Unit, UnitKey, derangement
 
 LLM = "llm"  # explanations written by the explainer model
 TOKEN_SPACE = "token_space"  # the unit's top tokens as text, judged by the same simulator (the paper's baseline)
@@ -57,8 +58,7 @@ DEAD = "dead unit: no activation in this direction in the corpus"
 
 Log = Callable[[str], None]
 
-UNIT_SCHEMA = {"layer": pl.Int32, "neuron": pl.Int32, "polarity": pl.String}
-EXPLANATION_KEY = ["layer", "neuron", "polarity", "kind", "sample_index"]
+EXPLANATION_KEY = [*UNIT_KEY, "kind", "sample_index"]
 
 
 # ---------------------------------------------------------------- explanations
@@ -466,10 +466,7 @@ SCORE_SCHEMA = {
     "split": pl.String,  # 'valid' (where candidates are chosen) or 'test' (what is reported)
     "selected": pl.Boolean,  # the candidate chosen for its kind on the valid split
     "best": pl.Boolean,  # the unit's chosen explanation across kinds: its test row is THE score
-    **{
-        f.name: (pl.Float64 if "float" in str(f.type) else pl.String if "str" in str(f.type) else pl.Int32)
-        for f in fields(SplitScores)
-    },
+    **schema_of(SplitScores),
     "calibration_slope": pl.Float64,
     "calibration_intercept": pl.Float64,
     "calibration_reason": pl.String,

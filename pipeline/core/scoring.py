@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.frames import Float64, Int32, Str
+
 ZERO_TRUE = "constant true activations (dead or constant neuron)"
 ZERO_PRED = "constant simulation"
 
@@ -114,18 +116,18 @@ def fit_calibration(levels: Sequence[np.ndarray], acts: Sequence[np.ndarray]) ->
 class SplitScores:
     """One explanation's scores on one split's sequences (top and random records)."""
 
-    corr_all: float | None
-    corr_all_reason: str | None
-    corr_top: float | None
-    corr_top_reason: str | None
-    corr_random: float | None
-    corr_random_reason: str | None
-    r2_all: float | None  # on the calibrated simulation, activation space
-    r2_all_reason: str | None
-    absdev_all: float | None  # likewise
-    absdev_all_reason: str | None
-    n_sequences: int
-    n_tokens: int
+    corr_all: Float64 | None
+    corr_all_reason: Str | None
+    corr_top: Float64 | None
+    corr_top_reason: Str | None
+    corr_random: Float64 | None
+    corr_random_reason: Str | None
+    r2_all: Float64 | None  # on the calibrated simulation, activation space
+    r2_all_reason: Str | None
+    absdev_all: Float64 | None  # likewise
+    absdev_all_reason: Str | None
+    n_sequences: Int32
+    n_tokens: Int32
 
 
 def score_split(

@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.core.errors import AtlasInputError
+from pipeline.core.frames import Int32, Str, schema_of
 
 POSITIVE, NEGATIVE = "+", "-"
 SPLITS = ("train", "calibration", "valid", "test")
@@ -70,9 +71,9 @@ class Example:
 
 @dataclass(frozen=True)
 class Unit:
-    layer: int
-    neuron: int
-    polarity: str
+    layer: Int32
+    neuron: Int32
+    polarity: Str
     max_activation: float  # strongest activation in the unit's direction: the 0-10 scale's top
     examples: tuple[Example, ...]
     top_tokens: tuple[Mapping[str, Any], ...]
@@ -112,6 +113,10 @@ class Unit:
         return [
             list(zip(e.tokens, (int(v) for v in self.levels(e)), strict=True)) for e in self.split("train", "top")[:n]
         ]
+
+
+UNIT_KEY = ["layer", "neuron", "polarity"]
+UNIT_SCHEMA = schema_of(Unit, UNIT_KEY)  # the key columns every per-unit table starts with
 
 
 def units_from_frames(
