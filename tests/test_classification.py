@@ -115,19 +115,19 @@ def test_held_out_texts_are_quantile_samples_the_explainers_never_read(runs: dic
     # The raw quantile samples do overlap what the explainers read here, so the test can fail.
     raw = q(
         "select count(*) from atlas.records_long q join atlas.examples_long t using (layer, neuron, seq_id)"
-        " where q.kind = 'quantile' and (t.kind = 'top' or t.split in ('train', 'calibration'))"
+        " where q.record_list = 'quantile' and (t.record_kind = 'top' or t.split in ('train', 'calibration'))"
     )
     assert raw[0][0] > 0
     shown = q("select neuron, scorer, unnest(seq_ids), unnest(labels) from atlas.classification_scores")
     assert shown
     seen = set(
         q(
-            "select neuron, seq_id from atlas.examples_long where kind = 'top'"
-            " or (kind = 'random' and split in ('train', 'calibration'))"
+            "select neuron, seq_id from atlas.examples_long where record_kind = 'top'"
+            " or (record_kind = 'random' and split in ('train', 'calibration'))"
         )
     )
     assert not [(n, s) for n, _, s, _ in shown if (n, s) in seen]
-    quantile = set(q("select neuron, seq_id from atlas.records_long where kind = 'quantile'"))
+    quantile = set(q("select neuron, seq_id from atlas.records_long where record_list = 'quantile'"))
     # Every activating text is a quantile sample; fuzzing shows only activating texts.
     assert all((n, s) in quantile for n, _, s, label in shown if label == 1)
     assert all((n, s) in quantile for n, scorer, s, _ in shown if scorer == "fuzzing")

@@ -127,17 +127,17 @@ def test_held_out_sequences_never_include_a_top_record(runs: dict) -> None:
     # The capture draws the random sample among the sequences that are not top records.
     raw = q(
         "select count(*) from atlas.records_long r join atlas.records_long t using (layer, neuron, seq_id)"
-        " where r.kind = 'random' and t.kind = 'top'"
+        " where r.record_list = 'random' and t.record_list = 'top'"
     )
     assert raw == [(0,)]
     leaks = q(
         "select count(*) from atlas.examples_long h join atlas.examples_long t using (layer, neuron, seq_id)"
-        " where h.split <> 'train' and t.kind = 'top' and (h.kind <> 'top' or h.rank <> t.rank)"
+        " where h.split <> 'train' and t.record_kind = 'top' and (h.record_kind <> 'top' or h.rank <> t.rank)"
     )
     assert leaks == [(0,)]
     simulated = q(
         "select count(*) from atlas.simulations s join atlas.examples_long t using (layer, neuron, seq_id)"
-        " where t.kind = 'top' and s.record_kind = 'random'"
+        " where t.record_kind = 'top' and s.record_kind = 'random'"
     )
     assert simulated == [(0,)]
     splits = q("select distinct split from atlas.simulations order by split")

@@ -95,7 +95,7 @@ def test_top_records_are_the_true_top(warehouse: tuple[Path, object], layer: int
         expected = sorted(range(len(token_ids)), key=lambda s: (-seq_max[s, n], s))[:TOP_K]
         stored = q(
             "select rank, seq_id, max_act, acts, min_act from atlas.records_long where layer = ? and neuron = ? "
-            "and kind = 'top' order by rank",
+            "and record_list = 'top' order by rank",
             [layer, n],
         )
         assert [r[1] for r in stored] == expected
@@ -121,15 +121,15 @@ def test_random_and_quantile_records_hold_true_activations(warehouse: tuple[Path
     token_ids = np.array([r[0] for r in q("select token_ids from atlas.corpus_tokens order by seq_id")])
     acts = _plain_activations(0, token_ids)
     rows = q(
-        "select neuron, kind, seq_id, acts, max_act, min_act from atlas.records_long where layer = 0"
-        " and neuron in (3, 500) and kind in ('random', 'quantile')"
+        "select neuron, record_list, seq_id, acts, max_act, min_act from atlas.records_long where layer = 0"
+        " and neuron in (3, 500) and record_list in ('random', 'quantile')"
     )
     assert len(rows) == 2 * (RANDOM_K + Q_BINS * PER_Q)
     for neuron, _, seq_id, stored, max_act, min_act in rows:
         step = code_step(max_act, min_act)  # 8-bit storage
         np.testing.assert_allclose(stored, acts[seq_id, :, neuron], atol=1e-4 + step, rtol=1e-4)
     distinct = q(
-        "select neuron, count(distinct seq_id) from atlas.records_long where layer = 0 and kind = 'random' "
+        "select neuron, count(distinct seq_id) from atlas.records_long where layer = 0 and record_list = 'random' "
         "group by neuron having count(distinct seq_id) < ?",
         [RANDOM_K],
     )
@@ -140,11 +140,11 @@ def test_splits_are_disjoint_and_levels_in_range(warehouse: tuple[Path, object])
     database, _ = warehouse
     q = query(database)
     overlaps = q("""
-        select layer, neuron, polarity, kind, seq_id, count(distinct split) as n
+        select layer, neuron, polarity, record_kind, seq_id, count(distinct split) as n
         from atlas.examples_long group by all having n > 1""")
     assert overlaps == []
     per_split = q(
-        "select distinct kind, split, count(*) over (partition by layer, neuron, polarity, kind, split) "
+        "select distinct record_kind, split, count(*) over (partition by layer, neuron, polarity, record_kind, split) "
         "from atlas.examples_long order by all"
     )
     assert per_split == sorted(

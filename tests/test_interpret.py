@@ -109,7 +109,7 @@ def test_simulations_cover_valid_for_candidates_and_calibration_test_and_control
     assert sorted(controls) == [(DIGIT_NEURON, 5), (5, DIGIT_NEURON)]
     held = q(
         "select r.acts, s.true_acts from atlas.simulations s join atlas.examples_long r using (layer, neuron, seq_id)"
-        " where r.split = s.split and r.kind = s.record_kind"
+        " where r.split = s.split and r.record_kind = s.record_kind"
     )
     assert held and all(np.allclose(a, b, atol=1e-6) for a, b in held)
 
@@ -531,7 +531,7 @@ def test_examples_complete_fails_when_a_record_has_no_activations(local_run: tup
     with duckdb.connect(str(database)) as conn:
         assert checks.examples_complete(conn).passed
         (lost,) = conn.execute(
-            "select count(*) from atlas.examples_long where neuron = 3 and polarity = '+' and kind = 'top'"
+            "select count(*) from atlas.examples_long where neuron = 3 and polarity = '+' and record_kind = 'top'"
         ).fetchone()
         conn.execute("update atlas.activation_records set top = [] where neuron = 3")
         outcome = checks.examples_complete(conn)

@@ -36,7 +36,7 @@ def test_top_records_are_digit_sequences_with_exact_activations(digit_run: Path)
     q = query(digit_run)
     rows = q(
         "select rank, max_act, tokens, acts, min_act from atlas.records_long where layer = 0 and neuron = ?"
-        " and kind = 'top'"
+        " and record_list = 'top'"
         " order by rank",
         [DIGIT_NEURON],
     )
@@ -74,7 +74,7 @@ def test_top_tokens_are_exactly_the_digits(digit_run: Path) -> None:
     # Each stored activation is within its record's code step, so their mean is within the largest.
     ((step,),) = q(
         "select max(max_act - min_act) / 510 from atlas.records_long where layer = 0 and neuron = ?"
-        " and kind in ('top', 'random')",
+        " and record_list in ('top', 'random')",
         [DIGIT_NEURON],
     )
     for token, mean, count in tokens:

@@ -234,13 +234,13 @@ def test_each_direction_is_a_unit_with_exact_records_and_top_tokens(signed_run: 
         column = "top" if polarity == "+" else "bottom"
         captured = q(
             f"select seq_id, max_act, min_act from atlas.records_long where layer = 1 and neuron = ?"
-            f" and kind = '{column}' order by rank",
+            f" and record_list = '{column}' order by rank",
             [SIGNED_NEURON],
         )
         step = {seq: code_step(hi, lo) for seq, hi, lo in captured}  # 8-bit storage
         shown = q(
             "select seq_id, tokens, acts, levels from atlas.examples_long where layer = 1 and neuron = ?"
-            " and polarity = ? and kind = 'top' order by rank",
+            " and polarity = ? and record_kind = 'top' order by rank",
             [SIGNED_NEURON, polarity],
         )
         assert [r[0] for r in shown] == [r[0] for r in captured]
@@ -315,7 +315,7 @@ def test_each_direction_is_classified_on_its_own_quantile_samples(signed_run: tu
         samples = {
             r[0]
             for r in q(
-                "select seq_id from atlas.records_long where layer = 1 and neuron = ? and kind = ?",
+                "select seq_id from atlas.records_long where layer = 1 and neuron = ? and record_list = ?",
                 [SIGNED_NEURON, kind],
             )
         }
@@ -323,7 +323,7 @@ def test_each_direction_is_classified_on_its_own_quantile_samples(signed_run: tu
             r[0]
             for r in q(
                 "select seq_id from atlas.examples_long where layer = 1 and neuron = ? and polarity = ?"
-                " and (kind = 'top' or split in ('train', 'calibration'))",
+                " and (record_kind = 'top' or split in ('train', 'calibration'))",
                 [SIGNED_NEURON, polarity],
             )
         }
@@ -342,7 +342,7 @@ def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> No
     database, result = signed_run
     q = query(database)
     assert q("select distinct negative_captured from atlas.activation_records") == [(True,)]
-    kinds = q("select kind, count(*) from atlas.records_long where layer = 0 group by kind order by kind")
+    kinds = q("select record_list, count(*) from atlas.records_long where layer = 0 group by all order by all")
     assert kinds == [
         ("bottom", 16 * RUN_K),
         ("quantile", 16 * 2 * RUN_QUANTILE),
@@ -352,7 +352,7 @@ def test_warehouse_holds_both_directions_and_the_choice(signed_run: tuple) -> No
     ]
     rows = q(
         "select rank, seq_id, min_act, tokens, acts, max_act from atlas.records_long where layer = 1 and neuron = ?"
-        " and kind = 'bottom' order by rank",
+        " and record_list = 'bottom' order by rank",
         [SIGNED_NEURON],
     )
     assert [r[0] for r in rows] == list(range(RUN_K))

@@ -167,7 +167,7 @@ def test_the_data_file_holds_every_record_and_simulation_of_both_directions(view
         assert [t["token"] for t in unit["top_tokens"]] == [t["token"] for t in top]
         assert len(unit["records"]) == len(records) > 0
         for shown, rec in zip(unit["records"], records, strict=True):
-            assert [shown[k] for k in ("kind", "split", "split_rank")] == [
+            assert [shown[k] for k in ("record_kind", "split", "split_rank")] == [
                 rec[k] for k in ("kind", "split", "split_rank")
             ]
             assert [data["vocab"][i] for i in data["seqs"][shown["seq"]]] == corpus[rec["seq_id"]]
@@ -358,11 +358,11 @@ def _explanation(kind: str, index: int, text: str | None, **extra: Any) -> dict[
 def _unit(polarity: str, max_activation: float, sign: int, factor: float = 1.0) -> UnitView:
     acts = [factor * a for a in ACTS]
     records = [
-        {"kind": "top", "split": "train", "split_rank": 0, "seq_id": 11, "tokens": TOKENS,
+        {"record_kind": "top", "split": "train", "split_rank": 0, "seq_id": 11, "tokens": TOKENS,
          "acts": [sign * abs(a) for a in acts]},
-        {"kind": "top", "split": "test", "split_rank": 1, "seq_id": 12, "tokens": TOKENS[::-1],
+        {"record_kind": "top", "split": "test", "split_rank": 1, "seq_id": 12, "tokens": TOKENS[::-1],
          "acts": [sign * 0.5, math.nan, *acts]},
-        {"kind": "random", "split": "valid", "split_rank": 0, "seq_id": 11, "tokens": TOKENS, "acts": acts},
+        {"record_kind": "random", "split": "valid", "split_rank": 0, "seq_id": 11, "tokens": TOKENS, "acts": acts},
     ]  # fmt: skip
     explanations = [
         _explanation("llm", 0, EXPLANATION + polarity, valid_score=0.41, test_score=0.3333, control_corr_all=0.1,
@@ -444,7 +444,7 @@ def _expected_records(page: NeuronPage, decimals: int) -> list[tuple[str, str, l
             rows += [
                 ("record true", f"{r['split']} {r['split_rank']}", _cells(r["tokens"], r["acts"], decimals, pos, neg))
                 for r in unit.records
-                if r["kind"] == kind
+                if r["record_kind"] == kind
             ]
     return rows
 

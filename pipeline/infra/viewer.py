@@ -158,9 +158,9 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
     records: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for row in _dicts(
         conn,
-        "select neuron, polarity, kind, split, split_rank, seq_id, tokens, acts from atlas.examples_long "
+        "select neuron, polarity, record_kind, split, split_rank, seq_id, tokens, acts from atlas.examples_long "
         "where model_id = ? and model_revision = ? and layer = ? and list_contains(?, neuron) "
-        "order by neuron, polarity, kind desc, rank",
+        "order by neuron, polarity, record_kind desc, rank",
         [head["model_id"], head["model_revision"], layer, neurons],
     ):
         records.setdefault((row["neuron"], row["polarity"]), []).append(row)
@@ -413,7 +413,7 @@ def layer_payload(data: LayerData, render: str = "") -> dict[str, Any]:
                     ],
                     "records": [
                         {
-                            "kind": _plain(r["kind"]),
+                            "record_kind": _plain(r["record_kind"]),
                             "split": _plain(r["split"]),
                             "split_rank": _plain(r["split_rank"]),
                             "seq": seq(r["seq_id"], r["tokens"]),
@@ -585,7 +585,7 @@ function unitSection(unit, decimals, posScale, negScale) {
     }
   }
   for (const kind of ['top', 'random']) {
-    const records = unit.records.filter((r) => r.kind === kind);
+    const records = unit.records.filter((r) => r.record_kind === kind);
     if (!records.length) continue;
     parts.push(h('h3', null, kind[0].toUpperCase() + kind.slice(1) + ' records (' + direction(unit.polarity) + ')'));
     for (const r of records) {

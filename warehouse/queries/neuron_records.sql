@@ -3,5 +3,5 @@
 select split_rank, seq_id, round(max_act, 3) as max_act,
        list_transform(list_zip(tokens, levels), lambda p: p[1] || ':' || p[2]::varchar) as token_levels
 from atlas.examples_long
-where layer = 0 and neuron = 0 and polarity = '+' and kind = 'top' and split = 'train'
+where layer = 0 and neuron = 0 and polarity = '+' and record_kind = 'top' and split = 'train'
 order by split_rank;

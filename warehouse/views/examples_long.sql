@@ -5,6 +5,7 @@
 -- (decoded as in records_long). acts are the neuron's raw (signed) activations; levels and max_act
 -- are in the unit's direction (for polarity '-': relu(-a) / max_activation, where max_activation =
 -- |min|), computed as `pipeline.core.units.normalize` does. Rows written before polarity existed read as '+'.
+-- record_kind: 'top' or 'random' (the stored struct field `kind`; `simulations` calls it record_kind too).
 -- requires: top_k_examples, activation_records, corpus_tokens
 create or replace view atlas.examples_long as
 with recs as (
@@ -17,7 +18,7 @@ seqs as (
     from atlas.activation_records a
 ),
 decoded as (
-    select r.model_id, r.model_revision, r.layer, r.neuron, r.polarity, r.kind, r.split, r.split_rank, r.rank,
+    select r.model_id, r.model_revision, r.layer, r.neuron, r.polarity, r.kind as record_kind, r.split, r.split_rank, r.rank,
            r.seq_id, r.max_activation, case when r.polarity = '-' then -1.0 else 1.0 end as sign,
            (case when r.polarity = '-' then -s.min_act else s.max_act end)::float as max_act,
            list_transform(s.codes, lambda v: (s.min_act::double + v * (s.max_act::double - s.min_act::double) / 255)::float)
@@ -27,7 +28,7 @@ decoded as (
       on s.model_id = r.model_id and s.model_revision = r.model_revision and s.layer = r.layer
      and s.neuron = r.neuron and s.seq_id = r.seq_id
 )
-select d.model_id, d.model_revision, d.layer, d.neuron, d.polarity, d.kind, d.split, d.split_rank, d.rank,
+select d.model_id, d.model_revision, d.layer, d.neuron, d.polarity, d.record_kind, d.split, d.split_rank, d.rank,
        d.seq_id, d.max_act, d.max_activation, c.tokens, d.acts,
        list_transform(d.acts, lambda v: case when d.max_activation > 0
            then least(10, floor(10 * greatest(d.sign * v::double, 0) / d.max_activation::double)) else 0 end

@@ -1,5 +1,6 @@
 -- One row per (layer, neuron, record) of activation_records, with the record's tokens and activations.
--- kind: 'top' (by max, descending), 'bottom' (by min, most negative first), 'random',
+-- record_list: the activation_records list holding the record: 'top' (by max, descending), 'bottom'
+-- (by min, most negative first), 'random',
 -- 'quantile' (bins by max) and 'quantile_neg' (bins by -min, bin 0 = least negative); 'bottom' and
 -- 'quantile_neg' rows exist only where the negative direction was captured (negative_captured).
 -- A list holds (rank, seq_id[, bin]); the neuron's `sequences` hold each sequence once, with its max,
@@ -8,19 +9,19 @@
 -- requires: activation_records, corpus_tokens
 create or replace view atlas.records_long as
 with recs as (
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'top' as kind, unnest(a.top, recursive := true)
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'top' as record_list, unnest(a.top, recursive := true)
     from atlas.activation_records a
     union all by name
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'bottom' as kind, unnest(a.bottom, recursive := true)
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'bottom' as record_list, unnest(a.bottom, recursive := true)
     from atlas.activation_records a
     union all by name
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'random' as kind, unnest(a.random, recursive := true)
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'random' as record_list, unnest(a.random, recursive := true)
     from atlas.activation_records a
     union all by name
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'quantile' as kind, unnest(a.quantile, recursive := true)
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'quantile' as record_list, unnest(a.quantile, recursive := true)
     from atlas.activation_records a
     union all by name
-    select a.model_id, a.model_revision, a.layer, a.neuron, 'quantile_neg' as kind,
+    select a.model_id, a.model_revision, a.layer, a.neuron, 'quantile_neg' as record_list,
            unnest(a.quantile_neg, recursive := true)
     from atlas.activation_records a
 ),
@@ -28,7 +29,7 @@ seqs as (
     select a.model_id, a.model_revision, a.layer, a.neuron, unnest(a.sequences, recursive := true)
     from atlas.activation_records a
 )
-select r.model_id, r.model_revision, r.layer, r.neuron, r.kind, r.rank, r.bin, r.seq_id, s.max_act, s.min_act,
+select r.model_id, r.model_revision, r.layer, r.neuron, r.record_list, r.rank, r.bin, r.seq_id, s.max_act, s.min_act,
        c.tokens,
        list_transform(s.codes, lambda v: (s.min_act::double + v * (s.max_act::double - s.min_act::double) / 255)::float)
            as acts
