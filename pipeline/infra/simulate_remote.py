@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import operator
+from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -124,18 +125,13 @@ def slot_distributions(echo: EchoLogprobs, prompt: str, slots: Sequence[int]) ->
     return out
 
 
-class EchoSimulator(Simulator):
-    """Expected level per token from echoed prompt logprobs, one request per sequence (see the module doc)."""
+class _ServerSimulator(Simulator):
+    """What the server simulators share: lineage and usage from their backend, and the sync entry
+    points, each running `asimulate_each` on the backend's event loop."""
 
-    prompt_version = SIMULATE_VERSION
-
-    def __init__(self, backend: OpenAIBackend, top_logprobs: int = 15, branch_min_share: float = 0.01):
-        if top_logprobs < 1:
-            raise ValueError(f"top_logprobs must be at least 1, got {top_logprobs}")
+    def __init__(self, backend: OpenAIBackend):
         self.llm = backend
         self.backend, self.model = backend.backend, backend.model
-        self.top_logprobs = top_logprobs
-        self.branch_min_share = branch_min_share
 
     @property
     def usage(self) -> Usage:
@@ -150,6 +146,25 @@ class EchoSimulator(Simulator):
     def simulate_many(self, jobs: Sequence[Job], on_result: OnJob | None = None) -> list[JobResult]:
         """Every job's requests at once, under the backend's one concurrency limit."""
         return self.llm.run(lambda: gather_jobs(self.asimulate_each, jobs, on_result))
+
+    @abstractmethod
+    async def asimulate_each(
+        self, explanation: str, sequences: Sequence[Sequence[str]]
+    ) -> list[np.ndarray | LLMFailure]:
+        """Every sequence's levels or its own failure (an empty sequence: no request, no levels)."""
+
+
+class EchoSimulator(_ServerSimulator):
+    """Expected level per token from echoed prompt logprobs, one request per sequence (see the module doc)."""
+
+    prompt_version = SIMULATE_VERSION
+
+    def __init__(self, backend: OpenAIBackend, top_logprobs: int = 15, branch_min_share: float = 0.01):
+        if top_logprobs < 1:
+            raise ValueError(f"top_logprobs must be at least 1, got {top_logprobs}")
+        super().__init__(backend)
+        self.top_logprobs = top_logprobs
+        self.branch_min_share = branch_min_share
 
     async def asimulate_each(
         self, explanation: str, sequences: Sequence[Sequence[str]]
@@ -291,25 +306,17 @@ def read_chat_levels(reply: ChatReply, tokens: Sequence[str], logprobs: bool) ->
     return {"levels": out}
 
 
-class ChatSimulator(Simulator):
+class ChatSimulator(_ServerSimulator):
     """Expected levels from a chat reply that writes the sequence back with levels (see the module doc);
     `top_logprobs=None` reads the written levels for servers without logprobs."""
 
     def __init__(self, backend: OpenAIBackend, top_logprobs: int | None = 15, max_tokens_per_token: int = 12):
         if top_logprobs is not None and not 1 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 1 and {MAX_TOP_LOGPROBS} for chat, got {top_logprobs}")
-        self.llm = backend
-        self.backend, self.model = backend.backend, backend.model
+        super().__init__(backend)
         self.top_logprobs = top_logprobs
         self.max_tokens_per_token = max_tokens_per_token
         self.prompt_version = SIMULATE_CHAT_VERSION if top_logprobs is not None else SIMULATE_CHAT_SAMPLED_VERSION
-
-    @property
-    def usage(self) -> Usage:
-        return self.llm.usage
-
-    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
-        return all_or_failure(self.simulate_each(explanation, sequences))
 
     async def _ask(self, conversations: list[list[dict]], tokens: list[Sequence[str]]) -> list[dict | LLMFailure]:
         # Room for each line (token, tab, level, line end) plus a little chatter.
@@ -320,13 +327,6 @@ class ChatSimulator(Simulator):
         logprobs = self.top_logprobs is not None
         readers = [functools.partial(read_chat_levels, tokens=toks, logprobs=logprobs) for toks in tokens]
         return await self.llm.achat_levels(conversations, params, self.top_logprobs, readers, version=CHAT_READ)
-
-    def simulate_each(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray | LLMFailure]:
-        return self.llm.run(lambda: self.asimulate_each(explanation, sequences))
-
-    def simulate_many(self, jobs: Sequence[Job], on_result: OnJob | None = None) -> list[JobResult]:
-        """Every job's requests at once, under the backend's one concurrency limit."""
-        return self.llm.run(lambda: gather_jobs(self.asimulate_each, jobs, on_result))
 
     async def asimulate_each(
         self, explanation: str, sequences: Sequence[Sequence[str]]
