@@ -5,7 +5,7 @@ upstream version it recorded on reading differs from the one it would record now
 its next run records.
 
 Dagster's default version (a hash of the code version and the inputs' versions) fails this test:
-it stays the same when `sampling.top_k` changes."""
+it stays the same when `activation_records.top_k` changes."""
 
 from __future__ import annotations
 

@@ -328,7 +328,7 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
     assert rows == [
         (neurons[0], None, "empty explanation"),
         (5, None, "explanation longer than 300 characters"),
-        (6, None, "explanation cut off at max_tokens (raise explain.max_tokens): 'numbers and dig'"),
+        (6, None, "explanation cut off at max_tokens (raise explanations.max_tokens): 'numbers and dig'"),
         (7, "numbers and digits", None),
     ]
     scores = q(
