@@ -77,7 +77,7 @@ def _corpus(digit_corpus: Path) -> dict[str, Any]:
 
 def _run(defs: Definitions, config: dict[str, Any], selection: list[str], layers: str = "0") -> Any:
     """One run of the code location's asset job, as the launchpad launches it."""
-    job = defs.get_implicit_global_asset_job_def()
+    job = defs.resolve_implicit_global_asset_job_def()
     first, last = layers.split("...") if "..." in layers else (layers, layers)
     return job.execute_in_process(
         run_config=config,
