@@ -24,8 +24,9 @@ from assets.common import (
     strip_lineage,
     versioned_output,
 )
+from assets.config import AblationConfig, refuse_moved_knobs
 from assets.io import WarehouseDbIOManager
-from assets.resources import AblationResource, SubjectModelResource
+from assets.resources import SubjectModelResource
 from pipeline.core.ablate_layer import ABLATION_SCHEMA, ablate_layer, choose_units
 from pipeline.core.ablation import LayerAblator
 from pipeline.core.corpus import prefix_ids
@@ -47,19 +48,20 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         subject: SubjectModelResource,
-        ablation: AblationResource,
+        config: AblationConfig,
         warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> Output[pl.DataFrame]:
         """Per ablated unit (the best by test score, and optionally random others): KL of the
         next-token distribution when the neuron is replaced by its mean vs by its calibrated test
         simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
+        refuse_moved_knobs(context)
         identity = identity_of(top_k_examples)
         loaded = subject.load()
         require_same_model(identity, loaded.identity)
         units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         frames = []
         for layer in partition_layers(context):
-            chosen = choose_units(scores, layer, ablation.top_n, ablation.random_n, ablation.seed)
+            chosen = choose_units(scores, layer, config.top_n, config.random_n, config.seed)
             picked = [f"{n}{p}" for n, p in chosen.select("neuron", "polarity").iter_rows()]
             context.log.info(f"layer {layer}: ablating units {picked}")
             if chosen.height == 0:
@@ -70,7 +72,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
             }
             frames.append(
                 ablate_layer(
-                    LayerAblator(loaded.model, layer, ablation.batch_size),
+                    LayerAblator(loaded.model, layer, config.batch_size),
                     prefix_ids(loaded.tokenizer),
                     chosen,
                     units,

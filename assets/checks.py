@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager
 import duckdb
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetChecksDefinition, asset_check
 
-from assets.resources import SamplingResource
+from assets.config import sampling_of_run
 from pipeline.infra import checks
 from pipeline.infra.warehouse import open_warehouse
 
@@ -25,10 +25,11 @@ def _connect(context: AssetCheckExecutionContext) -> AbstractContextManager[duck
 
 
 def build_asset_checks() -> list[AssetChecksDefinition]:
-    @asset_check(asset="activation_records", blocking=True, required_resource_keys={"warehouse", "sampling"})
+    @asset_check(asset="activation_records", blocking=True, required_resource_keys={"warehouse"})
     def activation_records_complete(context: AssetCheckExecutionContext) -> AssetCheckResult:
         """Finite statistics and the configured number of top, random (and, if captured, bottom) records per neuron."""
-        sampling: SamplingResource = context.resources.sampling
+        # The counts activation_records was given in this run's config (the check runs right after it).
+        sampling = sampling_of_run(context.run.run_config)
         with _connect(context) as conn:
             return _result(checks.activation_records_complete(conn, sampling.top_k, sampling.random_k))
 

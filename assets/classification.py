@@ -11,13 +11,11 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetsDefinition,
-    ConfigurableResource,
     MetadataValue,
     ResourceParam,
     StaticPartitionsDefinition,
     asset,
 )
-from pydantic import Field
 
 from assets.common import (
     LLM_POOL,
@@ -31,13 +29,13 @@ from assets.common import (
     strip_lineage,
     versioned_output,
 )
+from assets.config import ClassifyConfig, refuse_moved_knobs
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
 from pipeline.core.classify import (
     QUANTILE_LISTS,
     SCORERS,
-    ClassifySpec,
     classification_discrimination,
     classify_layer,
     with_quantiles,
@@ -49,37 +47,6 @@ CLASSIFIER_DISCRIMINATES = "classifier_discriminates"
 # The per-direction quantile lists read from activation_records (`pipeline.core.classify.QUANTILE_LISTS`):
 # 'quantile' (bins by max) for '+' units, 'quantile_neg' (bins by -min) for '-' units.
 QUANTILE_COLUMNS = [QUANTILE_LISTS["+"], QUANTILE_LISTS["-"]]
-
-
-class ClassifyResource(ConfigurableResource):
-    """Detection and fuzzing (on the simulator's model): how many held-out texts, and how many per prompt."""
-
-    scorers: list[str] = Field(list(SCORERS), description="'detection' and/or 'fuzzing'")
-    examples_per_prompt: int = Field(5, description="texts per prompt (the model answers one 0/1 label per text)")
-    max_per_class: int = Field(
-        10, description="activating quantile samples per unit (and as many non-activating texts); fuzzing shows"
-        " each activating text twice, marked rightly and wrongly"
-    )  # fmt: skip
-    activating_level: int = Field(
-        1, description="a text activates the unit where one of its tokens reaches this level (0-10 scale)"
-    )
-    seed: int = Field(0, description="seed of the choice of non-activating texts, the wrong markings and the order")
-    window: int = Field(
-        16, description="tokens per text shown: held-out sequences are cut to windows (the activating ones around"
-        " their strongest token), so dense units have non-activating texts too"
-    )  # fmt: skip
-
-    def spec(self) -> ClassifySpec:
-        spec = ClassifySpec(
-            tuple(self.scorers),
-            self.examples_per_prompt,
-            self.max_per_class,
-            self.activating_level,
-            self.seed,
-            self.window,
-        )
-        spec.validate()
-        return spec
 
 
 def _histogram01(values: list[float], bins: int = 10) -> str:
@@ -115,13 +82,14 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         simulator: SimulatorResource,
-        classify: ClassifyResource,
+        config: ClassifyConfig,
         warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> Iterator:
         """Per explained unit and scorer (detection, fuzzing): its best explanation's accuracy, balanced
         accuracy, F1 and AUC (where the model gives label probabilities) on held-out quantile samples and as
         many non-activating texts, beside the control (another unit's explanation on the same prompts)."""
-        spec = classify.spec()
+        refuse_moved_knobs(context)
+        spec = config.spec()
         identity = identity_of(top_k_examples)
         units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         units = with_quantiles(units, activation_records, corpus_tokens)

@@ -90,7 +90,7 @@ def content_version(frame: pl.DataFrame, identity: ModelIdentity) -> DataVersion
     types, and the model.
 
     Dagster's default data version hashes the code version and the inputs' versions, so a rerun
-    with other settings (`sampling.top_k`, the explainer's model, ...) kept the old version and
+    with other settings (`activation_records.top_k`, the explainer's model, ...) kept the old version and
     left downstream looking fresh. Hashing the rows makes every setting that changes results part
     of the version, and only those: a rerun that writes the same rows (the same settings again, the
     LLM's answers from the response cache) keeps the version and marks nothing stale. Polars' row hash is stable

@@ -2,7 +2,8 @@
 
 The layer partitions come from the configured model's layer count, read from its config at load
 time, so the model is chosen with NEURON_ATLAS_MODEL (and the corpus with NEURON_ATLAS_CORPUS);
-both stay editable per run in the launchpad's resource config.
+both stay editable per run in the launchpad's resource config. Per-asset knobs (sampling, explain,
+ablation, classify settings) are each asset's run config (`assets.config`).
 """
 
 from __future__ import annotations
@@ -20,19 +21,12 @@ from assets.automation import (
     observe_model_schedule,
 )
 from assets.checks import build_asset_checks
-from assets.classification import ClassifyResource, build_classification_assets
+from assets.classification import build_classification_assets
 from assets.common import WAREHOUSE, layer_partitions
+from assets.config import moved_knob_resources
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
-from assets.resources import (
-    AblationResource,
-    CorpusResource,
-    ExplainerResource,
-    ExplainResource,
-    SamplingResource,
-    SimulatorResource,
-    SubjectModelResource,
-)
+from assets.resources import CorpusResource, ExplainerResource, SimulatorResource, SubjectModelResource
 from assets.stages import build_stage_assets
 from assets.viewer import build_viewer_assets
 from pipeline.core.models import EMBEDDED, model_layer_count
@@ -57,16 +51,13 @@ def build_definitions(model: str | None = None, corpus: str | None = None, datab
         resources={
             "subject": SubjectModelResource(model=model) if model else SubjectModelResource(),
             "corpus": CorpusResource(source=corpus) if corpus else CorpusResource(),
-            "sampling": SamplingResource(),
             "explainer": ExplainerResource(),
             "simulator": SimulatorResource(),
-            "explain": ExplainResource(),
-            "ablation": AblationResource(),
-            "classify": ClassifyResource(),
             WAREHOUSE: WarehouseIOManager(
                 database=database or default_database(), schema=SCHEMA, data_path=default_data_path()
             ),
-        },
+        }
+        | moved_knob_resources(),
     )
 
 

@@ -30,9 +30,10 @@ from assets.common import (
     strip_lineage,
     versioned_output,
 )
+from assets.config import ExplainConfig, refuse_moved_knobs
 from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
-from assets.resources import ExplainerResource, ExplainResource, SimulatorResource
+from assets.resources import ExplainerResource, SimulatorResource
 from pipeline.core.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.core.interpret import (
     CANDIDATE_KINDS,
@@ -69,25 +70,26 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         explainer: ExplainerResource,
-        explain: ExplainResource,
+        config: ExplainConfig,
         warehouse: ResourceParam[WarehouseDbIOManager],
     ) -> Output[pl.DataFrame]:
         """Per unit: the LLM's explanations of its train top records, its token-space explanation and
         the token-lookup reference; copies of few-shot text and explanations shared by many units are
         flagged degenerate. Each layer is committed when it is done."""
+        refuse_moved_knobs(context)
         identity = identity_of(top_k_examples)
         units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
         selected = {}
         for layer in partition_layers(context):
             n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
-            selected[layer] = select_units(units, layer, n, explain.n_neurons, explain.neuron_ids)
+            selected[layer] = select_units(units, layer, n, config.n_neurons, config.neuron_ids)
         backend = explainer.client()
         total = sum(map(len, selected.values()))
         context.log.info(f"explaining {total} units with {backend.backend}:{backend.model} ({backend.api})")
         before = backend.usage.snapshot()
         frames = []
         for layer, layer_units in selected.items():
-            frames.append(explain_layer(layer_units, backend, explain.params(), log=context.log.info))
+            frames.append(explain_layer(layer_units, backend, config.params(), log=context.log.info))
             land_layer(context, warehouse, layer, frames[-1], identity)
         frame = pl.concat(frames)
         llm_rows = frame.filter(pl.col("kind") == LLM)

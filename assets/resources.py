@@ -1,4 +1,6 @@
-"""Configuration as Dagster resources: editable in the launchpad, shared by every stage of a run."""
+"""The external things the assets use, as Dagster resources: the subject model, the corpus, and the LLM
+endpoints (explainer, simulator); editable in the launchpad and shared by every stage of a run. Per-asset
+knobs are run config on the assets instead (`assets.config`)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,9 @@ from pydantic import Field, PrivateAttr
 from pipeline.core.classify import Classifier
 from pipeline.core.corpus import CorpusSpec
 from pipeline.core.errors import AtlasInputError
-from pipeline.core.llm import APIS, GenerationParams, LLMBackend, role_env
+from pipeline.core.llm import APIS, LLMBackend, role_env
 from pipeline.core.llm_local import LocalBackend
 from pipeline.core.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
-from pipeline.core.prompts import explainer_few_shot_explanations
-from pipeline.core.records import SamplingSpec
 from pipeline.core.simulate_local import LocalSimulator
 from pipeline.core.simulator import Simulator
 from pipeline.infra.classify_backends import LABEL_TOP_LOGPROBS, CachedClassifier, LocalClassifier, ServerClassifier
@@ -70,38 +70,6 @@ class CorpusResource(ConfigurableResource):
 
     def spec(self) -> CorpusSpec:
         return CorpusSpec(self.source, self.text_field, self.split, self.seq_len, self.n_sequences, self.seed)
-
-
-class SamplingResource(ConfigurableResource):
-    """How many records each neuron keeps."""
-
-    top_k: int = Field(20, description="top-activating sequences per neuron")
-    random_k: int = Field(20, description="uniformly sampled sequences per neuron")
-    quantile_bins: int = Field(4, description="activation-level bins for quantile samples")
-    per_quantile: int = Field(5, description="quantile samples per bin")
-    batch_size: int = Field(16, description="sequences per forward pass")
-    n_top_tokens: int = Field(10, description="top tokens kept per neuron")
-    min_token_count: int = Field(
-        2, description="a top token must occur this often in the train+calibration records (one-offs say little)"
-    )
-    seed: int = Field(0, description="seed of the random samples")
-    negative: str = Field(
-        "auto",
-        description="capture the negative direction too (bottom-k by min activation, negative quantile samples):"
-        " 'auto' = on for gated MLPs (act(gate) * up: Llama, Gemma, Qwen, Mistral), off for ReLU/GELU MLPs"
-        " (GPT-2, OPT, GPT-NeoX), whose negative side is small; 'on'; 'off'",
-    )
-
-    def spec(self) -> SamplingSpec:
-        return SamplingSpec(
-            top_k=self.top_k,
-            random_k=self.random_k,
-            quantile_bins=self.quantile_bins,
-            per_quantile=self.per_quantile,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            negative=self.negative,
-        )
 
 
 def _role_env(role: str, name: str, fallback: str | None) -> str | None:
@@ -318,43 +286,3 @@ class SimulatorResource(_LLMSettings):
                 top = min(self.top_logprobs, LABEL_TOP_LOGPROBS) if self.logprobs and self.top_logprobs > 0 else None
                 self._classifier = ServerClassifier(backend, top)
         return self._classifier
-
-
-class ExplainResource(ConfigurableResource):
-    """Which neurons to explain and how to sample explanations (each is a candidate, chosen on the
-    valid split beside the token-space explanation)."""
-
-    n_neurons: int | None = Field(8, description="explain the first N neurons of each layer (null: all)")
-    neuron_ids: list[int] | None = Field(None, description="explicit neuron ids (overrides n_neurons)")
-    samples: int = Field(2, description="explanations sampled per unit, best-of-N on the valid split")
-    temperature: float = Field(0.8, description="sampling temperature (0 = greedy, which needs samples = 1)")
-    max_tokens: int = Field(40, description="longest explanation, in tokens")
-    seed: int = Field(0, description="sampling seed")
-    avoid_few_shot_copies: bool = Field(
-        True,
-        description="in-process explainers may not reproduce three consecutive tokens of a few-shot explanation "
-        "(small models copy them)",
-    )
-
-    def params(self) -> GenerationParams:
-        if self.samples < 1:
-            raise AtlasInputError(f"samples must be at least 1, got {self.samples}")
-        if self.samples > 1 and self.temperature <= 0:
-            raise AtlasInputError("several samples per neuron need a temperature above 0")
-        return GenerationParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            n=self.samples,
-            stop=("\n",),
-            seed=self.seed,
-            avoid=tuple(explainer_few_shot_explanations()) if self.avoid_few_shot_copies else (),
-        )
-
-
-class AblationResource(ConfigurableResource):
-    """Which neurons get ablation scores, and how the ablated passes are batched."""
-
-    top_n: int = Field(4, description="ablate the N neurons with the best simulation score (corr_all) per layer")
-    random_n: int = Field(0, description="also ablate this many other scored neurons, drawn at random")
-    seed: int = Field(0, description="seed of the random draw")
-    batch_size: int = Field(4, description="ablated sequences per forward pass (each row may ablate another neuron)")

@@ -23,7 +23,8 @@ from assets.common import (
     versioned_output,
     with_lineage,
 )
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.config import SamplingConfig, TopTokensConfig, refuse_moved_knobs
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.corpus import prefix_ids, tokenize_corpus
 from pipeline.core.examples import top_k_examples as build_top_k_examples
 from pipeline.core.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_count
@@ -101,16 +102,17 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         subject_model: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         subject: SubjectModelResource,
-        sampling: SamplingResource,
+        config: SamplingConfig,
     ) -> Output[pl.DataFrame]:
         """Per neuron: statistics plus top, random and quantile records, and for a captured negative
         direction the bottom and negative quantile records. All selected layers are captured in ONE
         forward pass over the corpus, which stops after the deepest of them."""
+        refuse_moved_knobs(context)
         layers = partition_layers(context)
         loaded = subject.load()
         require_same_model(identity_of(subject_model), loaded.identity)
         check_layers(loaded.model, layers)
-        spec = sampling.spec()
+        spec = config.spec()
         spec.validate()
         gated = mlp_is_gated(loaded.model)
         negative = spec.captures_negative(gated)
@@ -123,7 +125,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         step = max(1, token_ids.shape[0] // 10)
 
         def progress(done: int, total: int, elapsed: float) -> None:
-            if done % step < sampling.batch_size or done == total:
+            if done % step < config.batch_size or done == total:
                 rate = done * token_ids.shape[1] / max(elapsed, 1e-9)
                 left = f", about {duration(elapsed / done * (total - done))} left" if done < total else ""
                 context.log.info(f"{done}/{total} sequences, {rate:,.0f} tokens/s, {elapsed:.1f}s{left}")
@@ -163,14 +165,15 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         context: AssetExecutionContext,
         activation_records: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
-        sampling: SamplingResource,
+        config: TopTokensConfig,
     ) -> Output[pl.DataFrame]:
         """Per neuron: strided train/calibration/valid/test splits, the 0-10 normalization max, top tokens."""
+        refuse_moved_knobs(context)
         identity = identity_of(activation_records)
         records = strip_lineage(activation_records)
         tokens = corpus_tokens.select("seq_id", "token_ids", "tokens")
         frame = build_top_k_examples(
-            records, tokens, n_top_tokens=sampling.n_top_tokens, min_token_count=sampling.min_token_count
+            records, tokens, n_top_tokens=config.n_top_tokens, min_token_count=config.min_token_count
         )
         with_tokens = frame.filter(pl.col("top_tokens").list.len() > 0).height
         context.add_output_metadata(

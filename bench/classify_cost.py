@@ -16,22 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, RunConfig, materialize
 
 from assets.ablations import build_ablation_assets
 from assets.checks import build_asset_checks
-from assets.classification import ClassifyResource, build_classification_assets
+from assets.classification import build_classification_assets
+from assets.config import ExplainConfig
 from assets.interpret import build_interpret_assets
 from assets.io import WarehouseIOManager
-from assets.resources import (
-    AblationResource,
-    CorpusResource,
-    ExplainerResource,
-    ExplainResource,
-    SamplingResource,
-    SimulatorResource,
-    SubjectModelResource,
-)
+from assets.resources import CorpusResource, ExplainerResource, SimulatorResource, SubjectModelResource
 from assets.stages import build_stage_assets, layer_partitions
 from assets.viewer import build_viewer_assets
 from pipeline.core.models import EMBEDDED, model_layer_count
@@ -71,14 +64,11 @@ def main() -> None:
         resources={
             "subject": SubjectModelResource(model=args.model),
             "corpus": CorpusResource(n_sequences=args.n_sequences),
-            "sampling": SamplingResource(),
             "explainer": ExplainerResource(cache_path=cache),
             "simulator": SimulatorResource(cache_path=cache),
-            "explain": ExplainResource(n_neurons=args.neurons, samples=args.samples),
-            "ablation": AblationResource(),
-            "classify": ClassifyResource(),
             "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
         },
+        run_config=RunConfig(ops={"explanations": ExplainConfig(n_neurons=args.neurons, samples=args.samples)}),
         tags={"dagster/asset_partition_range_start": str(first), "dagster/asset_partition_range_end": str(last)},
         instance=DagsterInstance.ephemeral(),
     )

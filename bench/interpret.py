@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=20, help="top records per unit (5 per split at 20)")
     parser.add_argument("--random-k", type=int, default=20, help="random records per unit")
-    parser.add_argument("--samples", type=int, default=2, help="explanations per unit (explain.samples)")
+    parser.add_argument("--samples", type=int, default=2, help="explanations per unit (explanations.samples)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions of both paths")

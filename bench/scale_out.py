@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from dagster_dev import SMALL_RESOURCES  # noqa: E402
+from dagster_dev import SMALL_CONFIG, run_config  # noqa: E402
 from postgres_server import postgres_server  # noqa: E402
 from scale_out import Machine, new_machine, new_platform  # noqa: E402
 from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
@@ -37,7 +37,7 @@ STAGES = ("--select", "activation_records,top_k_examples,explanations")
 
 
 def _config() -> dict:
-    return SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}}
+    return run_config(ops={"explanations": {"neuron_ids": NEURONS}})
 
 
 def _cpu_s() -> float:
@@ -48,7 +48,7 @@ def _cpu_s() -> float:
 
 def one_writer(machine: Machine) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one run over both layers."""
-    machine.run(SMALL_RESOURCES, "--select", "subject_model,corpus_tokens", log_name="setup")
+    machine.run(SMALL_CONFIG, "--select", "subject_model,corpus_tokens", log_name="setup")
     start, cpu = time.monotonic(), _cpu_s()
     machine.run(_config(), *STAGES, "--partition-range", "0...1", log_name="both_layers")
     return time.monotonic() - start, _cpu_s() - cpu
@@ -56,7 +56,7 @@ def one_writer(machine: Machine) -> tuple[float, float]:
 
 def two_writers(a: Machine, b: Machine) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of two runs at once, one layer each."""
-    a.run(SMALL_RESOURCES, "--select", "subject_model,corpus_tokens", log_name="setup")
+    a.run(SMALL_CONFIG, "--select", "subject_model,corpus_tokens", log_name="setup")
     start, cpu = time.monotonic(), _cpu_s()
     runs = [
         m.start(_config(), *STAGES, "--partition", str(layer), log_name=f"layer_{layer}")

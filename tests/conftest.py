@@ -10,7 +10,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import AssetSelection, DagsterInstance, materialize
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -18,15 +18,21 @@ from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
 
 from assets.ablations import build_ablation_assets  # noqa: E402
 from assets.checks import build_asset_checks  # noqa: E402
-from assets.classification import ClassifyResource, build_classification_assets  # noqa: E402
+from assets.classification import build_classification_assets  # noqa: E402
+from assets.config import (  # noqa: E402
+    AblationConfig,
+    ClassifyConfig,
+    ExplainConfig,
+    SamplingConfig,
+    TopTokensConfig,
+    atlas_run_config,
+    moved_knob_resources,
+)
 from assets.interpret import build_interpret_assets  # noqa: E402
 from assets.io import WarehouseIOManager  # noqa: E402
 from assets.resources import (  # noqa: E402
-    AblationResource,
     CorpusResource,
     ExplainerResource,
-    ExplainResource,
-    SamplingResource,
     SimulatorResource,
     SubjectModelResource,
 )
@@ -64,46 +70,46 @@ def run_stages(
     layers: tuple[int, int],
     subject: SubjectModelResource,
     corpus: CorpusResource,
-    sampling: SamplingResource,
+    sampling: SamplingConfig,
     selection: str | list[str] | None = None,
     instance: DagsterInstance | None = None,
     explainer: ExplainerResource | None = None,
     simulator: SimulatorResource | None = None,
-    explain: ExplainResource | None = None,
-    ablation: AblationResource | None = None,
+    explain: ExplainConfig | None = None,
+    ablation: AblationConfig | None = None,
     raise_on_error: bool = True,
-    classify: ClassifyResource | None = None,
+    classify: ClassifyConfig | None = None,
+    top_tokens: TopTokensConfig | None = None,
 ) -> Any:
     """Materialize the stage assets (and, given an explainer and simulator, explanations/simulations/
     scores/ablations/viewer; given `classify` too, classification_scores) for a range of layer
-    partitions in one run, for real."""
+    partitions in one run, for real. The knobs go in as the assets' run config, as a launched run
+    gets them; the external things as resources."""
     assets = build_stage_assets(n_layers)
     resources: dict[str, Any] = {
         "subject": subject,
         "corpus": corpus,
-        "sampling": sampling,
         "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
-    }
+    } | moved_knob_resources()
+    ops: dict[str, Any] = {"activation_records": sampling, "top_k_examples": top_tokens}
     if explainer is not None or simulator is not None:
         layers_def = layer_partitions(n_layers)
         assets += (
             build_interpret_assets(layers_def) + build_ablation_assets(layers_def) + build_viewer_assets(layers_def)
         )
-        resources |= {
-            "explainer": explainer or ExplainerResource(),
-            "simulator": simulator or SimulatorResource(),
-            "explain": explain or ExplainResource(),
-            "ablation": ablation or AblationResource(),
-        }
+        resources |= {"explainer": explainer or ExplainerResource(), "simulator": simulator or SimulatorResource()}
+        ops |= {"explanations": explain, "ablations": ablation}
         if classify is not None:
             assets += build_classification_assets(layers_def)
-            resources["classify"] = classify
+            ops["classification_scores"] = classify
     keys = {key for a in assets for key in a.keys}
+    selected = keys if selection is None else AssetSelection.from_coercible(selection).resolve(assets)
     checks = [c for c in build_asset_checks() if all(k.asset_key in keys for k in c.check_keys)]
     return materialize(
         [*assets, *checks],
         selection=selection,
         resources=resources,
+        run_config=atlas_run_config(ops, selection={k.to_user_string() for k in selected}),
         tags={
             "dagster/asset_partition_range_start": str(layers[0]),
             "dagster/asset_partition_range_end": str(layers[1]),

@@ -24,11 +24,47 @@ BIN = Path(sys.executable).parent
 PARTITIONED = ("activation_records", "top_k_examples", "explanations", "simulations", "scores", "ablations",
                "classification_scores", "neuron_viewer")  # fmt: skip
 STAGES = ("subject_model", "corpus_tokens", *PARTITIONED)
-# Resource run config small enough that a run on the digit model takes seconds on 2 CPU cores.
-SMALL_RESOURCES: dict[str, Any] = {
-    "corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}},
-    "sampling": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}},
+# Run config small enough that a run on the digit model takes seconds on 2 CPU cores: the corpus is
+# a resource, the sampling knobs are the activation_records asset's own config.
+SMALL_CONFIG: dict[str, Any] = {
+    "resources": {"corpus": {"config": {"seq_len": 16, "n_sequences": 40, "seed": 3}}},
+    "ops": {"activation_records": {"config": {"top_k": 8, "random_k": 8, "quantile_bins": 2, "per_quantile": 2}}},
 }
+
+
+def run_config(
+    ops: Mapping[str, Mapping[str, Any]] | None = None,
+    resources: Mapping[str, Mapping[str, Any]] | None = None,
+    base: Mapping[str, Any] = SMALL_CONFIG,
+) -> dict[str, Any]:
+    """`base` with more settings: `ops` maps an asset to its config fields, `resources` a resource
+    key to its config fields (each merged into what `base` gives it)."""
+    merged: dict[str, Any] = {k: dict(v) for k, v in base.items()}
+    for section, extra in (("ops", ops), ("resources", resources)):
+        entries = {k: {"config": dict(v["config"])} for k, v in base.get(section, {}).items()}
+        for name, fields in (extra or {}).items():
+            entries[name] = {"config": entries.get(name, {"config": {}})["config"] | dict(fields)}
+        merged[section] = entries
+    return merged
+
+
+def for_selection(config: Mapping[str, Any], select: str | None) -> dict[str, Any]:
+    """`config` less the config of assets not in `select` (comma-separated names; None: all):
+    Dagster refuses config for an op that is not in the run."""
+    config = dict(config)
+    if select is not None and "ops" in config:
+        names = set(select.split(","))
+        config["ops"] = {k: v for k, v in config["ops"].items() if k in names}
+    return config
+
+
+def materialize_command(config: Mapping[str, Any], *args: str) -> list[str]:
+    """`dagster asset materialize` on the project's code location with this run config (`run_config`)
+    and these options (`--select`, partition options), the config cut down to the selected assets."""
+    select = args[args.index("--select") + 1] if "--select" in args else None
+    config_json = json.dumps(for_selection(config, select))
+    return [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config_json,
+            *args]  # fmt: skip
 
 
 def project_env(tmp_path: Path, model: Path | str, corpus: Path | None = None, **extra: str) -> dict[str, str]:
@@ -47,13 +83,6 @@ def project_env(tmp_path: Path, model: Path | str, corpus: Path | None = None, *
     if corpus is not None:
         env["NEURON_ATLAS_CORPUS"] = str(corpus)
     return env | extra
-
-
-def materialize_command(resources: Mapping[str, Any]) -> list[str]:
-    """`dagster asset materialize` on the project's code location with this resource run config;
-    append --select and partition options."""
-    config = json.dumps({"resources": dict(resources)})
-    return [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--config-json", config]
 
 
 def run_cli(command: Sequence[str], env: Mapping[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ the project's deploy/dagster.yaml copied in, as the README says to do) and runs 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -19,26 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagster_dev import BIN, ROOT
+from dagster_dev import ROOT
+from dagster_dev import materialize_command as dagster_materialize_command
 from postgres_server import PostgresServer
 
 DEPLOY_YAML = ROOT / "deploy" / "dagster.yaml"
 
 
-def materialize_command(resources: Mapping[str, Any]) -> list[str]:
-    """`dagster asset materialize` of the project's code location with this resource config, each
-    run in one process (the in-process executor): a step per process would add an interpreter
+def materialize_command(config: Mapping[str, Any], *args: str) -> list[str]:
+    """`dagster_dev.materialize_command` with this run config (`dagster_dev.run_config`) and options,
+    each run in one process (the in-process executor): a step per process would add an interpreter
     start per step to every run, and the machines here are the unit of parallelism."""
-    config = {"resources": dict(resources), "execution": {"config": {"in_process": {}}}}
-    return [
-        str(BIN / "dagster"),
-        "asset",
-        "materialize",
-        "-m",
-        "assets.definitions",
-        "--config-json",
-        json.dumps(config),
-    ]
+    return dagster_materialize_command({**config, "execution": {"config": {"in_process": {}}}}, *args)
 
 
 @dataclass
@@ -85,12 +76,12 @@ class Machine:
     cwd: Path
     env: dict[str, str]
 
-    def start(self, resources: Mapping[str, Any], *args: str, log_name: str) -> tuple[subprocess.Popen, Path]:
+    def start(self, config: Mapping[str, Any], *args: str, log_name: str) -> tuple[subprocess.Popen, Path]:
         """`dagster asset materialize` in the background (its own process group, for SIGKILL)."""
         log = self.cwd / f"{log_name}.log"
         with log.open("w") as out:
             proc = subprocess.Popen(
-                [*materialize_command(resources), *args],
+                materialize_command(config, *args),
                 cwd=self.cwd,
                 env=self.env,
                 stdout=out,
@@ -99,9 +90,9 @@ class Machine:
             )
         return proc, log
 
-    def run(self, resources: Mapping[str, Any], *args: str, log_name: str, timeout: float = 900) -> str:
+    def run(self, config: Mapping[str, Any], *args: str, log_name: str, timeout: float = 900) -> str:
         """`dagster asset materialize` to the end; fails with the log's tail unless it succeeded."""
-        proc, log = self.start(resources, *args, log_name=log_name)
+        proc, log = self.start(config, *args, log_name=log_name)
         proc.wait(timeout=timeout)
         output = log.read_text(errors="replace")
         assert proc.returncode == 0, f"{self.name} {args} failed:\n{output[-4000:]}"

@@ -12,8 +12,9 @@ from conftest import run_stages
 from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions
 from safetensors.torch import load_file, save_file
 
+from assets.config import SamplingConfig
 from assets.definitions import build_definitions
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, SubjectModelResource
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -45,7 +46,7 @@ def test_changed_checkpoint_or_corpus_reruns_only_affected_partitions(
         layers=(0, 0),  # layer 1 stays missing: automation must not fill it in
         subject=SubjectModelResource(model=str(model)),
         corpus=CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=40, seed=3),
-        sampling=SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
+        sampling=SamplingConfig(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
         instance=instance,
     )
     assert run_stages(**stage_args).success

@@ -12,7 +12,8 @@ from conftest import loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, build_digit_model, build_tokenizer
 
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from assets.config import ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 
 DEAD = 9  # no input weights and a bias of -30: GELU(-30) is ~0 (never above 0) on every token
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
@@ -43,7 +44,7 @@ def _resources(model_dir: Path, corpus: Path, dtype: str) -> dict:
     return {
         "subject": SubjectModelResource(model=str(model_dir), dtype=dtype),
         "corpus": CorpusResource(source=str(corpus), seq_len=16, n_sequences=40, seed=3),
-        "sampling": SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
+        "sampling": SamplingConfig(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
     }
 
 
@@ -61,7 +62,7 @@ def test_a_dead_neuron_gets_null_rows_with_reasons_and_the_layer_completes(
             layers=(0, 0),
             **_resources(model_dir, digit_corpus, "float32"),
             **loopback_llm(server),
-            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, DEAD], samples=1, temperature=0),
+            explain=ExplainConfig(neuron_ids=[DIGIT_NEURON, DEAD], samples=1, temperature=0),
             selection=[*STAGES, "explanations", "simulations", "scores"],
         )
     assert result.success

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from browser import artifacts_dir, chromium
 from conftest import query
-from dagster_dev import SMALL_RESOURCES, STAGES, DagsterDev, dagster_dev, project_env
+from dagster_dev import SMALL_CONFIG, STAGES, DagsterDev, dagster_dev, for_selection, project_env
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -21,7 +21,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 pytestmark = pytest.mark.slow
 
 LAYER = "1"
-RUN_CONFIG = {"resources": SMALL_RESOURCES}
 RUN_TIMEOUT_S = 600
 PAGE_TIMEOUT_S = 90
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -68,7 +67,7 @@ def _launch(dev: DagsterDev, assets: Sequence[str], partition: str | None = None
             "jobName": "__ASSET_JOB",
             "assetSelection": [{"path": [name]} for name in assets],
         },
-        "runConfigData": RUN_CONFIG,
+        "runConfigData": for_selection(SMALL_CONFIG, ",".join(assets)),
         "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}] if partition else []},
     }
     launched = dev.graphql(LAUNCH, {"p": params})["launchRun"]

@@ -25,8 +25,8 @@ from rule_simulators import RuleSimulator
 from test_controls import REPLY
 from tiny_models import TOKEN_SETS, write_sets_corpus, write_sets_model
 
-from assets.classification import ClassifyResource
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SimulatorResource, SubjectModelResource
+from assets.config import ClassifyConfig, ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SimulatorResource, SubjectModelResource
 from pipeline.core.classify import ClassifySpec, held_out, items
 from pipeline.core.units import Example, Unit
 from pipeline.infra.report import main as report_main
@@ -45,11 +45,11 @@ def _run(root: Path, simulator: SimulatorResource, server: LoopbackServer, **ext
         layers=(0, 0),
         subject=SubjectModelResource(model=str(write_sets_model(root / "model"))),
         corpus=CorpusResource(source=str(write_sets_corpus(root / "corpus.jsonl")), seq_len=8, n_sequences=256),
-        sampling=SamplingResource(top_k=16, random_k=16, quantile_bins=4, per_quantile=8, batch_size=32),
+        sampling=SamplingConfig(top_k=16, random_k=16, quantile_bins=4, per_quantile=8, batch_size=32),
         explainer=loopback_llm(server, cache_path=str(root / "cache.sqlite"))["explainer"],
         simulator=simulator,
-        explain=ExplainResource(neuron_ids=NEURONS),
-        classify=ClassifyResource(),
+        explain=ExplainConfig(neuron_ids=NEURONS),
+        classify=ClassifyConfig(),
         selection=[*STAGES, *LLM_STAGES],
         **extra,  # type: ignore[arg-type]
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
+from dagster_dev import ROOT, SMALL_CONFIG, materialize_command, project_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +20,13 @@ def test_concurrent_runs_and_partitions_share_the_warehouse(
 ) -> None:
     env = project_env(tmp_path, digit_model_dir, digit_corpus)
     database = Path(env["NEURON_ATLAS_DB"])
-    cli = materialize_command(SMALL_RESOURCES)
-    setup = cli + ["--select", "subject_model,corpus_tokens"]
+    setup = materialize_command(SMALL_CONFIG, "--select", "subject_model,corpus_tokens")
     run_cli(setup, env)
 
     stages = ["--select", "activation_records,top_k_examples"]
     runs = [
         subprocess.Popen(
-            cli + stages + ["--partition", layer],
+            materialize_command(SMALL_CONFIG, *stages, "--partition", layer),
             cwd=ROOT,
             env=env,
             text=True,

@@ -21,7 +21,8 @@ from loopback_llm import LoopbackServer, ServerState
 from rule_simulators import RULES, RuleSimulator
 from tiny_models import SET_GAIN, TOKEN_SETS, write_sets_corpus, write_sets_model
 
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from assets.config import ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.infra.viewer import load_layer, render_index
 from pipeline.infra.warehouse import open_warehouse
 
@@ -39,10 +40,10 @@ def _run(root: Path, rule: str, server: LoopbackServer) -> tuple[Path, object]:
         layers=(0, 0),
         subject=SubjectModelResource(model=str(model)),
         corpus=CorpusResource(source=str(corpus), seq_len=16, n_sequences=64, seed=0),
-        sampling=SamplingResource(top_k=16, random_k=16, quantile_bins=2, per_quantile=2, batch_size=16),
+        sampling=SamplingConfig(top_k=16, random_k=16, quantile_bins=2, per_quantile=2, batch_size=16),
         explainer=loopback_llm(server, cache_path=str(root / "cache.sqlite"))["explainer"],
         simulator=RuleSimulator(rule=rule),
-        explain=ExplainResource(neuron_ids=NEURONS),
+        explain=ExplainConfig(neuron_ids=NEURONS),
         selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
         + ["explanations", "simulations", "scores"],
     )

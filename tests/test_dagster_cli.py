@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import PARTITIONED, ROOT, STAGES, dagster_dev, materialize_command, project_env, run_cli
+from dagster_dev import PARTITIONED, ROOT, STAGES, dagster_dev, materialize_command, project_env, run_cli, run_config
 
 from pipeline.core.models import EMBEDDED, model_layer_count
 
@@ -31,15 +31,17 @@ def test_dagster_dev_loads_the_definitions(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
     env = project_env(tmp_path, EMBEDDED)
-    dagster = materialize_command(
-        {"corpus": {"config": {"n_sequences": 16, "seq_len": 32}}, "sampling": {"config": {"top_k": 8, "random_k": 8}}}
+    config = run_config(
+        ops={"activation_records": {"top_k": 8, "random_k": 8}},
+        resources={"corpus": {"n_sequences": 16, "seq_len": 32}},
+        base={},
     )
     last = model_layer_count(EMBEDDED) - 1
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition-range", f"0...{last}"],
     ):
-        run_cli(dagster + extra, env, timeout=900)
+        run_cli(materialize_command(config, *extra), env, timeout=900)
     q = query(Path(env["NEURON_ATLAS_DB"]))
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
     n = (last + 1) * d_mlp

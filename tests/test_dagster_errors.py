@@ -8,10 +8,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import query, run_stages
-from dagster import DagsterInstance, StaticPartitionsDefinition, asset, materialize
+from dagster import DagsterInstance, RunConfig, StaticPartitionsDefinition, asset, materialize
 
+from assets.config import SamplingConfig
 from assets.io import WarehouseIOManager
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, SubjectModelResource
 from assets.stages import build_stage_assets
 from pipeline.infra.warehouse import SCHEMA
 
@@ -28,9 +29,9 @@ def _run(tmp_path: Path, model: str, corpus: CorpusResource, layers: tuple[int, 
         resources={
             "subject": SubjectModelResource(model=model),
             "corpus": corpus,
-            "sampling": SamplingResource(top_k=4, random_k=4),
             "warehouse": WarehouseIOManager(database=str(tmp_path / "wh.duckdb"), schema=SCHEMA),
         },
+        run_config=RunConfig(ops={"activation_records": SamplingConfig(top_k=4, random_k=4)}),
         tags={
             "dagster/asset_partition_range_start": str(layers[0]),
             "dagster/asset_partition_range_end": str(layers[1]),
@@ -69,7 +70,7 @@ def test_failed_rerun_keeps_the_previous_rows(tmp_path: Path, digit_model_dir: P
     """A rerun whose corpus is now broken fails without touching what the warehouse held."""
     database = tmp_path / "neuron_atlas.duckdb"
     good = CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=8)
-    sampling = SamplingResource(top_k=4, random_k=4)
+    sampling = SamplingConfig(top_k=4, random_k=4)
     subject = SubjectModelResource(model=str(digit_model_dir))
     first = run_stages(database, 2, (0, 1), subject, good, sampling)
     assert first.success
@@ -81,7 +82,6 @@ def test_failed_rerun_keeps_the_previous_rows(tmp_path: Path, digit_model_dir: P
         resources={
             "subject": subject,
             "corpus": bad,
-            "sampling": sampling,
             "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
         },
         instance=DagsterInstance.ephemeral(),

@@ -5,7 +5,7 @@ upstream version it recorded on reading differs from the one it would record now
 its next run records.
 
 Dagster's default version (a hash of the code version and the inputs' versions) fails this test:
-it stays the same when `sampling.top_k` changes."""
+it stays the same when `activation_records.top_k` changes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from dagster import AssetKey, DagsterInstance
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON
 
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from assets.config import ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 
 VERSION = "dagster/data_version"
 
@@ -38,7 +39,7 @@ def test_a_changed_setting_marks_downstream_stale(tmp_path: Path, digit_model_di
             layers=(0, 0),
             subject=SubjectModelResource(model=str(digit_model_dir)),
             corpus=CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=40, seed=3),
-            sampling=SamplingResource(**sampling | changed),
+            sampling=SamplingConfig(**sampling | changed),
             selection=selection,
             instance=instance,
         )
@@ -92,10 +93,10 @@ def test_llm_stages_rerun_from_the_cache_keep_their_versions(
             layers=(0, 0),
             subject=SubjectModelResource(model=str(digit_model_dir)),
             corpus=CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=40, seed=3),
-            sampling=SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
+            sampling=SamplingConfig(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
             selection=selection,
             instance=instance,
-            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5], samples=1, temperature=0),
+            explain=ExplainConfig(neuron_ids=[DIGIT_NEURON, 5], samples=1, temperature=0),
             **loopback_llm(server, cache_path=str(tmp_path / "cache.sqlite"), explainer=explainer),
         )
         assert result.success

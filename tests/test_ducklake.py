@@ -18,8 +18,9 @@ from dagster import DagsterInstance, StaticPartitionsDefinition, asset, material
 from postgres_server import PostgresServer, postgres_server
 from test_warehouse_lock import _hold
 
+from assets.config import SamplingConfig
 from assets.io import TransactionalDuckDbClient, WarehouseIOManager
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.infra import llm_cache
 from pipeline.infra.llm_cache import LLMCache
 from pipeline.infra.warehouse import (
@@ -241,7 +242,7 @@ def test_views_and_example_queries_give_the_same_answers_on_a_file_and_a_lake(
     resources = {
         "subject": SubjectModelResource(model=str(digit_model_dir)),
         "corpus": CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=40, seed=3),
-        "sampling": SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
+        "sampling": SamplingConfig(top_k=8, random_k=8, quantile_bins=2, per_quantile=2),
     }
     path = tmp_path / "neuron_atlas.duckdb"
     for database in (lake, str(path)):

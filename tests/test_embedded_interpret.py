@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import local_llm, query, run_stages
 
-from assets.classification import ClassifyResource
-from assets.resources import (
-    AblationResource,
-    CorpusResource,
-    ExplainResource,
-    SamplingResource,
-    SubjectModelResource,
-)
+from assets.config import AblationConfig, ClassifyConfig, ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.models import EMBEDDED, model_layer_count
 from pipeline.infra.report import main as report_main
 from pipeline.infra.viewer import DATA_FILE, read_data
@@ -40,11 +34,11 @@ def test_two_layers_two_neurons_both_directions_explained_simulated_scored_ablat
         (0, 1),
         subject=SubjectModelResource(model=EMBEDDED),
         corpus=CorpusResource(n_sequences=64),
-        sampling=SamplingResource(),
+        sampling=SamplingConfig(),
         **local_llm(),
-        explain=ExplainResource(n_neurons=2),
-        ablation=AblationResource(top_n=4),
-        classify=ClassifyResource(max_per_class=2, examples_per_prompt=4),
+        explain=ExplainConfig(n_neurons=2),
+        ablation=AblationConfig(top_n=4),
+        classify=ClassifyConfig(max_per_class=2, examples_per_prompt=4),
     )
     assert result.success
     q = query(database)
@@ -54,7 +48,7 @@ def test_two_layers_two_neurons_both_directions_explained_simulated_scored_ablat
     # Both directions of every explained neuron (Gemma's gated MLP fires both ways).
     directions = q("select layer, polarity, count(distinct neuron) from atlas.explanations group by all order by all")
     assert directions == [(layer, p, 2) for layer in (0, 1) for p in ("+", "-")]
-    samples = ExplainResource().samples
+    samples = ExplainConfig().samples
     assert {(layer, kind): n for layer, kind, n, _ in counts} == {
         (layer, kind): n_units[layer] * (samples if kind == "llm" else 1)
         for layer in (0, 1)

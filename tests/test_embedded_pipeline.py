@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import code_step, query, run_stages
 
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.config import SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.models import EMBEDDED, load_subject_model, model_layer_count
 
 N_SEQ, SEQ_LEN, TOP_K, RANDOM_K, Q_BINS, PER_Q = 24, 32, 8, 8, 2, 2
@@ -21,7 +22,7 @@ def _resources() -> dict:
     return {
         "subject": SubjectModelResource(model=EMBEDDED),
         "corpus": CorpusResource(seq_len=SEQ_LEN, n_sequences=N_SEQ, seed=0),
-        "sampling": SamplingResource(
+        "sampling": SamplingConfig(
             top_k=TOP_K, random_k=RANDOM_K, quantile_bins=Q_BINS, per_quantile=PER_Q, batch_size=8
         ),
     }

@@ -16,8 +16,8 @@ from conftest import local_llm, loopback_llm, query, run_stages
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON, DIGITS
 
-from assets.classification import ClassifyResource
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from assets.config import ClassifyConfig, ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.interpret import KINDS, LLM, TOKEN_LOOKUP, TOKEN_SPACE, score_layer, simulate_layer
 from pipeline.core.llm import Completion, GenerationParams, LLMFailure
@@ -34,7 +34,7 @@ def digit_resources(model_dir: Path, corpus: Path) -> dict:
     return {
         "subject": SubjectModelResource(model=str(model_dir)),
         "corpus": CorpusResource(source=str(corpus), seq_len=16, n_sequences=64, seed=3),
-        "sampling": SamplingResource(top_k=20, random_k=20, quantile_bins=2, per_quantile=2, batch_size=8),
+        "sampling": SamplingConfig(top_k=20, random_k=20, quantile_bins=2, per_quantile=2, batch_size=8),
     }
 
 
@@ -47,8 +47,8 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
         layers=(0, 0),
         **digit_resources(digit_model_dir, digit_corpus),
         **local_llm(),
-        explain=ExplainResource(neuron_ids=NEURONS),
-        classify=ClassifyResource(max_per_class=4),
+        explain=ExplainConfig(neuron_ids=NEURONS),
+        classify=ClassifyConfig(max_per_class=4),
     )
     assert result.success
     return database, result
@@ -60,7 +60,7 @@ def test_explanations_hold_llm_token_space_and_lookup_rows_with_lineage(local_ru
         "select neuron, polarity, kind, explanation, failure_reason, explainer_model, prompt_version, prompt_tokens,"
         " model_id, run_id from atlas.explanations order by neuron, kind"
     )
-    samples = ExplainResource().samples
+    samples = ExplainConfig().samples
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (n, "+", k) for n in NEURONS for k in sorted(KINDS) for _ in range(samples if k == LLM else 1)
     ]
@@ -281,7 +281,7 @@ def test_openai_backend_on_loopback_records_failures_per_neuron(
                 cache_path=str(tmp_path / "cache.sqlite"),
                 explainer={"max_failure_share": 0.7},  # 2 of 3 failing is allowed here: the layer completes
             ),
-            explain=ExplainResource(neuron_ids=[DIGIT_NEURON, 5, 6], samples=1, temperature=0),
+            explain=ExplainConfig(neuron_ids=[DIGIT_NEURON, 5, 6], samples=1, temperature=0),
         )
     assert result.success
     q = query(database)
@@ -320,7 +320,7 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
                 cache_path=str(tmp_path / "cache.sqlite"),
                 explainer={"max_failure_share": 0.8},  # 3 of 4 unusable is allowed here: the layer completes
             ),
-            explain=ExplainResource(neuron_ids=neurons, samples=1, temperature=0),
+            explain=ExplainConfig(neuron_ids=neurons, samples=1, temperature=0),
         )
     assert result.success
     q = query(database)
@@ -328,7 +328,7 @@ def test_unusable_explanations_are_recorded_per_neuron_with_reasons_in_table_and
     assert rows == [
         (neurons[0], None, "empty explanation"),
         (5, None, "explanation longer than 300 characters"),
-        (6, None, "explanation cut off at max_tokens (raise explain.max_tokens): 'numbers and dig'"),
+        (6, None, "explanation cut off at max_tokens (raise explanations.max_tokens): 'numbers and dig'"),
         (7, "numbers and digits", None),
     ]
     scores = q(
@@ -374,7 +374,7 @@ def test_a_server_failing_most_requests_fails_the_step_naming_the_reason_and_a_r
             layers=(0, 0),
             **digit_resources(digit_model_dir, digit_corpus),
             **loopback_llm(server, **settings),
-            explain=ExplainResource(neuron_ids=neurons),
+            explain=ExplainConfig(neuron_ids=neurons),
             selection=sorted(selection),
             raise_on_error=False,
         )
@@ -399,7 +399,7 @@ def test_a_server_failing_most_requests_fails_the_step_naming_the_reason_and_a_r
         failed_share = re.search(r"(\d+) of (\d+) simulated sequences failed", message)
         assert failed_share and failed_share[1] == failed_share[2] and "HTTP 500" in message, message
     written = query(database)("select count(explanation) from atlas.explanations where kind = 'llm'")
-    assert written == [(len(neurons) * ExplainResource().samples,)]
+    assert written == [(len(neurons) * ExplainConfig().samples,)]
 
 
 def test_cost_command_predicts_the_requests_and_tokens_the_run_spent(
@@ -422,7 +422,7 @@ def test_cost_command_predicts_the_requests_and_tokens_the_run_spent(
             [NEURONS],
         )
     )
-    samples = ExplainResource().samples
+    samples = ExplainConfig().samples
     bound = split["valid"] * (samples + 1) + split["calibration"] * 2 + split["test"] * 4
     ids = ",".join(map(str, NEURONS))
     common = ["--db", str(database), "--layers", "0", "--neuron-ids", ids]  # tokens counted as Gemma counts them

@@ -10,7 +10,8 @@ import pytest
 from conftest import code_step, query, run_stages
 from tiny_models import DIGIT_NEURON, DIGITS, digit_activation
 
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.config import SamplingConfig, TopTokensConfig
+from assets.resources import CorpusResource, SubjectModelResource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +25,8 @@ def digit_run(tmp_path_factory: pytest.TempPathFactory, digit_model_dir: Path, d
         layers=(0, 1),
         subject=SubjectModelResource(model=str(digit_model_dir)),
         corpus=CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=64, seed=3),
-        sampling=SamplingResource(
-            top_k=8, random_k=8, quantile_bins=2, per_quantile=2, batch_size=5, n_top_tokens=20, min_token_count=1
-        ),
+        sampling=SamplingConfig(top_k=8, random_k=8, quantile_bins=2, per_quantile=2, batch_size=5),
+        top_tokens=TopTokensConfig(n_top_tokens=20, min_token_count=1),
     )
     assert result.success
     return database

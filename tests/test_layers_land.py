@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import query
 from dagster import AssetKey, DagsterInstance
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
+from dagster_dev import ROOT, materialize_command, project_env, run_cli, run_config
 
 from pipeline.infra.warehouse import open_warehouse
 
@@ -36,14 +36,14 @@ def landed(database: Path) -> bool:
 def test_killed_two_layer_run_keeps_its_first_layer(tmp_path: Path, digit_model_dir: Path, digit_corpus: Path) -> None:
     env = project_env(tmp_path, digit_model_dir, digit_corpus)
     database = Path(env["NEURON_ATLAS_DB"])
-    cli = materialize_command(SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}})
+    config = run_config(ops={"explanations": {"neuron_ids": NEURONS}})
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition-range", "0...1"],
     ):
-        run_cli(cli + extra, env)
+        run_cli(materialize_command(config, *extra), env)
 
-    explain = cli + ["--select", "explanations", "--partition-range", "0...1"]
+    explain = materialize_command(config, "--select", "explanations", "--partition-range", "0...1")
     proc = subprocess.Popen(explain, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     try:

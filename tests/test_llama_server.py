@@ -22,14 +22,8 @@ import pytest
 from conftest import query, run_stages
 from llama_server import llama_server, require_llama_server
 
-from assets.resources import (
-    CorpusResource,
-    ExplainerResource,
-    ExplainResource,
-    SamplingResource,
-    SimulatorResource,
-    SubjectModelResource,
-)
+from assets.config import ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, ExplainerResource, SimulatorResource, SubjectModelResource
 from pipeline.core.classify import DETECTION, FUZZING, Answer, Shown
 from pipeline.core.corpus import token_strings
 from pipeline.core.interpret import LLM
@@ -100,7 +94,7 @@ def small_resources() -> dict[str, Any]:
         "corpus": CorpusResource(source=EMBEDDED, seq_len=8, n_sequences=48),
         # One train top record for the explainer, one valid top sequence to simulate (each echo costs minutes).
         # The positive direction only: each unit costs echoes of minutes, one unit is what is checked.
-        "sampling": SamplingResource(top_k=4, random_k=1, quantile_bins=1, per_quantile=1, negative="off"),
+        "sampling": SamplingConfig(top_k=4, random_k=1, quantile_bins=1, per_quantile=1, negative="off"),
     }
 
 
@@ -127,7 +121,7 @@ def run_llm_stages(database: Path, neuron: int, explainer: Any, simulator: Any) 
         simulator=simulator,
         # One sample: each unit's candidates (the sample and the token-space explanation) are echoed on
         # valid, the two chosen ones on calibration and test, their controls on test.
-        explain=ExplainResource(neuron_ids=[neuron], max_tokens=24, samples=1, temperature=0),
+        explain=ExplainConfig(neuron_ids=[neuron], max_tokens=24, samples=1, temperature=0),
         selection=LLM_STAGES,
     )
     assert result.success

@@ -11,7 +11,8 @@ import pytest
 from conftest import query, run_stages
 from tiny_models import write_signed_corpus, write_signed_model
 
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.config import SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 
 STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
 
@@ -20,7 +21,7 @@ def _resources(root: Path) -> dict:
     return {
         "subject": SubjectModelResource(model=str(write_signed_model(root / "model"))),
         "corpus": CorpusResource(source=str(write_signed_corpus(root / "signed.jsonl")), seq_len=16, n_sequences=32),
-        "sampling": SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
+        "sampling": SamplingConfig(top_k=4, random_k=4, quantile_bins=2, per_quantile=1, batch_size=8),
     }
 
 

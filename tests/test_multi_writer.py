@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
-from dagster_dev import ROOT, SMALL_RESOURCES
+from dagster_dev import ROOT, SMALL_CONFIG, run_config
 from postgres_server import PostgresServer, postgres_server
 from scale_out import new_machine, new_platform
 
@@ -73,7 +73,7 @@ def postgres() -> Iterator[PostgresServer]:
 
 def _config(neurons: list[int]) -> dict:
     # One sample: each neuron's explanations are one of each kind (llm, token_lookup, token_space).
-    return SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": neurons, "samples": 1}}}
+    return run_config(ops={"explanations": {"neuron_ids": neurons, "samples": 1}})
 
 
 def _sql(database: str, sql: str) -> list[tuple]:
@@ -100,7 +100,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
         monkeypatch.setenv(key, value)
     a, b = (new_machine(platform, tmp_path, name, digit_model_dir, digit_corpus) for name in ("machine_a", "machine_b"))
     database = platform.warehouse
-    a.run(SMALL_RESOURCES, "--select", "subject_model,corpus_tokens", log_name="setup")
+    a.run(SMALL_CONFIG, "--select", "subject_model,corpus_tokens", log_name="setup")
 
     # Two writers (different layers, same tables) and a reader, at once.
     stop = tmp_path / "stop_reading"
@@ -173,7 +173,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     # once two neurons are answered: nothing of its layer is half-written.
     cache = LLMCache(platform.cache)
     before = cache.count("complete")
-    rewrite, rewrite_log = a.start(SMALL_RESOURCES, "--select", "activation_records,top_k_examples",
+    rewrite, rewrite_log = a.start(SMALL_CONFIG, "--select", "activation_records,top_k_examples",
                                    "--partition", "0", log_name="rewrite_layer_0")  # fmt: skip
     killed, killed_log = b.start(_config(SECOND), "--select", "explanations", "--partition", "1", log_name="killed")
     try:

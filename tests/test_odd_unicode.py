@@ -11,7 +11,8 @@ from tiny_models import build_digit_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.config import SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.infra.viewer import LayerData, NeuronPage, UnitView, read_data, render_data
 
 ODD = [
@@ -51,7 +52,7 @@ def test_odd_unicode_and_bad_bytes_flow_through_every_stage(tmp_path: Path) -> N
         layers=(0, 1),
         subject=SubjectModelResource(model=str(model_dir)),
         corpus=CorpusResource(source=str(corpus), seq_len=24, n_sequences=n_chunks, seed=0),
-        sampling=SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=1),
+        sampling=SamplingConfig(top_k=4, random_k=4, quantile_bins=2, per_quantile=1),
     )
     assert result.success
     q = query(database)

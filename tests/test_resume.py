@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import query
-from dagster_dev import ROOT, SMALL_RESOURCES, materialize_command, project_env, run_cli
+from dagster_dev import ROOT, materialize_command, project_env, run_cli, run_config
 
 NEURONS = list(range(8))
 
@@ -35,14 +35,14 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
 ) -> None:
     env = project_env(tmp_path, digit_model_dir, digit_corpus)
     database, cache = Path(env["NEURON_ATLAS_DB"]), Path(env["NEURON_ATLAS_LLM_CACHE"])
-    cli = materialize_command(SMALL_RESOURCES | {"explain": {"config": {"neuron_ids": NEURONS}}})
+    config = run_config(ops={"explanations": {"neuron_ids": NEURONS}})
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,top_k_examples", "--partition", "0"],
     ):
-        run_cli(cli + extra, env)
+        run_cli(materialize_command(config, *extra), env)
 
-    explain = cli + ["--select", "explanations", "--partition", "0"]
+    explain = materialize_command(config, "--select", "explanations", "--partition", "0")
     proc = subprocess.Popen(explain, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     try:
@@ -62,7 +62,7 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
 
     run_cli(explain, env, timeout=900)
     rows = q("select neuron, kind, cached from atlas.explanations order by neuron, kind")
-    samples = 2  # ExplainResource's default
+    samples = 2  # ExplainConfig's default
     assert [(n, k) for n, k, _ in rows] == [
         (n, k)
         for n in NEURONS

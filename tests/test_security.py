@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import query, run_stages
-from dagster import DagsterInstance, materialize
-from dagster_dev import SMALL_RESOURCES, materialize_command, project_env, run_cli
+from dagster import DagsterInstance, RunConfig, materialize
+from dagster_dev import materialize_command, project_env, run_cli, run_config
 from loopback_llm import LoopbackServer, ServerState
 from tiny_models import DIGIT_NEURON
 
+from assets.config import SamplingConfig
 from assets.io import WarehouseIOManager
-from assets.resources import CorpusResource, SamplingResource, SubjectModelResource
+from assets.resources import CorpusResource, SubjectModelResource
 from assets.stages import build_stage_assets
 from pipeline.infra.viewer import (
     DATA_FILE,
@@ -50,7 +51,7 @@ def test_quotes_in_model_and_corpus_names_are_data_not_sql(
     resources = {
         "subject": SubjectModelResource(model=str(model)),
         "corpus": CorpusResource(source=str(corpus), seq_len=16, n_sequences=24, seed=3),
-        "sampling": SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=2),
+        "sampling": SamplingConfig(top_k=4, random_k=4, quantile_bins=2, per_quantile=2),
     }
     for _ in range(2):  # the rerun deletes and rewrites the partition: the delete path too
         assert run_stages(database, n_layers=2, layers=(0, 1), **resources).success
@@ -67,17 +68,18 @@ def test_a_partition_key_with_sql_in_it_is_refused(tmp_path: Path, digit_model_d
     resources = {
         "subject": SubjectModelResource(model=str(digit_model_dir)),
         "corpus": CorpusResource(source=str(digit_corpus), seq_len=16, n_sequences=24, seed=3),
-        "sampling": SamplingResource(top_k=4, random_k=4, quantile_bins=2, per_quantile=2),
         "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
     }
+    sampling = SamplingConfig(top_k=4, random_k=4, quantile_bins=2, per_quantile=2)
     stages = {k: v for k, v in resources.items() if k != "warehouse"}
-    assert run_stages(database, n_layers=2, layers=(0, 0), **stages).success
+    assert run_stages(database, n_layers=2, layers=(0, 0), **stages, sampling=sampling).success
     with pytest.raises(Exception, match="partition"):
         materialize(
             build_stage_assets(2),
             selection=["activation_records"],
             partition_key="0'); drop table atlas.corpus_tokens; --",
             resources=resources,
+            run_config=RunConfig(ops={"activation_records": sampling}),
             instance=DagsterInstance.ephemeral(),
         )
     assert q_tables(database) == TABLES
@@ -105,15 +107,13 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
             NEURON_ATLAS_LLM_BASE_URL=server.base_url,
             OPENAI_API_KEY=key,
         )
-        cli = materialize_command(
-            SMALL_RESOURCES
-            | {"explain": {"config": {"neuron_ids": [DIGIT_NEURON, 5, 6]}}}
-            | {"explainer": {"config": {"max_concurrency": 1}}}
+        config = run_config(
+            ops={"explanations": {"neuron_ids": [DIGIT_NEURON, 5, 6]}}, resources={"explainer": {"max_concurrency": 1}}
         )
         outputs = []
         for select in ("subject_model,corpus_tokens", "activation_records,top_k_examples,explanations,simulations"):
             extra = ["--select", select] + (["--partition", "0"] if "explanations" in select else [])
-            done = run_cli(cli + extra, env)
+            done = run_cli(materialize_command(config, *extra), env)
             outputs.append(done.stdout + done.stderr)
     assert any(key in h for h in state.auth_headers)  # it was sent
     failures = query(Path(env["NEURON_ATLAS_DB"]))(

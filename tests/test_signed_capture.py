@@ -31,8 +31,8 @@ from tiny_models import (
     write_signed_model,
 )
 
-from assets.classification import ClassifyResource
-from assets.resources import CorpusResource, ExplainResource, SamplingResource, SubjectModelResource
+from assets.config import ClassifyConfig, ExplainConfig, SamplingConfig, TopTokensConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.corpus import CorpusSpec, tokenize_corpus
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.models import ModelIdentity, SubjectModel
@@ -201,20 +201,16 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
                 seed=3,
             ),
             # min_token_count 1: on short sequences a digit may occur once in the train records.
-            sampling=SamplingResource(
-                top_k=RUN_K,
-                random_k=RUN_K,
-                quantile_bins=2,
-                per_quantile=RUN_QUANTILE,
-                batch_size=5,
-                min_token_count=1,
+            sampling=SamplingConfig(
+                top_k=RUN_K, random_k=RUN_K, quantile_bins=2, per_quantile=RUN_QUANTILE, batch_size=5
             ),
+            top_tokens=TopTokensConfig(min_token_count=1),
             explainer=loopback_llm(srv, cache_path=str(root / "cache.sqlite"))["explainer"],
             simulator=RuleSimulator(rule="quoted"),
-            explain=ExplainResource(neuron_ids=[SIGNED_NEURON], samples=1),
+            explain=ExplainConfig(neuron_ids=[SIGNED_NEURON], samples=1),
             selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
             + ["explanations", "simulations", "scores", "ablations", "classification_scores"],
-            classify=ClassifyResource(),
+            classify=ClassifyConfig(),
         )
     assert result.success
     return database, result

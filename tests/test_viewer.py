@@ -21,13 +21,8 @@ from loopback_llm import LoopbackServer, ServerState
 from test_odd_unicode import ODD
 from tiny_models import DIGIT_NEURON, write_digit_corpus, write_digit_model
 
-from assets.resources import (
-    AblationResource,
-    CorpusResource,
-    ExplainResource,
-    SamplingResource,
-    SubjectModelResource,
-)
+from assets.config import AblationConfig, ExplainConfig, SamplingConfig
+from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.scoring import Discrimination
 from pipeline.infra.viewer import DATA_FILE, LayerData, NeuronPage, UnitView, load_layer, read_data, write_layer
@@ -70,10 +65,10 @@ def viewer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             subject=SubjectModelResource(model=str(model)),
             corpus=CorpusResource(source=str(corpus), seq_len=16, n_sequences=48, seed=3),
             # Both directions, so the page shows a '-' unit beside each '+' one.
-            sampling=SamplingResource(top_k=8, random_k=8, quantile_bins=2, per_quantile=2, negative="on"),
+            sampling=SamplingConfig(top_k=8, random_k=8, quantile_bins=2, per_quantile=2, negative="on"),
             **loopback_llm(server, max_concurrency=2),
-            explain=ExplainResource(neuron_ids=NEURONS),
-            ablation=AblationResource(top_n=2 * len(NEURONS), random_n=0),
+            explain=ExplainConfig(neuron_ids=NEURONS),
+            ablation=AblationConfig(top_n=2 * len(NEURONS), random_n=0),
         )
     assert result.success
     return database, result

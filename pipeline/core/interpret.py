@@ -209,7 +209,7 @@ def _llm_rows(
     for i, completion in enumerate(result.texts):
         text, reason = parse(completion)
         if text is not None and i < len(result.truncated) and result.truncated[i]:
-            text, reason = None, f"explanation cut off at max_tokens (raise explain.max_tokens): {text[:80]!r}"
+            text, reason = None, f"explanation cut off at max_tokens (raise explanations.max_tokens): {text[:80]!r}"
         again = redrawn[i] if redrawn is not None and i < len(redrawn) else 0
         rows.append(
             base | spent | {"sample_index": i, "explanation": text, "failure_reason": reason, "copies_redrawn": again}

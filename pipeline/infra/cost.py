@@ -213,20 +213,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", default=str(default_database()), help="warehouse file")
     parser.add_argument("--layers", default="all", help="'all', '3', '0-3' or '0,2,5'")
-    parser.add_argument("--neurons", type=int, default=8, help="the first N neurons of each layer (explain.n_neurons)")
-    parser.add_argument("--neuron-ids", default=None, help="explicit neuron ids, e.g. 3,17 (explain.neuron_ids)")
-    parser.add_argument("--samples", type=int, default=2, help="explanations per unit (explain.samples)")
-    parser.add_argument("--max-tokens", type=int, default=40, help="longest explanation (explain.max_tokens)")
+    parser.add_argument(
+        "--neurons", type=int, default=8, help="the first N neurons of each layer (explanations.n_neurons)"
+    )
+    parser.add_argument("--neuron-ids", default=None, help="explicit neuron ids, e.g. 3,17 (explanations.neuron_ids)")
+    parser.add_argument("--samples", type=int, default=2, help="explanations per unit (explanations.samples)")
+    parser.add_argument("--max-tokens", type=int, default=40, help="longest explanation (explanations.max_tokens)")
     parser.add_argument("--explainer-api", default=role_env("EXPLAINER", "API") or "completions")
     parser.add_argument("--simulator-backend", default=role_env("SIMULATOR", "BACKEND") or "local")
     parser.add_argument("--simulator-api", default=role_env("SIMULATOR", "API") or "completions")
     parser.add_argument("--tokenizer", default="embedded", help="model whose tokenizer counts the tokens")
     parser.add_argument(
-        "--scorers", default=",".join(SCORERS), help="classification scorers (classify.scorers), or 'none'"
+        "--scorers", default=",".join(SCORERS), help="classification scorers (classification_scores.scorers), or 'none'"
     )
-    parser.add_argument("--examples-per-prompt", type=int, default=5, help="classify.examples_per_prompt")
-    parser.add_argument("--max-per-class", type=int, default=10, help="classify.max_per_class")
-    parser.add_argument("--window", type=int, default=16, help="classify.window")
+    parser.add_argument("--examples-per-prompt", type=int, default=5, help="classification_scores.examples_per_prompt")
+    parser.add_argument("--max-per-class", type=int, default=10, help="classification_scores.max_per_class")
+    parser.add_argument("--window", type=int, default=16, help="classification_scores.window")
     args = parser.parse_args(argv)
 
     from pipeline.core.models import load_tokenizer
