@@ -80,7 +80,7 @@ def test_odd_unicode_keeps_every_code_point_through_the_viewer_data() -> None:
         [{"token": t, "mean_activation": 1.0, "count": 2} for t in tokens],
         [
             {
-                "kind": "top",
+                "record_kind": "top",
                 "split": "train",
                 "split_rank": 0,
                 "seq_id": 5,

@@ -129,8 +129,8 @@ def test_launchpad_yaml_ops_config_changes_what_is_written(
     assert "activation_records_complete" in [c.check_name for c in checks] and all(c.passed for c in checks)
     q = query(tmp_path / "neuron_atlas.duckdb")
     per_kind = q(
-        "select kind, max(n) from (select neuron, kind, count(*) n from atlas.records_long"
-        " where layer = 0 and kind in ('top', 'random') group by all) group by kind order by kind"
+        "select record_list, max(n) from (select neuron, record_list, count(*) n from atlas.records_long"
+        " where layer = 0 and record_list in ('top', 'random') group by all) group by all order by all"
     )
     assert per_kind == [("random", 2), ("top", 3)]
     assert q("select max(len(top_tokens)) from atlas.top_k_examples where layer = 0") == [(2,)]

@@ -158,7 +158,7 @@ def test_hostile_text_reaches_the_viewer_page_as_data_never_as_script(tmp_path: 
         "+",
         1.0,
         [{"token": t, "mean_activation": 1.0, "count": 1} for t in BREAKOUTS],
-        [{"kind": "top", "split": "train", "split_rank": 0, "seq_id": 1, "tokens": BREAKOUTS,
+        [{"record_kind": "top", "split": "train", "split_rank": 0, "seq_id": 1, "tokens": BREAKOUTS,
           "acts": [0.5] * len(BREAKOUTS)}],
         [{"kind": "llm", "sample_index": 0, "explanation": b, "best": i == 0} for i, b in enumerate(BREAKOUTS)],
         [],
