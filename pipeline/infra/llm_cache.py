@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure, Prompt, Usage
-from pipeline.core.simulator import Simulator
+from pipeline.core.simulator import Job, JobResult, OnJob, Simulator
 
 DEFAULT_PATH = Path("warehouse") / "llm_cache.sqlite"
 ENV_VAR = "NEURON_ATLAS_LLM_CACHE"
@@ -223,14 +223,52 @@ class CachedSimulator(Simulator):
     def usage(self) -> Usage:
         return self.inner.usage
 
-    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
+    def _key(self, explanation: str, sequences: Sequence[Sequence[str]]) -> tuple[str, dict[str, str]]:
         prompt = json.dumps({"explanation": explanation, "sequences": [list(s) for s in sequences]})
-        params = {"prompt_version": self.prompt_version}
-        hit = self.cache.get(self.backend, self.model, "simulate", prompt, params)
+        return prompt, {"prompt_version": self.prompt_version}
+
+    def _hit(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | None:
+        hit = self.cache.get(self.backend, self.model, "simulate", *self._key(explanation, sequences))
+        if hit is None:
+            return None
+        self.usage.add(cache_hits=1)
+        return [np.asarray(v, dtype=np.float64) for v in hit]
+
+    def _store(self, explanation: str, sequences: Sequence[Sequence[str]], result: JobResult) -> None:
+        if not isinstance(result, LLMFailure) and not any(isinstance(v, LLMFailure) for v in result):
+            values = [v.tolist() for v in result if not isinstance(v, LLMFailure)]
+            self.cache.put(self.backend, self.model, "simulate", *self._key(explanation, sequences), values)
+
+    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
+        hit = self._hit(explanation, sequences)
         if hit is not None:
-            self.usage.add(cache_hits=1)
-            return [np.asarray(v, dtype=np.float64) for v in hit]
+            return hit
         result = self.inner.simulate(explanation, sequences)
-        if not isinstance(result, LLMFailure):
-            self.cache.put(self.backend, self.model, "simulate", prompt, params, [v.tolist() for v in result])
+        self._store(explanation, sequences, result)
         return result
+
+    def simulate_many(self, jobs: Sequence[Job], on_result: OnJob | None = None) -> list[JobResult]:
+        """Cached jobs are answered at once; the rest go to the inner simulator's `simulate_many`
+        together (so a local simulator batches them) and are stored as each one finishes."""
+        out: list[JobResult] = [[] for _ in jobs]
+        missing: list[int] = []
+        for i, job in enumerate(jobs):
+            hit = self._hit(*job)
+            if hit is None:
+                missing.append(i)
+                continue
+            out[i] = hit
+            if on_result is not None:
+                on_result(i, hit)
+
+        def finished(k: int, result: JobResult) -> None:
+            i = missing[k]
+            self._store(*jobs[i], result)
+            if on_result is not None:
+                on_result(i, result)
+
+        if missing:
+            results = self.inner.simulate_many([jobs[i] for i in missing], on_result=finished)
+            for i, result in zip(missing, results, strict=True):
+                out[i] = result
+        return out
