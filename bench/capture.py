@@ -56,6 +56,8 @@ def time_bare(subject: SubjectModel, batches: Sequence[torch.Tensor]) -> float:
     with torch.inference_mode():
         for inputs in batches:
             body(input_ids=inputs, use_cache=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the forwards above are only queued on a GPU
     return time.perf_counter() - start
 
 

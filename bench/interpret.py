@@ -9,10 +9,12 @@ and `simulate_layer` (every candidate on valid, the chosen ones on calibration +
 controls), through a fresh, empty response cache, so nothing is answered from an earlier run.
 
 - today: `LocalBackend(plain=True)`: `generate` on the whole prompt, which it reads
-  once per sample; the simulator as it is (`LocalSimulator`).
+  once per sample; `LocalSimulator` one explanation at a time (the base class's sequential
+  `simulate_many`: each forward pass holds one explanation's ~10 sequences).
 - optimized: `LocalBackend()`: the few-shot part shared with the previous prompt taken from its KV
   cache, the rest read once and the cache copied to the samples, the stop-string tables built once;
-  the same simulator.
+  `LocalSimulator.simulate_many`: the sequences of several explanations fill each forward pass
+  (`--batch-size` rows).
 
 Each path and rep gets new backends (the first prompt of a rep pays for the whole prompt). Reps
 alternate between the paths and are reported as medians: the machine is shared.
@@ -50,7 +52,7 @@ from pipeline.core.models import SubjectModel, load_subject_model
 from pipeline.core.prompts import explainer_few_shot_explanations
 from pipeline.core.records import SamplingSpec, collect_activation_records, records_frame
 from pipeline.core.simulate_local import LocalSimulator
-from pipeline.core.simulator import Simulator
+from pipeline.core.simulator import Job, JobResult, OnJob, Simulator
 from pipeline.core.units import Unit, units_from_frames
 from pipeline.infra.llm_cache import CachedBackend, CachedSimulator, LLMCache
 
@@ -80,10 +82,11 @@ def bare_tokens_per_s(subject: SubjectModel, batches: Sequence[torch.Tensor]) ->
 
 class CountingSimulator(Simulator):
     """A local simulator that counts the tokens it must process: each explanation's own prefix and
-    its rows, the few-shot prefix once (it is computed once per simulator)."""
+    its rows, the few-shot prefix once (it is computed once per simulator). `together`: jobs go to
+    the simulator's own `simulate_many` (batched across explanations), else one at a time."""
 
-    def __init__(self, inner: LocalSimulator):
-        self.inner = inner
+    def __init__(self, inner: LocalSimulator, together: bool):
+        self.inner, self.together = inner, together
         self.backend, self.model, self.prompt_version = inner.backend, inner.model, inner.prompt_version
         self.tokens = 0
         self._shared: set[tuple[int, ...]] = set()
@@ -92,14 +95,24 @@ class CountingSimulator(Simulator):
     def usage(self):  # type: ignore[override]
         return self.inner.usage
 
-    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]):  # type: ignore[override]
+    def _count(self, explanation: str, sequences: Sequence[Sequence[str]]) -> None:
         if sequences:
             shared, own = self.inner.prompt.prefix_parts(explanation)
             if tuple(shared) not in self._shared:
                 self._shared.add(tuple(shared))
                 self.tokens += len(shared)
             self.tokens += len(own) + sum(len(self.inner.prompt.row(t).ids) for t in sequences)
+
+    def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]):  # type: ignore[override]
+        self._count(explanation, sequences)
         return self.inner.simulate(explanation, sequences)
+
+    def simulate_many(self, jobs: Sequence[Job], on_result: OnJob | None = None) -> list[JobResult]:
+        for job in jobs:
+            self._count(*job)
+        if self.together:
+            return self.inner.simulate_many(jobs, on_result)
+        return Simulator.simulate_many(self.inner, jobs, on_result)
 
 
 @dataclass
@@ -109,6 +122,7 @@ class PathRun:
     explain_tokens: int  # positions computed: prompt (per sample copy) + one per generated token but the last
     simulate_tokens: int
     explanations: list[str | None]  # the LLM samples, in unit order
+    simulated: np.ndarray  # every simulated level, in the simulations table's order
     simulations: int  # explanations simulated (requests)
     cache_hits: int
 
@@ -125,12 +139,13 @@ def run_path(
     cache = LLMCache(cache_dir / f"{path}-{time.monotonic_ns()}.sqlite")
     local = LocalBackend(subject.model, subject.tokenizer, "bench", plain=path == "today")
     backend = CachedBackend(local, cache)
-    counting = CountingSimulator(LocalSimulator(subject.model, subject.tokenizer, "bench", batch_size=batch_size))
+    inner = LocalSimulator(subject.model, subject.tokenizer, "bench", batch_size=batch_size)
+    counting = CountingSimulator(inner, together=path == "optimized")
     simulator = CachedSimulator(counting, cache)
     start = time.perf_counter()
     explanations = explain_layer(units, backend, params)
     middle = time.perf_counter()
-    simulate_layer(explanations, {u.key: u for u in units}, simulator)
+    simulations = simulate_layer(explanations, {u.key: u for u in units}, simulator)
     end = time.perf_counter()
     llm = explanations.filter(pl.col("kind") == LLM).sort("layer", "polarity", "neuron", "sample_index")
     return PathRun(
@@ -139,6 +154,7 @@ def run_path(
         explain_tokens=local.work["prompt_computed"] + local.work["decoded"],
         simulate_tokens=counting.tokens,
         explanations=llm["explanation"].to_list(),
+        simulated=np.concatenate([np.asarray(v, dtype=np.float64) for v in simulations["simulated"].drop_nulls()]),
         simulations=counting.usage.snapshot()["requests"],
         cache_hits=backend.usage.snapshot()["cache_hits"] + counting.usage.snapshot()["cache_hits"],
     )
@@ -177,6 +193,11 @@ class Result:
         out["optimized_over_floor"] = self.per_unit("optimized", "total") / self.floor("optimized", "total")
         out["today_over_floor"] = self.per_unit("today", "total") / self.floor("today", "total")
         return out
+
+    def simulated_delta(self) -> float:
+        """Largest difference between the two paths' simulated levels (first rep; same explanations)."""
+        a, b = self.runs["today"][0].simulated, self.runs["optimized"][0].simulated
+        return float(np.abs(a - b).max()) if a.shape == b.shape and a.size else float("nan")
 
     def identical(self) -> tuple[int, int]:
         """(LLM explanations the optimized path wrote exactly as today's, all of them), first rep."""
@@ -247,7 +268,8 @@ def format_report(result: Result) -> str:
     )
     lines.append(
         f"\nLLM explanations the optimized path wrote exactly as today's (first rep): {same} of {written};"
-        f" answers taken from a response cache: {hits}"
+        f" answers taken from a response cache: {hits}; simulated levels, largest difference between the paths:"
+        f" {result.simulated_delta():.1e}"
     )
     return "\n".join(lines)
 
@@ -265,10 +287,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions of both paths")
-    parser.add_argument("--batch-size", type=int, default=16, help="simulation batch size")
+    parser.add_argument("--batch-size", type=int, default=16, help="simulation batch size (sequences per pass)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
 
-    subject = load_subject_model(args.model)
+    subject = load_subject_model(args.model, device=args.device, dtype=args.dtype)
     layer = subject.n_layers // 2 if args.layer is None else args.layer
     spec = SamplingSpec(top_k=args.top_k, random_k=args.random_k)
     units = make_units(subject, layer, args.units, args.n_sequences, args.seq_len, spec)
@@ -280,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         avoid=tuple(explainer_few_shot_explanations()),
     )
     corpus = tokenize_corpus(subject.tokenizer, CorpusSpec(n_sequences=32, seq_len=128))
-    bare = torch.as_tensor(np.asarray(corpus["token_ids"].to_list(), dtype=np.int64)).split(8)
+    ids = torch.as_tensor(np.asarray(corpus["token_ids"].to_list(), dtype=np.int64), device=args.device)
+    bare = ids.split(8)
     print(f"model: {subject.identity.data_version}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"workload: {len(units)} units of layer {layer} ({', '.join(f'{u.neuron}{u.polarity}' for u in units)});"
