@@ -13,8 +13,8 @@ controls), through a fresh, empty response cache, so nothing is answered from an
   `simulate_many`: each forward pass holds one explanation's ~10 sequences).
 - optimized: `LocalBackend()`: the few-shot part shared with the previous prompt taken from its KV
   cache, the rest read once and the cache copied to the samples, the stop-string tables built once;
-  `LocalSimulator.simulate_many`: the sequences of several explanations fill each forward pass
-  (`--batch-size` rows).
+  `LocalSimulator.simulate_many`: on a GPU the sequences of several explanations fill each
+  forward pass (`--batch-size` rows); on a CPU it too takes one explanation at a time.
 
 Each path and rep gets new backends (the first prompt of a rep pays for the whole prompt). Reps
 alternate between the paths and are reported as medians: the machine is shared.

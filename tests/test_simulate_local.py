@@ -177,7 +177,7 @@ def test_many_jobs_share_batches_and_equal_naive(gemma_tokenizer) -> None:
     """Rows of different explanations in one forward pass (padded, masked own prefixes) give each
     explanation's naive numbers; a padding mask that leaks is caught by the same comparison."""
     model = tiny_gemma(len(gemma_tokenizer))
-    fast = LocalSimulator(model, gemma_tokenizer, "tiny-gemma", batch_size=4)
+    fast = LocalSimulator(model, gemma_tokenizer, "tiny-gemma", batch_size=4, mix_jobs=True)
     naive = NaiveLocalSimulator(model, gemma_tokenizer, "tiny-gemma")
     own = {len(fast.prompt.prefix_parts(job.explanation)[1]) for job in JOBS}
     assert len(own) >= 3  # the own prefixes really differ in length
@@ -189,6 +189,11 @@ def test_many_jobs_share_batches_and_equal_naive(gemma_tokenizer) -> None:
         if job.sequences:
             assert max_delta(values, naive.simulate(*job)) <= 1e-3
     assert fast.usage.snapshot()["requests"] == sum(1 for j in JOBS if j.sequences)
+
+    on_cpu = LocalSimulator(model, gemma_tokenizer, "tiny-gemma", batch_size=4)  # default: mixed only on a GPU
+    alone, _, mixed = simulate_many_logged(on_cpu, JOBS)
+    assert not on_cpu.mix_jobs and set(mixed) == {1}
+    assert all(max_delta(a, b) <= 1e-4 for a, b in zip(alone, got, strict=True) if a)
 
     mask = fast._mask
     fast._mask = lambda visible, pos, n_prefix, window: mask(
@@ -205,7 +210,7 @@ def test_many_jobs_on_gpt2_absolute_positions() -> None:
         vocab_size=len(tokenizer), n_positions=4096, n_embd=16, n_head=2, n_layer=2, initializer_range=0.5
     )
     model = GPT2LMHeadModel(config).eval()
-    fast = LocalSimulator(model, tokenizer, "tiny-gpt2", batch_size=5)
+    fast = LocalSimulator(model, tokenizer, "tiny-gpt2", batch_size=5, mix_jobs=True)
     naive = NaiveLocalSimulator(model, tokenizer, "tiny-gpt2")
     jobs = [Job("x", SEQUENCES), Job("Neuron behavior of x", SEQUENCES[1:3])]
     got, _, mixed = simulate_many_logged(fast, jobs)
@@ -217,7 +222,7 @@ def test_many_jobs_on_gpt2_absolute_positions() -> None:
 def test_many_jobs_out_of_memory_retries_one_job_at_a_time(gemma_tokenizer) -> None:
     """A window that does not fit is rerun job by job: the jobs that fit alone get their numbers,
     the one that does not gets a failure, and the rest of the layer goes on."""
-    fast = LocalSimulator(tiny_gemma(len(gemma_tokenizer)), gemma_tokenizer, "tiny-gemma", batch_size=4)
+    fast = LocalSimulator(tiny_gemma(len(gemma_tokenizer)), gemma_tokenizer, "tiny-gemma", batch_size=4, mix_jobs=True)
     want = fast.simulate_many(JOBS)
     real = fast._simulate_jobs
     too_big = JOBS[3].explanation
@@ -236,7 +241,7 @@ def test_many_jobs_out_of_memory_retries_one_job_at_a_time(gemma_tokenizer) -> N
 
 
 def test_cached_simulate_many_stores_and_answers_jobs(gemma_tokenizer, tmp_path) -> None:
-    fast = LocalSimulator(tiny_gemma(len(gemma_tokenizer)), gemma_tokenizer, "tiny-gemma", batch_size=4)
+    fast = LocalSimulator(tiny_gemma(len(gemma_tokenizer)), gemma_tokenizer, "tiny-gemma", batch_size=4, mix_jobs=True)
     cached = CachedSimulator(fast, LLMCache(tmp_path / "cache.sqlite"))
     first = cached.simulate(*JOBS[1])  # one job cached beforehand
     reported: list[int] = []

@@ -5,9 +5,9 @@ Fast path (`LocalSimulator`):
   explanation; that prefix's KV cache is reused by every held-out sequence of the explanation;
 - sequences are batched as rows after that prefix, with explicit positions and hand-built masks;
 - only the vocabulary rows of the level tokens are projected, not the whole head;
-- `simulate_many` fills each forward pass with the sequences of several explanations (each row
-  sees its own explanation's prefix; shorter prefixes are padded and masked), so a layer's many
-  explanations of ~10 sequences each run as full batches.
+- on an accelerator, `simulate_many` fills each forward pass with the sequences of several
+  explanations (each row sees its own explanation's prefix; shorter prefixes are padded and
+  masked), so a layer's many explanations of ~10 sequences each run as full batches.
 
 Multi-token numerals are exact: where a level's first token also starts a longer level (Gemma
 writes "10" as "1","0"), a "branch" token ("1") is appended to the row at the slot's position,
@@ -195,11 +195,15 @@ class LocalSimulator(_LocalBase):
 
     WINDOW_BATCHES = 4  # simulate_many: jobs are batched together in windows of about this many batches
 
-    def __init__(self, lm: Any, tokenizer: Any, model_name: str, batch_size: int = 16):
+    def __init__(self, lm: Any, tokenizer: Any, model_name: str, batch_size: int = 16, mix_jobs: bool | None = None):
+        """`mix_jobs`: let `simulate_many` put several explanations' sequences in one pass. By default
+        only on an accelerator: on a CPU the pass is compute-bound, so fuller batches gain nothing,
+        while a mixed batch copies each row's prefix KV once more (0.93x measured on 16 threads)."""
         super().__init__(lm, tokenizer, model_name)
         if batch_size < 1:
             raise AtlasInputError(f"simulation batch size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
+        self.mix_jobs = self.device.type != "cpu" if mix_jobs is None else mix_jobs
         self._shared: tuple[list[int], KV] | None = None  # the few-shot prefix and its KV
         head = lm.get_output_embeddings()
         rows = torch.tensor(self.levels.rows, device=self.device)
@@ -227,7 +231,9 @@ class LocalSimulator(_LocalBase):
         """Every job, the rows of consecutive jobs sharing forward passes: jobs are taken in windows
         of about `WINDOW_BATCHES` batches' worth of sequences, sorted by length within the window.
         A window that runs out of memory is retried one job at a time, so only a job that does not
-        fit alone fails."""
+        fit alone fails. Without `mix_jobs`, one job after another."""
+        if not self.mix_jobs:
+            return super().simulate_many(jobs, on_result)
         out: list[JobResult] = [[] for _ in jobs]
 
         def run(window: list[int]) -> None:
