@@ -228,7 +228,11 @@ class SimulatorResource(_LLMSettings):
     echo_max_tokens: int = Field(
         1, description="completions: tokens generated after the echoed prompt (1; 0 only where the server allows)"
     )
-    simulation_batch_size: int = Field(16, description="local: held-out sequences per forward pass")
+    simulation_batch_size: int = Field(
+        16,
+        description="local: held-out sequences per forward pass; on a GPU the sequences of several"
+        " explanations share a pass (raise it there)",
+    )
 
     def client(self) -> Simulator:
         """The simulator (made once per resource instance); answers are cached on disk."""
