@@ -12,6 +12,7 @@ import tiny_models
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from pipeline.core.errors import AtlasInputError
 from pipeline.core.llm import Completion, GenerationParams
 from pipeline.core.llm_local import LocalBackend, shared_length
 from pipeline.core.models import embedded_model_dir
@@ -125,3 +126,54 @@ def test_the_reused_cache_gives_the_whole_prompts_next_token_logits(tokenizer: A
         assert torch.allclose(got, want.expand(2, -1), atol=1e-4), float((got - want).abs().max())
         assert want.std() > 1.0  # sharp, prompt-dependent logits: agreement means something
     assert fast.work["prompt_reused"] > 0
+
+
+@pytest.mark.parametrize("build", [tiny_gemma, tiny_gpt2])
+def test_requests_batched_together_write_what_each_writes_alone(tokenizer: Any, build: Any) -> None:
+    """Sampled requests generated in one left-padded batch, each from its own seeded stream: the
+    same completions as one request at a time (prompts of different lengths; a sliding window far
+    shorter than them on Gemma). A batch drawing every request from one stream must fail this."""
+    params = GenerationParams(
+        max_tokens=12, temperature=0.8, n=2, stop=("\n",), seed=11, avoid=tuple(explainer_few_shot_explanations())
+    )
+    model = build(len(tokenizer))
+    prompts = [explanation_prompt(r) for r in RECORDS] + [explanation_prompt(RECORDS[0][:1] * 2)]
+    assert len({len(tokenizer(p).input_ids) for p in prompts}) == len(prompts)
+    alone = LocalBackend(model, tokenizer, "tiny")
+    together = LocalBackend(model, tokenizer, "tiny", batch_requests=3)  # a batch of 3, then 1
+    want, want_ids = run(alone, prompts, params)
+    got, got_ids = run(together, prompts, params)
+    assert [len(i) for i in got_ids] == [3 * params.n, params.n]  # generate ran twice: really batched
+    assert got == want
+    assert together.usage.snapshot() == alone.usage.snapshot()
+    assert all(len(set(c.texts)) == params.n for c in want)  # samples differ: the draws matter
+
+    one_stream = LocalBackend(model, tokenizer, "tiny", batch_requests=3)
+    shared = torch.Generator().manual_seed(params.seed)
+    original = torch.Generator
+
+    def same_generator(*args: Any, **kwargs: Any) -> torch.Generator:
+        return shared
+
+    torch.Generator = same_generator  # type: ignore[misc,assignment]
+    try:
+        mixed, _ = run(one_stream, prompts, params)
+    finally:
+        torch.Generator = original  # type: ignore[misc]
+    assert mixed != want
+
+
+def test_a_batch_that_does_not_fit_runs_one_request_at_a_time(tokenizer: Any) -> None:
+    params = GenerationParams(max_tokens=6, temperature=0.8, n=2, stop=("\n",), seed=5)
+    model = tiny_gemma(len(tokenizer))
+    prompts = [explanation_prompt(r) for r in RECORDS]
+    want = LocalBackend(model, tokenizer, "tiny").complete(prompts, params)
+    backend = LocalBackend(model, tokenizer, "tiny", batch_requests=3)
+
+    def too_big(*args: Any) -> None:
+        raise torch.OutOfMemoryError("injected")
+
+    backend._many = too_big  # type: ignore[method-assign]
+    assert backend.complete(prompts, params) == want
+    with pytest.raises(AtlasInputError, match="batch_requests"):
+        LocalBackend(model, tokenizer, "tiny", batch_requests=0)

@@ -10,8 +10,15 @@ once at batch 1, and the cache copied to the `n` samples, where `generate` on th
 would read it `n` times. Generation then starts from that cache with the same logits processors,
 stop strings (their tables built once, not per request) and seeding as before: the same tokens,
 up to float rounding of a prompt read in two pieces instead of one (identical in the tests and on
-the bench's units). Prompts are not batched across requests: each request's sampling is seeded
-on its own, and a batch would share one random stream.
+the bench's units).
+
+Requests batched together (`batch_requests` > 1, sampling only): several prompts are generated
+in one batch (left-padded, each prompt's cache computed as above), and each request's samples are
+drawn from its own random stream seeded as a request alone would be, by a last logits processor
+that applies the temperature and top-p itself and leaves `generate` a single token to pick. A
+request therefore writes the same samples alone or in any batch, up to float rounding of a
+padded batch. Each generated token then costs one step for all the batch's rows at once, where
+one request alone is a sequential step for its `n` rows.
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, StoppingCriteriaList, StopStringCriteria
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.llm import APIS, Completion, GenerationParams, LLMBackend, LLMFailure, Prompt
@@ -42,15 +57,53 @@ def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 MIN_REUSE = 16  # shared prompt tokens worth taking from the kept cache
+# Sampling settings of a model's generation config that `generate` would apply after the temperature
+# and top-p; a batch of requests samples in its own processor, so such a model is not batched.
+_OTHER_WARPERS = ("top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+class _PerRequestSampler(LogitsProcessor):
+    """Samples each request's rows from its own generator, as `generate` samples one request seeded
+    alone (temperature, then top-p, then a multinomial draw over the request's rows), and returns
+    scores that allow only the drawn token, so `generate`'s greedy step takes it."""
+
+    def __init__(self, params: GenerationParams, requests: int, device: torch.device):
+        self.n = params.n
+        self.warpers = [TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else []
+        if params.top_p is not None and params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=params.top_p))
+        self.generators = [torch.Generator(device=device).manual_seed(params.seed) for _ in range(requests)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = torch.full_like(scores, -torch.inf)
+        for k, generator in enumerate(self.generators):
+            rows = slice(k * self.n, (k + 1) * self.n)
+            warped = scores[rows]
+            for warper in self.warpers:
+                warped = warper(input_ids[rows], warped)
+            drawn = torch.multinomial(torch.softmax(warped, dim=-1), num_samples=1, generator=generator)
+            chosen[rows].scatter_(1, drawn, 0.0)
+        return chosen
 
 
 class LocalBackend(LLMBackend):
     backend = "local"
     batch_hint = 1  # one prompt at a time anyway: report progress after each
 
-    def __init__(self, lm: Any, tokenizer: Any, model_name: str, api: str = "completions", plain: bool = False):
+    def __init__(
+        self,
+        lm: Any,
+        tokenizer: Any,
+        model_name: str,
+        api: str = "completions",
+        plain: bool = False,
+        batch_requests: int = 1,
+    ):
         """`plain`: `generate` on the whole prompt and nothing kept between requests (the path
-        before prompt reuse; the tests and `bench.interpret` compare against it)."""
+        before prompt reuse; the tests and `bench.interpret` compare against it). `batch_requests`:
+        sampled requests generated together (1: one at a time)."""
+        if batch_requests < 1:
+            raise AtlasInputError(f"batch_requests must be at least 1, got {batch_requests}")
         if api not in APIS:
             raise AtlasInputError(f"unknown api {api!r}: use one of {', '.join(APIS)}")
         if api == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -64,6 +117,10 @@ class LocalBackend(LLMBackend):
         # position, sliding-window layers included). Only for models `generate` runs on a DynamicCache.
         self.plain = plain
         self.reuse = not plain and _dynamic_cache_ok(self.lm)
+        config = getattr(self.lm, "generation_config", None)
+        others = any(getattr(config, name, None) not in (None, 0.0, 1.0) for name in _OTHER_WARPERS)
+        self.batch_requests = batch_requests if self.reuse and not others else 1
+        self.batch_hint = self.batch_requests
         self._kept: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         # Positions the model computed for prompts (a position read for k rows counts k times), taken
         # from the kept cache instead, and computed for generated tokens (each but the last, per row).
@@ -89,12 +146,21 @@ class LocalBackend(LLMBackend):
         if params.n > 1 and params.temperature <= 0:
             raise AtlasInputError("several samples need a temperature above 0 (temperature 0 is greedy)")
         out: list[Completion | LLMFailure] = []
-        for prompt in prompts:
-            try:
-                self.usage.add(requests=1)
-                out.append(self._one(self.render(prompt), params))
-            except torch.OutOfMemoryError as exc:
-                out.append(LLMFailure(f"out of memory while generating: {exc}"))
+        step = self.batch_requests if params.temperature > 0 else 1
+        for lo in range(0, len(prompts), step):
+            texts = [self.render(p) for p in prompts[lo : lo + step]]
+            self.usage.add(requests=len(texts))
+            if len(texts) > 1:
+                try:
+                    out += self._many(texts, params)
+                    continue
+                except torch.OutOfMemoryError:
+                    pass  # the batch did not fit: each request alone
+            for text in texts:
+                try:
+                    out.append(self._one(text, params))
+                except torch.OutOfMemoryError as exc:
+                    out.append(LLMFailure(f"out of memory while generating: {exc}"))
         return out
 
     def _windows(self, texts: Sequence[str], width: int = 3) -> list[list[int]]:
@@ -117,14 +183,7 @@ class LocalBackend(LLMBackend):
             kwargs |= {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
         else:
             kwargs |= {"temperature": None, "top_p": None, "top_k": None}
-        if params.stop and self.plain:
-            kwargs |= {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
-        elif params.stop:
-            if params.stop not in self._stops:
-                self._stops[params.stop] = StopStringCriteria(self.tokenizer, list(params.stop))
-            kwargs["stopping_criteria"] = StoppingCriteriaList([self._stops[params.stop]])
-        if params.avoid:
-            kwargs["bad_words_ids"] = self._windows(params.avoid)
+        kwargs |= self._generation_kwargs(params)
         inputs = ids
         if self.reuse and ids.shape[1] > 1:
             # The prompt but its last token is in the cache, copied to the n rows: `generate` reads
@@ -144,7 +203,10 @@ class LocalBackend(LLMBackend):
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 **kwargs,
             )
-        new = generated[:, ids.shape[1] :]
+        return self._completion(generated[:, ids.shape[1] :], int(ids.shape[1]), params)
+
+    def _completion(self, new: torch.Tensor, prompt_tokens: int, params: GenerationParams) -> Completion:
+        """One request's result from its generated rows (the tokens after the prompt)."""
         self.work["decoded"] += int(new.shape[0]) * max(int(new.shape[1]) - 1, 0)  # the last token is never read
         raw = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         texts = [cut_at_stop(t, params.stop) for t in raw]
@@ -159,14 +221,82 @@ class LocalBackend(LLMBackend):
             and not any(s in text for s in params.stop)
             for row, text in zip(new, raw, strict=True)
         )
-        self.usage.add(prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens)
+        self.usage.add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         return Completion(
-            texts=texts, prompt_tokens=int(ids.shape[1]), completion_tokens=completion_tokens, truncated=truncated
+            texts=texts, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, truncated=truncated
         )
 
+    def _generation_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        """Stop strings (tables built once) and the few-shot windows to avoid."""
+        kwargs: dict[str, Any] = {}
+        if params.stop and self.plain:
+            kwargs |= {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        elif params.stop:
+            if params.stop not in self._stops:
+                self._stops[params.stop] = StopStringCriteria(self.tokenizer, list(params.stop))
+            kwargs["stopping_criteria"] = StoppingCriteriaList([self._stops[params.stop]])
+        if params.avoid:
+            kwargs["bad_words_ids"] = self._windows(params.avoid)
+        return kwargs
+
+    @torch.inference_mode()
+    def _many(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        """Sampled requests in one batch: each prompt's cache (all but its last token) left-padded to
+        the longest and copied to its `n` rows; each request sampled from its own stream."""
+        special = self.api != "chat"
+        ids = [self.tokenizer(p, return_tensors="pt", add_special_tokens=special).input_ids[0] for p in prompts]
+        width = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        inputs = torch.full((len(ids) * params.n, width), pad, dtype=torch.long)
+        mask = torch.zeros_like(inputs)
+        layers: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        for k, row in enumerate(ids):
+            rows = slice(k * params.n, (k + 1) * params.n)
+            inputs[rows, width - len(row) :] = row
+            mask[rows, width - len(row) :] = 1
+            kv = self._prompt_kv(row[None].to(self.device))
+            self.work["prompt_computed"] += params.n  # each row reads the prompt's last token
+            for i, (key, value) in enumerate(kv):
+                if not layers or len(layers) <= i:
+                    layers.append(([], []))
+                left = width - len(row)
+                padded = [
+                    torch.nn.functional.pad(t, (0, 0, left, 0)).expand(params.n, -1, -1, -1) for t in (key, value)
+                ]
+                layers[i][0].append(padded[0])
+                layers[i][1].append(padded[1])
+        cache = DynamicCache(ddp_cache_data=[(torch.cat(k), torch.cat(v)) for k, v in layers], config=self.lm.config)
+        kwargs = self._generation_kwargs(params)
+        sampler = _PerRequestSampler(params, len(ids), self.device)
+        generated = self.lm.generate(
+            inputs.to(self.device),
+            attention_mask=mask.to(self.device),
+            cache=cache,
+            max_new_tokens=params.max_tokens,
+            pad_token_id=pad,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList([sampler]),
+            **kwargs,
+        )
+        new = generated[:, width:]
+        return [self._completion(new[k * params.n : (k + 1) * params.n], len(row), params) for k, row in enumerate(ids)]
+
     def _prompt_cache(self, ids: torch.Tensor, rows: int) -> DynamicCache:
-        """A cache holding `ids` but its last token, for `rows` rows: the part shared with the kept
-        prompt is taken from its cache, the rest computed once; this prompt becomes the kept one."""
+        """A cache holding `ids` but its last token, for `rows` rows."""
+        # What `generate` would have built: the model's own layer kinds (a sliding-window layer keeps
+        # only its window), filled with the prompt.
+        cache = DynamicCache(ddp_cache_data=self._prompt_kv(ids), config=self.lm.config)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return cache
+
+    def _prompt_kv(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values for `ids` but its last token (batch 1, every position): the
+        part shared with the kept prompt is taken from its cache, the rest computed once; this
+        prompt becomes the kept one."""
         row = ids[0, :-1].tolist()
         reuse = 0
         if self._kept is not None:
@@ -182,12 +312,7 @@ class LocalBackend(LLMBackend):
         self._kept = (row, kv)
         self.work["prompt_computed"] += len(row) - reuse
         self.work["prompt_reused"] += reuse
-        # What `generate` would have built: the model's own layer kinds (a sliding-window layer keeps
-        # only its window), filled with the prompt.
-        cache = DynamicCache(ddp_cache_data=kv, config=self.lm.config)
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
-        return cache
+        return kv
 
 
 def _dynamic_cache_ok(lm: Any) -> bool:
