@@ -172,6 +172,11 @@ class ExplainerResource(_LLMSettings):
         _role_env("EXPLAINER", "API_KEY_ENV", "OPENAI_API_KEY"),
         description="openai: name of the environment variable holding the key",
     )
+    batch_requests: int = Field(
+        1,
+        description="local: sampled requests (units) generated together in one batch, each from its own seeded"
+        " stream, so the samples match those of one request alone up to float rounding (1: one at a time)",
+    )
 
     def client(self) -> LLMBackend:
         """The explainer backend (made once per resource instance); answers are cached on disk."""
@@ -179,7 +184,13 @@ class ExplainerResource(_LLMSettings):
             self._check(self.backend, self.api, self.base_url, "explainer")
             if self.backend == "local":
                 loaded = self._load_local(self.model)
-                local = LocalBackend(loaded.model, loaded.tokenizer, loaded.identity.data_version, api=self.api)
+                local = LocalBackend(
+                    loaded.model,
+                    loaded.tokenizer,
+                    loaded.identity.data_version,
+                    api=self.api,
+                    batch_requests=self.batch_requests,
+                )
                 self._client = CachedBackend(local, self._cache())
             else:
                 self._client = self._openai(self.model, self.base_url, self.api, self.api_key_env)

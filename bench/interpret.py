@@ -12,7 +12,8 @@ controls), through a fresh, empty response cache, so nothing is answered from an
   once per sample; `LocalSimulator` one explanation at a time (the base class's sequential
   `simulate_many`: each forward pass holds one explanation's ~10 sequences).
 - optimized: `LocalBackend()`: the few-shot part shared with the previous prompt taken from its KV
-  cache, the rest read once and the cache copied to the samples, the stop-string tables built once;
+  cache, the rest read once and the cache copied to the samples, the stop-string tables built once,
+  with `--batch-requests N` the requests of N units generated in one batch;
   `LocalSimulator.simulate_many`: on a GPU the sequences of several explanations fill each
   forward pass (`--batch-size` rows); on a CPU it too takes one explanation at a time.
 
@@ -134,10 +135,12 @@ def run_path(
     path: str,
     cache_dir: Path,
     batch_size: int = 16,
+    batch_requests: int = 1,
 ) -> PathRun:
     """explain_layer + simulate_layer of the units on one path, through a new, empty response cache."""
     cache = LLMCache(cache_dir / f"{path}-{time.monotonic_ns()}.sqlite")
-    local = LocalBackend(subject.model, subject.tokenizer, "bench", plain=path == "today")
+    together = batch_requests if path == "optimized" else 1
+    local = LocalBackend(subject.model, subject.tokenizer, "bench", plain=path == "today", batch_requests=together)
     backend = CachedBackend(local, cache)
     inner = LocalSimulator(subject.model, subject.tokenizer, "bench", batch_size=batch_size)
     counting = CountingSimulator(inner, together=path == "optimized")
@@ -212,6 +215,7 @@ def measure(
     reps: int,
     bare_batches: Sequence[torch.Tensor],
     batch_size: int = 16,
+    batch_requests: int = 1,
 ) -> Result:
     result = Result(units=len(units))
     with tempfile.TemporaryDirectory(prefix="bench-interpret-") as tmp:
@@ -219,7 +223,7 @@ def measure(
         for rep in range(reps):
             order = PATHS if rep % 2 == 0 else PATHS[::-1]
             for path in order:
-                run = run_path(subject, units, params, path, Path(tmp), batch_size)
+                run = run_path(subject, units, params, path, Path(tmp), batch_size, batch_requests)
                 result.runs[path].append(run)
                 result.bare.append(bare_tokens_per_s(subject, bare_batches))
                 print(
@@ -288,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions of both paths")
     parser.add_argument("--batch-size", type=int, default=16, help="simulation batch size (sequences per pass)")
+    parser.add_argument(
+        "--batch-requests", type=int, default=1, help="optimized path: units' requests generated together"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
@@ -313,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f" simulate: {sum(len(u.split('valid')) for u in units) / max(len(units), 1):.0f} valid sequences of"
         f" {args.seq_len} tokens per unit; bare forward: batches of 8 x 128 tokens"
     )
-    result = measure(subject, units, params, args.reps, bare, args.batch_size)
+    result = measure(subject, units, params, args.reps, bare, args.batch_size, args.batch_requests)
     first = result.runs["optimized"][0]
     print(f"explanations simulated per rep: {first.simulations} (every candidate, chosen ones, controls)\n")
     print(format_report(result))

@@ -33,7 +33,7 @@ def test_bench_interpret_reports_both_paths_and_the_floor() -> None:
         max_tokens=4, temperature=0.8, n=2, stop=("\n",), avoid=tuple(explainer_few_shot_explanations())
     )
     bare = [torch.randint(0, 1000, (2, 16))]
-    result = measure(subject, units, params, reps=1, bare_batches=bare)
+    result = measure(subject, units, params, reps=1, bare_batches=bare, batch_requests=2)
     for path in PATHS:
         (run,) = result.runs[path]
         assert run.explain_s > 0 and run.simulate_s > 0 and run.simulations > 0 and run.cache_hits == 0
