@@ -74,6 +74,19 @@ def client_processes() -> list[multiprocessing.Process]:
     return [p for p in multiprocessing.active_children() if p.name.startswith("openai-client")]
 
 
+def collected_within(seconds: float) -> bool:
+    """Whether the client processes are gone within `seconds` of collecting garbage again and again:
+    on a loaded machine the reader thread may hold the last reference to the backend for a moment."""
+    deadline = time.monotonic() + seconds
+    while True:
+        gc.collect()
+        if not client_processes():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 def fresh_state() -> ServerState:
     """A server scripted with every fault, echo slots that need the "10" split, and chat replies."""
     return ServerState(
@@ -231,8 +244,7 @@ def test_a_server_that_ignores_n_then_processes_shut_down_when_the_backend_is_co
     text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
     assert "oops <api key>" in text and KEY not in text and "in a client process" in text
     del info, llm  # (the traceback holds the backend too)
-    gc.collect()
-    assert not client_processes()
+    assert collected_within(10.0), client_processes()
 
 
 def test_client_processes_must_be_at_least_one(server: LoopbackServer) -> None:
