@@ -200,7 +200,7 @@ class LocalBackend(LLMBackend):
             generated = self.lm.generate(
                 inputs,
                 max_new_tokens=params.max_tokens,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                pad_token_id=self._pad_id(),
                 **kwargs,
             )
         return self._completion(generated[:, ids.shape[1] :], int(ids.shape[1]), params)
@@ -226,6 +226,10 @@ class LocalBackend(LLMBackend):
             texts=texts, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, truncated=truncated
         )
 
+    def _pad_id(self) -> int:
+        """The token `generate` writes after a row ends (a pad id of 0 counts as none, as it always did)."""
+        return self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+
     def _generation_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         """Stop strings (tables built once) and the few-shot windows to avoid."""
         kwargs: dict[str, Any] = {}
@@ -246,26 +250,26 @@ class LocalBackend(LLMBackend):
         special = self.api != "chat"
         ids = [self.tokenizer(p, return_tensors="pt", add_special_tokens=special).input_ids[0] for p in prompts]
         width = max(len(i) for i in ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = self._pad_id()
         inputs = torch.full((len(ids) * params.n, width), pad, dtype=torch.long)
         mask = torch.zeros_like(inputs)
-        layers: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        per_request: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # [request][layer] -> keys, values
         for k, row in enumerate(ids):
-            rows = slice(k * params.n, (k + 1) * params.n)
-            inputs[rows, width - len(row) :] = row
-            mask[rows, width - len(row) :] = 1
+            rows, left = slice(k * params.n, (k + 1) * params.n), width - len(row)
+            inputs[rows, left:] = row
+            mask[rows, left:] = 1
             kv = self._prompt_kv(row[None].to(self.device))
             self.work["prompt_computed"] += params.n  # each row reads the prompt's last token
-            for i, (key, value) in enumerate(kv):
-                if not layers or len(layers) <= i:
-                    layers.append(([], []))
-                left = width - len(row)
-                padded = [
-                    torch.nn.functional.pad(t, (0, 0, left, 0)).expand(params.n, -1, -1, -1) for t in (key, value)
-                ]
-                layers[i][0].append(padded[0])
-                layers[i][1].append(padded[1])
-        cache = DynamicCache(ddp_cache_data=[(torch.cat(k), torch.cat(v)) for k, v in layers], config=self.lm.config)
+
+            def padded(t: torch.Tensor, left: int = left) -> torch.Tensor:
+                return torch.nn.functional.pad(t, (0, 0, left, 0)).expand(params.n, -1, -1, -1)
+
+            per_request.append([(padded(key), padded(value)) for key, value in kv])
+        layers = [
+            (torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]))
+            for layer in zip(*per_request, strict=True)
+        ]
+        cache = DynamicCache(ddp_cache_data=layers, config=self.lm.config)
         kwargs = self._generation_kwargs(params)
         sampler = _PerRequestSampler(params, len(ids), self.device)
         generated = self.lm.generate(

@@ -236,7 +236,7 @@ class CachedSimulator(Simulator):
 
     def _store(self, explanation: str, sequences: Sequence[Sequence[str]], result: JobResult) -> None:
         if not isinstance(result, LLMFailure) and not any(isinstance(v, LLMFailure) for v in result):
-            values = [v.tolist() for v in result if not isinstance(v, LLMFailure)]
+            values = [v.tolist() for v in result]  # type: ignore[union-attr]
             self.cache.put(self.backend, self.model, "simulate", *self._key(explanation, sequences), values)
 
     def simulate(self, explanation: str, sequences: Sequence[Sequence[str]]) -> list[np.ndarray] | LLMFailure:
