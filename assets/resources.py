@@ -14,7 +14,7 @@ from pipeline.core.classify import Classifier
 from pipeline.core.corpus import CorpusSpec
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.llm import APIS, LLMBackend, role_env
-from pipeline.core.llm_local import LocalBackend
+from pipeline.core.llm_local import DEFAULT_BATCH_REQUESTS, LocalBackend
 from pipeline.core.models import ModelIdentity, SubjectModel, load_subject_model, load_tokenizer
 from pipeline.core.simulate_local import LocalSimulator
 from pipeline.core.simulator import Simulator
@@ -173,9 +173,10 @@ class ExplainerResource(_LLMSettings):
         description="openai: name of the environment variable holding the key",
     )
     batch_requests: int = Field(
-        1,
+        DEFAULT_BATCH_REQUESTS,
         description="local: sampled requests (units) generated together in one batch, each from its own seeded"
-        " stream, so the samples match those of one request alone up to float rounding (1: one at a time)",
+        " stream, so the samples match those of one request alone up to float rounding (1: one at a time;"
+        " a batch that runs out of memory is rerun one request at a time)",
     )
 
     def client(self) -> LLMBackend:

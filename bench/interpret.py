@@ -48,7 +48,7 @@ from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
 from pipeline.core.examples import top_k_examples
 from pipeline.core.interpret import LLM, explain_layer, simulate_layer
 from pipeline.core.llm import GenerationParams
-from pipeline.core.llm_local import LocalBackend
+from pipeline.core.llm_local import DEFAULT_BATCH_REQUESTS, LocalBackend
 from pipeline.core.models import SubjectModel, load_subject_model
 from pipeline.core.prompts import explainer_few_shot_explanations
 from pipeline.core.records import SamplingSpec, collect_activation_records, records_frame
@@ -293,7 +293,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions of both paths")
     parser.add_argument("--batch-size", type=int, default=16, help="simulation batch size (sequences per pass)")
     parser.add_argument(
-        "--batch-requests", type=int, default=1, help="optimized path: units' requests generated together"
+        "--batch-requests",
+        type=int,
+        default=DEFAULT_BATCH_REQUESTS,
+        help="optimized path: units' requests generated together (the pipeline's default)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32")
