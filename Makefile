@@ -36,7 +36,7 @@ EXPLAIN_LAYERS ?= 0...1
 # explanations, simulations, scores, ablations, detection/fuzzing and the viewer for EXPLAIN_LAYERS.
 materialize: install | $(DAGSTER_HOME)
 	$(DAGSTER) asset materialize -m assets.definitions --select subject_model,corpus_tokens
-	$(DAGSTER) asset materialize -m assets.definitions --select activation_records,top_k_examples \
+	$(DAGSTER) asset materialize -m assets.definitions --select activation_records,unit_examples \
 		--partition-range "0...$$($(PY) -m assets.layers last)"
 	$(DAGSTER) asset materialize -m assets.definitions --select explanations,simulations,scores,ablations,classification_scores,neuron_viewer \
 		--partition-range "$(EXPLAIN_LAYERS)"
@@ -49,7 +49,7 @@ test: install llama-server
 	$(PY) -m ruff check .
 	bash scripts/run_tests.sh $(PY)
 
-# Requests and tokens the LLM stages will need for EXPLAIN_LAYERS (needs top_k_examples materialized).
+# Requests and tokens the LLM stages will need for EXPLAIN_LAYERS (needs unit_examples materialized).
 cost: install
 	$(PY) -m pipeline.infra.cost --layers "$(EXPLAIN_LAYERS)"
 

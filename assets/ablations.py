@@ -44,7 +44,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         scores: pl.DataFrame,
         explanations: pl.DataFrame,
         simulations: pl.DataFrame,
-        top_k_examples: pl.DataFrame,
+        unit_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         subject: SubjectModelResource,
@@ -55,10 +55,10 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
         next-token distribution when the neuron is replaced by its mean vs by its calibrated test
         simulation, loss deltas, and 1 − KL(simulated)/KL(mean)."""
         refuse_moved_knobs(context)
-        identity = identity_of(top_k_examples)
+        identity = identity_of(unit_examples)
         loaded = subject.load()
         require_same_model(identity, loaded.identity)
-        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
+        units = units_from_frames(strip_lineage(unit_examples), corpus_tokens, activation_records)
         frames = []
         for layer in partition_layers(context):
             chosen = choose_units(scores, layer, config.top_n, config.random_n, config.seed)

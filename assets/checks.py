@@ -11,7 +11,7 @@ from assets.config import sampling_of_run
 from pipeline.infra import checks
 from pipeline.infra.warehouse import open_warehouse
 
-BLOCKING = {"activation_records", "top_k_examples", "explanations", "simulations", "scores"}
+BLOCKING = {"activation_records", "unit_examples", "explanations", "simulations", "scores"}
 
 
 def _result(outcome: checks.CheckOutcome) -> AssetCheckResult:
@@ -47,7 +47,7 @@ def build_asset_checks() -> list[AssetChecksDefinition]:
     return [
         activation_records_complete,
         simple(
-            "top_k_examples",
+            "unit_examples",
             "examples_complete",
             "A normalization max for every unit, and every split record found in activation_records.",
         ),

@@ -78,7 +78,7 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         context: AssetExecutionContext,
         scores: pl.DataFrame,
         explanations: pl.DataFrame,
-        top_k_examples: pl.DataFrame,
+        unit_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         simulator: SimulatorResource,
@@ -90,8 +90,8 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
         many non-activating texts, beside the control (another unit's explanation on the same prompts)."""
         refuse_moved_knobs(context)
         spec = config.spec()
-        identity = identity_of(top_k_examples)
-        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
+        identity = identity_of(unit_examples)
+        units = units_from_frames(strip_lineage(unit_examples), corpus_tokens, activation_records)
         units = with_quantiles(units, activation_records, corpus_tokens)
         chosen = scores.filter((pl.col("split") == "test") & pl.col("best"))
         client = simulator.classifier() if chosen.height else None

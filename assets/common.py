@@ -31,7 +31,7 @@ WAREHOUSE = "warehouse"
 GROUP = "atlas"
 # Layer-partitioned tables keep the partition in their `layer` column.
 LAYER_METADATA = {"partition_expr": "layer"}
-# What the interpretation steps read of activation_records: the lists top_k_examples refers to and
+# What the interpretation steps read of activation_records: the lists unit_examples refers to and
 # their sequences' activations (`pipeline.core.units.units_from_frames`).
 RECORD_ACTS = AssetIn(metadata={"columns": RECORD_COLUMNS})
 # The Dagster pool of the steps that call the explainer/simulator: its limit (`dagster instance

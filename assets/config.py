@@ -51,7 +51,7 @@ class SamplingConfig(Config):
 
 
 class TopTokensConfig(Config):
-    """Which tokens `top_k_examples` lists per unit."""
+    """Which tokens `unit_examples` lists per unit."""
 
     n_top_tokens: int = Field(10, description="top tokens kept per neuron")
     min_token_count: int = Field(
@@ -133,7 +133,7 @@ class ClassifyConfig(Config):
 
 # The resource keys these knobs had, and the assets whose run config now holds each of their fields.
 MOVED_KNOBS: dict[str, dict[str, type[Config]]] = {
-    "sampling": {"activation_records": SamplingConfig, "top_k_examples": TopTokensConfig},
+    "sampling": {"activation_records": SamplingConfig, "unit_examples": TopTokensConfig},
     "explain": {"explanations": ExplainConfig},
     "ablation": {"ablations": AblationConfig},
     "classify": {"classification_scores": ClassifyConfig},

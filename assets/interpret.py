@@ -66,7 +66,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
     @asset(code_version="2", pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **atlas_asset_args(layers_def))
     def explanations(
         context: AssetExecutionContext,
-        top_k_examples: pl.DataFrame,
+        unit_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         explainer: ExplainerResource,
@@ -77,11 +77,11 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         the token-lookup reference; copies of few-shot text and explanations shared by many units are
         flagged degenerate. Each layer is committed when it is done."""
         refuse_moved_knobs(context)
-        identity = identity_of(top_k_examples)
-        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
+        identity = identity_of(unit_examples)
+        units = units_from_frames(strip_lineage(unit_examples), corpus_tokens, activation_records)
         selected = {}
         for layer in partition_layers(context):
-            n = top_k_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
+            n = unit_examples.filter(pl.col("layer") == layer)["neuron"].n_unique()
             selected[layer] = select_units(units, layer, n, config.n_neurons, config.neuron_ids)
         backend = explainer.client()
         total = sum(map(len, selected.values()))
@@ -123,7 +123,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
-        top_k_examples: pl.DataFrame,
+        unit_examples: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
         activation_records: pl.DataFrame,
         simulator: SimulatorResource,
@@ -132,8 +132,8 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         """Per explanation: simulated levels on the valid split (every candidate), on calibration and
         test (each kind's chosen one), and the control on test (another unit's explanation). Each
         layer is committed when it is done."""
-        identity = identity_of(top_k_examples)
-        units = units_from_frames(strip_lineage(top_k_examples), corpus_tokens, activation_records)
+        identity = identity_of(unit_examples)
+        units = units_from_frames(strip_lineage(unit_examples), corpus_tokens, activation_records)
         needs_llm = explanations.filter(pl.col("kind").is_in(CANDIDATE_KINDS) & pl.col("explanation").is_not_null())
         client = simulator.client() if needs_llm.height else None
         before = client.usage.snapshot() if client else {}
@@ -171,11 +171,11 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         ],
         **atlas_asset_args(layers_def),
     )
-    def scores(context: AssetExecutionContext, simulations: pl.DataFrame, top_k_examples: pl.DataFrame) -> Iterator:
+    def scores(context: AssetExecutionContext, simulations: pl.DataFrame, unit_examples: pl.DataFrame) -> Iterator:
         """Per explanation and split (valid, test): correlation (top+random, top, random), calibrated r²
         and absolute deviation explained, the control's correlation and the gap; `best` marks each
         unit's chosen explanation, whose test row is its score."""
-        identity = identity_of(top_k_examples)
+        identity = identity_of(unit_examples)
         frame = score_layer(strip_lineage(simulations))
         layers = partition_layers(context)
         verdicts = {layer: layer_discrimination(frame, layer) for layer in layers}

@@ -32,7 +32,7 @@ from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 from pydantic import Field
 
 from pipeline.core.errors import AtlasInputError
-from pipeline.infra.warehouse import add_appended_columns, create_views, is_lake, open_warehouse, retry_on_conflict
+from pipeline.infra.warehouse import create_views, is_lake, open_warehouse, retry_on_conflict, upgrade_tables
 
 # Set while a DuckLake write is being tried again after a commit conflict.
 _RETRYING: ContextVar[bool] = ContextVar("warehouse_write_retrying", default=False)
@@ -146,6 +146,20 @@ class WarehouseDbIOManager(DbIOManager):
     def __init__(self, *, connection_config: dict[str, Any], data_path: str | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._connection_config, self._data_path = connection_config, data_path
+        self._upgraded = False  # the tables brought up to date (`upgrade_tables`) by this instance
+
+    def load_input(self, context: InputContext) -> object:
+        """Upgrade an older warehouse before its first read, so a table renamed since is read
+        under its new name even when a step reads before anything is written."""
+        if not self._upgraded:
+
+            def attempt() -> None:
+                with self._connect() as conn, transaction(conn):
+                    upgrade_tables(conn)
+
+            retry_on_conflict(attempt, log=context.log.warning)
+            self._upgraded = True
+        return super().load_input(context)
 
     @property
     def database(self) -> str:
@@ -214,8 +228,9 @@ class WarehouseDbIOManager(DbIOManager):
         cannot alter a table in the transaction that deletes from it. The views are refreshed by
         the write that follows."""
         with self._connect() as conn, transaction(conn):
-            add_appended_columns(conn)
+            upgrade_tables(conn)
             _migrate(conn, target, frame)
+        self._upgraded = True
 
 
 class WarehouseIOManager(DuckDBPolarsIOManager):

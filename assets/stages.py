@@ -26,7 +26,7 @@ from assets.common import (
 from assets.config import SamplingConfig, TopTokensConfig, refuse_moved_knobs
 from assets.resources import CorpusResource, SubjectModelResource
 from pipeline.core.corpus import prefix_ids, tokenize_corpus
-from pipeline.core.examples import top_k_examples as build_top_k_examples
+from pipeline.core.examples import unit_examples as build_unit_examples
 from pipeline.core.mlp import check_layers, mlp_is_gated, mlp_projections, neuron_count
 from pipeline.core.progress import duration
 from pipeline.core.records import collect_activation_records, records_frame
@@ -161,7 +161,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         code_version="2",  # 2: records are references to activation_records (8-bit codes there)
         **atlas_asset_args(layers_def),
     )
-    def top_k_examples(
+    def unit_examples(
         context: AssetExecutionContext,
         activation_records: pl.DataFrame,
         corpus_tokens: pl.DataFrame,
@@ -172,7 +172,7 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         identity = identity_of(activation_records)
         records = strip_lineage(activation_records)
         tokens = corpus_tokens.select("seq_id", "token_ids", "tokens")
-        frame = build_top_k_examples(
+        frame = build_unit_examples(
             records, tokens, n_top_tokens=config.n_top_tokens, min_token_count=config.min_token_count
         )
         with_tokens = frame.filter(pl.col("top_tokens").list.len() > 0).height
@@ -194,4 +194,4 @@ def build_stage_assets(n_layers: int) -> list[AssetsDefinition]:
         )
         return versioned_output(frame, identity, context)
 
-    return [subject_model, corpus_tokens, activation_records, top_k_examples]
+    return [subject_model, corpus_tokens, activation_records, unit_examples]

@@ -28,7 +28,7 @@ def build_viewer_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDe
     @asset(
         code_version="2",
         automation_condition=rerun_condition(optional_deps=("ablations", "classification_scores")),
-        deps=["top_k_examples", "explanations", "simulations", "scores", "ablations", "classification_scores"],
+        deps=["unit_examples", "explanations", "simulations", "scores", "ablations", "classification_scores"],
         required_resource_keys={"warehouse"},
         **atlas_asset_args(layers_def, in_warehouse=False),
     )

@@ -31,7 +31,7 @@ from pipeline.core.models import EMBEDDED, model_layer_count
 from pipeline.infra.report import classification_report, print_classification
 from pipeline.infra.warehouse import SCHEMA, open_warehouse
 
-STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations",
+STAGES = ["subject_model", "corpus_tokens", "activation_records", "unit_examples", "explanations", "simulations",
           "scores", "ablations", "classification_scores", "neuron_viewer"]  # fmt: skip
 
 

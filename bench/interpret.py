@@ -45,7 +45,7 @@ import torch
 
 from bench.capture import time_bare
 from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
-from pipeline.core.examples import top_k_examples
+from pipeline.core.examples import unit_examples
 from pipeline.core.interpret import LLM, explain_layer, simulate_layer
 from pipeline.core.llm import GenerationParams
 from pipeline.core.llm_local import DEFAULT_BATCH_REQUESTS, LocalBackend
@@ -71,7 +71,7 @@ def make_units(
     token_ids = np.asarray(corpus.sort("seq_id")["token_ids"].to_list(), dtype=np.int64)
     records = collect_activation_records(subject, token_ids, [layer], spec, prefix=prefix_ids(subject.tokenizer))
     frame = records_frame(records[layer])
-    examples = top_k_examples(frame, corpus.select("seq_id", "token_ids", "tokens"))
+    examples = unit_examples(frame, corpus.select("seq_id", "token_ids", "tokens"))
     units = sorted(units_from_frames(examples, corpus, frame).values(), key=lambda u: (u.neuron, u.polarity))
     return [u for u in units if not u.dead][:n_units]
 

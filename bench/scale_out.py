@@ -33,7 +33,7 @@ from scale_out import Machine, new_machine, new_platform  # noqa: E402
 from tiny_models import write_digit_corpus, write_digit_model  # noqa: E402
 
 NEURONS = [5, 9, 13]  # fire in both layers of the digit model on the benchmark corpus
-STAGES = ("--select", "activation_records,top_k_examples,explanations")
+STAGES = ("--select", "activation_records,unit_examples,explanations")
 
 
 def _config() -> dict:

@@ -4,7 +4,7 @@ Run: `python -m examples.explain_one_neuron [LAYER NEURON]` (the embedded Gemma 
 import numpy as np
 
 from pipeline.core.corpus import CorpusSpec, prefix_ids, tokenize_corpus
-from pipeline.core.examples import top_k_examples
+from pipeline.core.examples import unit_examples
 from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure
 from pipeline.core.models import load_subject_model
 from pipeline.core.prompts import explanation_prompt, parse_explanation
@@ -23,7 +23,7 @@ def explain_and_score(
     ids = np.asarray(tokens["token_ids"].to_list(), dtype=np.int64)
     captured = collect_activation_records(subject, ids, [layer], sampling, prefix=prefix_ids(subject.tokenizer))
     records = records_frame(captured[layer])  # activation_records: the paper's ActivationRecords, per neuron
-    examples = top_k_examples(records, tokens.select("seq_id", "token_ids", "tokens"))  # splits, top tokens
+    examples = unit_examples(records, tokens.select("seq_id", "token_ids", "tokens"))  # splits, top tokens
     unit = units_from_frames(examples, tokens, records)[(layer, neuron, "+")]  # the paper's NeuronRecord
     # Explain: the few-shot prompt over the unit's train top records (levels 0-10), first line kept.
     reply = explainer.complete([explanation_prompt(unit.train_records())], GenerationParams(temperature=0.0))[0]

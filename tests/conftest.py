@@ -91,7 +91,7 @@ def run_stages(
         "corpus": corpus,
         "warehouse": WarehouseIOManager(database=str(database), schema=SCHEMA),
     } | moved_knob_resources()
-    ops: dict[str, Any] = {"activation_records": sampling, "top_k_examples": top_tokens}
+    ops: dict[str, Any] = {"activation_records": sampling, "unit_examples": top_tokens}
     if explainer is not None or simulator is not None:
         layers_def = layer_partitions(n_layers)
         assets += (

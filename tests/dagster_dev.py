@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The code location's assets: the unpartitioned stages and those with one partition per layer.
-PARTITIONED = ("activation_records", "top_k_examples", "explanations", "simulations", "scores", "ablations",
+PARTITIONED = ("activation_records", "unit_examples", "explanations", "simulations", "scores", "ablations",
                "classification_scores", "neuron_viewer")  # fmt: skip
 STAGES = ("subject_model", "corpus_tokens", *PARTITIONED)
 # Run config small enough that a run on the digit model takes seconds on 2 CPU cores: the corpus is

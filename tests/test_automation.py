@@ -66,8 +66,8 @@ def test_changed_checkpoint_or_corpus_reruns_only_affected_partitions(
     # Layer partitions cannot share a run with unpartitioned parents: they follow on the next tick.
     assert run_stages(**stage_args, selection=["subject_model", "corpus_tokens"]).success
     after = evaluate_automation_conditions(defs=defs, instance=instance, cursor=changed.cursor)
-    assert requested(after) == {("activation_records", "0"), ("top_k_examples", "0")}
-    assert run_stages(**stage_args, selection=["activation_records", "top_k_examples"]).success
+    assert requested(after) == {("activation_records", "0"), ("unit_examples", "0")}
+    assert run_stages(**stage_args, selection=["activation_records", "unit_examples"]).success
     settled = evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
     assert requested(settled) == set()  # nothing downstream was ever materialized: nothing to rerun
 

@@ -16,7 +16,7 @@ from assets.config import ExplainConfig, SamplingConfig
 from assets.resources import CorpusResource, SubjectModelResource
 
 DEAD = 9  # no input weights and a bias of -30: GELU(-30) is ~0 (never above 0) on every token
-STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+STAGES = ["subject_model", "corpus_tokens", "activation_records", "unit_examples"]
 HOT = 11  # the digit neuron's input times 2e4: ~6e4 to 1.2e5 on digits, past float16's 65504
 
 

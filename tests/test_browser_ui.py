@@ -161,7 +161,7 @@ def test_dagster_ui_shows_stages_and_materialized_layer(
         _quiet_instance(dev)
         tokens_run = _launch(dev, ["subject_model", "corpus_tokens"])
         _wait_for_success(dev, tokens_run)
-        records_run = _launch(dev, ["activation_records", "top_k_examples"], partition=LAYER)
+        records_run = _launch(dev, ["activation_records", "unit_examples"], partition=LAYER)
         _wait_for_success(dev, records_run)
         ours = {tokens_run: "SUCCESS", records_run: "SUCCESS"}
         # No other writer while the warehouse is read (automation never fills the missing layer 0).
@@ -169,7 +169,7 @@ def test_dagster_ui_shows_stages_and_materialized_layer(
 
         q = query(tmp_path / "neuron_atlas.duckdb")
         assert q("select n_layers, d_mlp from atlas.subject_model") == [(n_layers, d_mlp)]
-        for table in ("activation_records", "top_k_examples"):
+        for table in ("activation_records", "unit_examples"):
             sql = f"select layer, count(*), count(distinct neuron), min(run_id), max(run_id) from atlas.{table}"
             rows = q(sql + " group by layer")
             assert rows == [(int(LAYER), d_mlp, d_mlp, records_run, records_run)], (table, rows)

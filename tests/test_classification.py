@@ -33,7 +33,7 @@ from pipeline.infra.report import main as report_main
 from pipeline.infra.viewer import DATA_FILE, read_data
 
 NEURONS = sorted(TOKEN_SETS)
-STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+STAGES = ["subject_model", "corpus_tokens", "activation_records", "unit_examples"]
 LLM_STAGES = ["explanations", "simulations", "scores", "ablations", "classification_scores", "neuron_viewer"]
 
 

@@ -23,7 +23,7 @@ def test_concurrent_runs_and_partitions_share_the_warehouse(
     setup = materialize_command(SMALL_CONFIG, "--select", "subject_model,corpus_tokens")
     run_cli(setup, env)
 
-    stages = ["--select", "activation_records,top_k_examples"]
+    stages = ["--select", "activation_records,unit_examples"]
     runs = [
         subprocess.Popen(
             materialize_command(SMALL_CONFIG, *stages, "--partition", layer),
@@ -43,7 +43,7 @@ def test_concurrent_runs_and_partitions_share_the_warehouse(
     q = query(database)
     n_neurons = q("select count(distinct neuron) from atlas.activation_records where layer = 0")[0][0]
     assert n_neurons > 0
-    for table in ("activation_records", "top_k_examples"):
+    for table in ("activation_records", "unit_examples"):
         rows = q(f"select layer, count(*), count(distinct neuron) from atlas.{table} group by layer order by layer")
         assert rows == [(0, n_neurons, n_neurons), (1, n_neurons, n_neurons)], table
         run_ids = q(f"select layer, count(distinct run_id) from atlas.{table} group by layer order by layer")

@@ -44,7 +44,7 @@ def _run(root: Path, rule: str, server: LoopbackServer) -> tuple[Path, object]:
         explainer=loopback_llm(server, cache_path=str(root / "cache.sqlite"))["explainer"],
         simulator=RuleSimulator(rule=rule),
         explain=ExplainConfig(neuron_ids=NEURONS),
-        selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+        selection=["subject_model", "corpus_tokens", "activation_records", "unit_examples"]
         + ["explanations", "simulations", "scores"],
     )
     assert result.success

@@ -39,19 +39,19 @@ def test_cli_materializes_every_layer_in_one_run(tmp_path: Path) -> None:
     last = model_layer_count(EMBEDDED) - 1
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
-        ["--select", "activation_records,top_k_examples", "--partition-range", f"0...{last}"],
+        ["--select", "activation_records,unit_examples", "--partition-range", f"0...{last}"],
     ):
         run_cli(materialize_command(config, *extra), env, timeout=900)
     q = query(Path(env["NEURON_ATLAS_DB"]))
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
     n = (last + 1) * d_mlp
     # One record row per neuron; Gemma's MLP is gated, so capture keeps both directions by default
-    # and top_k_examples holds one row per unit: (neuron, '+') and (neuron, '-').
+    # and unit_examples holds one row per unit: (neuron, '+') and (neuron, '-').
     assert q("select count(distinct layer), count(*), count(distinct run_id) from atlas.activation_records") == [
         (last + 1, n, 1)
     ]
     assert q(
-        "select polarity, count(distinct layer), count(*), count(distinct run_id) from atlas.top_k_examples"
+        "select polarity, count(distinct layer), count(*), count(distinct run_id) from atlas.unit_examples"
         " group by polarity order by polarity"
     ) == [("+", last + 1, n, 1), ("-", last + 1, n, 1)]
 

@@ -48,25 +48,25 @@ def test_a_changed_setting_marks_downstream_stale(tmp_path: Path, digit_model_di
     def version(asset: str) -> str:
         return tags(instance, asset)[VERSION]
 
-    def read_by_top_k_examples() -> str:
-        return tags(instance, "top_k_examples")["dagster/input_data_version/activation_records"]
+    def read_by_unit_examples() -> str:
+        return tags(instance, "unit_examples")["dagster/input_data_version/activation_records"]
 
-    run(["subject_model", "corpus_tokens", "activation_records", "top_k_examples"])
-    first, read = version("activation_records"), read_by_top_k_examples()
+    run(["subject_model", "corpus_tokens", "activation_records", "unit_examples"])
+    first, read = version("activation_records"), read_by_unit_examples()
 
-    # A rerun with the same settings writes the same rows: the same version, so top_k_examples was
+    # A rerun with the same settings writes the same rows: the same version, so unit_examples was
     # not stale (rerun, it records reading what it read before). (Another batch size is not enough:
     # the batched matmuls round differently, so the float32 extremes move in their last bits.)
     run(["activation_records"])
     assert version("activation_records") == first
-    run(["top_k_examples"])
-    assert read_by_top_k_examples() == read
+    run(["unit_examples"])
+    assert read_by_unit_examples() == read
 
-    # More top records per neuron are other rows: a new version, so top_k_examples was stale.
+    # More top records per neuron are other rows: a new version, so unit_examples was stale.
     run(["activation_records"], top_k=5)
     assert version("activation_records") != first
-    run(["top_k_examples"], top_k=5)
-    assert read_by_top_k_examples() != read
+    run(["unit_examples"], top_k=5)
+    assert read_by_unit_examples() != read
 
     # Back to the first settings: the first rows, so the first version again.
     run(["activation_records"])
@@ -103,7 +103,7 @@ def test_llm_stages_rerun_from_the_cache_keep_their_versions(
         return {asset: tags(instance, asset)[VERSION] for asset in llm_assets}
 
     with LoopbackServer(state) as server:
-        first = run(["subject_model", "corpus_tokens", "activation_records", "top_k_examples", *llm_assets])
+        first = run(["subject_model", "corpus_tokens", "activation_records", "unit_examples", *llm_assets])
         requests = state.requests
         assert run(llm_assets) == first
         assert state.requests == requests, "the rerun was answered from the response cache"

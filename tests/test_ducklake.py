@@ -279,7 +279,7 @@ def test_views_and_example_queries_give_the_same_answers_on_a_file_and_a_lake(
         assert on_lake[name] == on_file[name], name
     # Negative control: the comparison sees a difference when there is one.
     with open_warehouse(lake) as conn:
-        conn.execute(f"update {SCHEMA}.top_k_examples set max_activation = max_activation + 1 where neuron = 0")
+        conn.execute(f"update {SCHEMA}.unit_examples set max_activation = max_activation + 1 where neuron = 0")
     assert answers(lake)["examples_long"] != on_file["examples_long"]
 
 

@@ -1,4 +1,4 @@
-"""The embedded Gemma 3 270M through every stage up to top_k_examples, with real Dagster runs into
+"""The embedded Gemma 3 270M through every stage up to unit_examples, with real Dagster runs into
 a real DuckDB file, checked against a plain forward pass that does not use the pipeline's hooks."""
 
 from __future__ import annotations
@@ -63,13 +63,13 @@ def test_row_counts_and_lineage(warehouse: tuple[Path, object]) -> None:
         (N_SEQ, SEQ_LEN, SEQ_LEN)
     ]
     d_mlp = q("select d_mlp from atlas.subject_model")[0][0]
-    for table, units_per_neuron in (("activation_records", 1), ("top_k_examples", 2)):  # Gemma: both directions
+    for table, units_per_neuron in (("activation_records", 1), ("unit_examples", 2)):  # Gemma: both directions
         rows = q(
             f"select layer, count(*), count(distinct neuron), count(distinct run_id), min(run_id) "
             f"from atlas.{table} group by layer order by layer"
         )
         assert rows == [(layer, units_per_neuron * d_mlp, d_mlp, 1, run_id) for layer in LAYERS]
-    polarities = q("select polarity, count(*) from atlas.top_k_examples group by all order by all")
+    polarities = q("select polarity, count(*) from atlas.unit_examples group by all order by all")
     assert polarities == [("+", len(LAYERS) * d_mlp), ("-", len(LAYERS) * d_mlp)]
     sizes = q("select distinct len(top), len(random), len(quantile) from atlas.activation_records")
     assert sizes == [(TOP_K, RANDOM_K, Q_BINS * PER_Q)]
@@ -163,7 +163,7 @@ def test_splits_are_disjoint_and_levels_in_range(warehouse: tuple[Path, object])
            or lv != least(10, floor(10 * greatest(a::double * sign, 0) / max_activation::double))""")
     assert bad == [(0,)]
     top_is_max = q("""
-        select count(*) from atlas.top_k_examples e join atlas.activation_records a using (layer, neuron)
+        select count(*) from atlas.unit_examples e join atlas.activation_records a using (layer, neuron)
         where e.max_activation != if(e.polarity = '-', -a.min_activation, a.max_activation)""")
     assert top_is_max == [(0,)]
 
@@ -177,5 +177,5 @@ def test_rewriting_a_partition_replaces_only_its_rows(tmp_path: Path) -> None:
     rows = query(database)("select layer, run_id, count(*) from atlas.activation_records group by all order by all")
     d_mlp = rows[0][2]
     assert rows == [(0, first.run_id, d_mlp), (1, second.run_id, d_mlp)]
-    tk = query(database)("select layer, run_id, count(*) from atlas.top_k_examples group by all order by all")
+    tk = query(database)("select layer, run_id, count(*) from atlas.unit_examples group by all order by all")
     assert tk == [(0, first.run_id, 2 * d_mlp), (1, second.run_id, 2 * d_mlp)]

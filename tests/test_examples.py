@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from pipeline.core.errors import AtlasInputError
-from pipeline.core.examples import normalize, top_k_examples
+from pipeline.core.examples import normalize, unit_examples
 from pipeline.core.units import units_from_frames
 
 
@@ -48,7 +48,7 @@ def _corpus(n: int, t: int = 3) -> pl.DataFrame:
 
 def test_strided_splits_and_levels() -> None:
     records, corpus = _records(8), _corpus(16)
-    out = top_k_examples(records, corpus)
+    out = unit_examples(records, corpus)
     row = out.row(0, named=True)
     assert row["max_activation"] == 8.0
     top = [r for r in row["records"] if r["kind"] == "top"]
@@ -63,7 +63,7 @@ def test_strided_splits_and_levels() -> None:
 
 
 def test_top_tokens_use_train_and_calibration_only() -> None:
-    row = top_k_examples(_records(8), _corpus(16), n_top_tokens=5).row(0, named=True)
+    row = unit_examples(_records(8), _corpus(16), n_top_tokens=5).row(0, named=True)
     # token 7 appears in train+calibration top records 0, 1, 4, 5 (acts 8, 7, 4, 3) and in 4 random
     # records with activation 0: mean = 22 / 8
     assert row["top_tokens"] == [{"token_id": 7, "token": "x", "mean_activation": 22 / 8, "count": 8}]
@@ -75,7 +75,7 @@ def test_random_records_that_are_top_records_are_dropped_before_splitting() -> N
     rand = records["random"][0].to_list()
     rand[1]["seq_id"], rand[4]["seq_id"] = 6, 0
     records = records.with_columns(pl.Series("random", [rand], dtype=records.schema["random"]))
-    row = top_k_examples(records, _corpus(16)).row(0, named=True)
+    row = unit_examples(records, _corpus(16)).row(0, named=True)
     random = [r for r in row["records"] if r["kind"] == "random"]
     top_ids = {r["seq_id"] for r in row["records"] if r["kind"] == "top"}
     assert [r["seq_id"] for r in random] == [8, 10, 11, 13, 14, 15]  # sample order kept, 9 and 12 gone
@@ -92,9 +92,9 @@ def test_a_top_token_needs_the_minimum_count() -> None:
     corpus = corpus.with_columns(
         pl.Series("token_ids", ids), pl.Series("tokens", [["z", "y", "y"]] + [["x", "y", "y"]] * 15)
     )
-    row = top_k_examples(_records(8), corpus, n_top_tokens=5).row(0, named=True)
+    row = unit_examples(_records(8), corpus, n_top_tokens=5).row(0, named=True)
     assert [t["token_id"] for t in row["top_tokens"]] == [7]
-    once = top_k_examples(_records(8), corpus, n_top_tokens=5, min_token_count=1).row(0, named=True)
+    once = unit_examples(_records(8), corpus, n_top_tokens=5, min_token_count=1).row(0, named=True)
     assert [t["token_id"] for t in once["top_tokens"]] == [9, 7]  # mean 8 beats 7's (7 + 4 + 3) / 7
 
 
@@ -104,4 +104,4 @@ def test_a_listed_sequence_without_activations_is_a_clear_error() -> None:
     kept = [s for s in records["sequences"][0].to_list() if s["seq_id"] != 2]
     records = records.with_columns(pl.Series("sequences", [kept], dtype=records.schema["sequences"]))
     with pytest.raises(AtlasInputError, match="neuron 5 lists sequence 2 .top. without its activations"):
-        top_k_examples(records, _corpus(8))
+        unit_examples(records, _corpus(8))

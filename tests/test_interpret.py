@@ -155,7 +155,7 @@ class TruePattern(Simulator):
 def _digit_units(database: Path) -> dict:
     with duckdb.connect(str(database), read_only=True) as conn:
         examples = conn.sql(
-            "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
+            "select * exclude (model_id, model_revision, run_id, code_version) from atlas.unit_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
         records = conn.sql("select layer, neuron, top, bottom, random, sequences from atlas.activation_records").pl()
@@ -365,7 +365,7 @@ def test_a_server_failing_most_requests_fails_the_step_naming_the_reason_and_a_r
     )
     database = tmp_path / "neuron_atlas.duckdb"
     settings = {"max_concurrency": 1, "max_attempts": 1, "cache_path": str(tmp_path / "cache.sqlite")}
-    stages = {"activation_records", "top_k_examples", "subject_model", "corpus_tokens"}
+    stages = {"activation_records", "unit_examples", "subject_model", "corpus_tokens"}
 
     def run(selection: set[str]) -> Any:
         return run_stages(
@@ -496,7 +496,7 @@ def test_every_asset_check_passes_on_good_data(local_run: tuple) -> None:
 
 CORRUPTIONS = {
     "activation_records_complete": "update atlas.activation_records set mean_activation = 'nan' where neuron = 3",
-    "examples_complete": "update atlas.top_k_examples set max_activation = null where neuron = 3",
+    "examples_complete": "update atlas.unit_examples set max_activation = null where neuron = 3",
     "one_explanation_per_key": "insert into atlas.explanations select * from atlas.explanations limit 1",
     "simulations_in_range": "update atlas.simulations set simulated = list_transform(simulated, lambda v: v + 11)",
     "scores_in_range": "update atlas.scores set corr_all = 1.5 where corr_all is not null",
@@ -522,7 +522,7 @@ def test_each_check_fails_on_corrupted_data(local_run: tuple, tmp_path: Path, ch
 
 
 def test_examples_complete_fails_when_a_record_has_no_activations(local_run: tuple, tmp_path: Path) -> None:
-    """top_k_examples refers to activation_records' lists: a reference left dangling (the records
+    """unit_examples refers to activation_records' lists: a reference left dangling (the records
     rewritten without the examples) is caught, one count per lost record."""
     from pipeline.infra import checks
 
@@ -551,21 +551,21 @@ def test_a_failing_blocking_check_stops_the_next_stage(
         n_layers=2,
         layers=(1, 1),
         **digit_resources(digit_model_dir, digit_corpus),
-        selection=["activation_records", "top_k_examples"],
+        selection=["activation_records", "unit_examples"],
         raise_on_error=False,
     )
     assert not result.success
     (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "activation_records_complete"]
     assert not evaluation.passed
     materialized = {e.asset_key.path[0] for e in result.get_asset_materialization_events()}
-    assert materialized == {"activation_records"}  # top_k_examples never ran
-    layers = query(database)("select distinct layer from atlas.top_k_examples order by 1")
+    assert materialized == {"activation_records"}  # unit_examples never ran
+    layers = query(database)("select distinct layer from atlas.unit_examples order by 1")
     assert layers == [(0,)]
 
 
 def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_run: tuple) -> None:
     q = query(local_run[0])
-    tables = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
+    tables = ("corpus_tokens", "activation_records", "unit_examples", "explanations", "simulations", "scores")
     for table in (*tables, "classification_scores"):
         bad = q(f"select count(*) from atlas.{table} where model_id is null or run_id is null or code_version is null")
         assert bad == [(0,)], table
@@ -608,7 +608,7 @@ def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_ru
 def test_current_views_keep_only_the_current_models_rows(local_run: tuple, tmp_path: Path) -> None:
     database = tmp_path / "copy.duckdb"
     database.write_bytes(local_run[0].read_bytes())
-    stages = ("corpus_tokens", "activation_records", "top_k_examples", "explanations", "simulations", "scores")
+    stages = ("corpus_tokens", "activation_records", "unit_examples", "explanations", "simulations", "scores")
     with duckdb.connect(str(database)) as conn:
         for table in (*stages, "ablations", "classification_scores"):
             total = conn.execute(f"select count(*) from atlas.{table}").fetchone()[0]

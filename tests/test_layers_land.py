@@ -39,7 +39,7 @@ def test_killed_two_layer_run_keeps_its_first_layer(tmp_path: Path, digit_model_
     config = run_config(ops={"explanations": {"neuron_ids": NEURONS}})
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
-        ["--select", "activation_records,top_k_examples", "--partition-range", "0...1"],
+        ["--select", "activation_records,unit_examples", "--partition-range", "0...1"],
     ):
         run_cli(materialize_command(config, *extra), env)
 

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 SERVED = "gemma-3-270m"
 CHAT_SERVED = "qwen2.5-coder-0.5b-instruct"
-STAGES = ["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+STAGES = ["subject_model", "corpus_tokens", "activation_records", "unit_examples"]
 LLM_STAGES = ["explanations", "simulations", "scores"]
 # Text in which "numbers written with digits" (a few-shot explanation of the simulator's prompt) picks
 # out some tokens: the simulator's levels vary, and "1","0" (Gemma's "10") comes up.
@@ -83,7 +83,7 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     result = run_stages(database, model_layer_count(EMBEDDED), (0, 0), **small_resources(), selection=STAGES)
     assert result.success
     ((neuron,),) = query(database)(
-        "select neuron from atlas.top_k_examples where layer = 0 order by max_activation desc limit 1"
+        "select neuron from atlas.unit_examples where layer = 0 order by max_activation desc limit 1"
     )
     return database, neuron
 

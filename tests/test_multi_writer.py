@@ -113,7 +113,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
         text=True,
     )
     assert reader.stdout is not None and json.loads(reader.stdout.readline()) == {"ready": True}
-    stages = ("--select", "activation_records,top_k_examples,explanations")
+    stages = ("--select", "activation_records,unit_examples,explanations")
     began = time.time()
     writers = {
         layer: machine.start(_config(FIRST), *stages, "--partition", str(layer), log_name=f"write_layer_{layer}")
@@ -141,7 +141,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     assert ("explanations", 0) in seen and ("explanations", 1) in seen  # it saw the writes land
 
     # Every row exactly once, each layer from its own machine's run.
-    for table in ("activation_records", "top_k_examples"):
+    for table in ("activation_records", "unit_examples"):
         rows = _sql(
             database, f"select layer, count(*), count(distinct neuron) from atlas.{table} group by all order by 1"
         )
@@ -165,7 +165,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
         for layer, run_id in run_ids.items():
             run = instance.get_run_by_id(run_id)
             assert run is not None and run.status == DagsterRunStatus.SUCCESS
-            for asset in ("activation_records", "top_k_examples", "explanations"):
+            for asset in ("activation_records", "unit_examples", "explanations"):
                 records = instance.fetch_materializations(AssetKey(asset), limit=50).records
                 assert (str(layer), run_id) in {(r.partition_key, r.run_id) for r in records}, (asset, layer)
 
@@ -173,7 +173,7 @@ def test_two_machines_write_one_lake_while_a_third_reads_and_a_killed_writer_res
     # once two neurons are answered: nothing of its layer is half-written.
     cache = LLMCache(platform.cache)
     before = cache.count("complete")
-    rewrite, rewrite_log = a.start(SMALL_CONFIG, "--select", "activation_records,top_k_examples",
+    rewrite, rewrite_log = a.start(SMALL_CONFIG, "--select", "activation_records,unit_examples",
                                    "--partition", "0", log_name="rewrite_layer_0")  # fmt: skip
     killed, killed_log = b.start(_config(SECOND), "--select", "explanations", "--partition", "1", log_name="killed")
     try:

@@ -65,7 +65,7 @@ def test_odd_unicode_and_bad_bytes_flow_through_every_stage(tmp_path: Path) -> N
         # A token holding part of a multi-byte character shows U+FFFD; whole ones concatenate back.
         joined = "".join(tokens)
         assert joined == seq_text or "\ufffd" in joined
-    per_layer = q("select layer, count(*) from atlas.top_k_examples group by layer order by layer")
+    per_layer = q("select layer, count(*) from atlas.unit_examples group by layer order by layer")
     assert per_layer == [(0, 16), (1, 16)]
 
 

@@ -38,7 +38,7 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
     config = run_config(ops={"explanations": {"neuron_ids": NEURONS}})
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
-        ["--select", "activation_records,top_k_examples", "--partition", "0"],
+        ["--select", "activation_records,unit_examples", "--partition", "0"],
     ):
         run_cli(materialize_command(config, *extra), env)
 

@@ -33,7 +33,7 @@ from assets.resources import CorpusResource, SubjectModelResource
 DEFAULTS: dict[str, dict[str, Any]] = {
     "activation_records": {"top_k": 20, "random_k": 20, "quantile_bins": 4, "per_quantile": 5, "batch_size": 16,
                            "seed": 0, "negative": "auto"},
-    "top_k_examples": {"n_top_tokens": 10, "min_token_count": 2},
+    "unit_examples": {"n_top_tokens": 10, "min_token_count": 2},
     "explanations": {"n_neurons": 8, "neuron_ids": None, "samples": 2, "temperature": 0.8, "max_tokens": 40,
                      "seed": 0, "avoid_few_shot_copies": True},
     "ablations": {"top_n": 4, "random_n": 0, "seed": 0, "batch_size": 4},
@@ -42,7 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 CONFIGS = {
     "activation_records": SamplingConfig,
-    "top_k_examples": TopTokensConfig,
+    "unit_examples": TopTokensConfig,
     "explanations": ExplainConfig,
     "ablations": AblationConfig,
     "classification_scores": ClassifyConfig,
@@ -56,7 +56,7 @@ ops:
       random_k: 2
       quantile_bins: 2
       per_quantile: 1
-  top_k_examples:
+  unit_examples:
     config:
       n_top_tokens: 2
       min_token_count: 1
@@ -104,7 +104,7 @@ def test_each_asset_has_its_knobs_as_config_with_the_old_defaults(defs: Definiti
     # Every field of the old resources has exactly one new home.
     for assets in MOVED_KNOBS.values():
         assert set(assets) <= set(CONFIGS)
-    assert {f for a in ("activation_records", "top_k_examples") for f in DEFAULTS[a]} == {
+    assert {f for a in ("activation_records", "unit_examples") for f in DEFAULTS[a]} == {
         "top_k", "random_k", "quantile_bins", "per_quantile", "batch_size", "n_top_tokens", "min_token_count",
         "seed", "negative",
     }  # fmt: skip
@@ -123,7 +123,7 @@ def test_launchpad_yaml_ops_config_changes_what_is_written(
     activation_records_complete check counts against the same numbers (it reads this run's config)."""
     config = yaml.safe_load(LAUNCHPAD_YAML) | {"resources": _corpus(digit_corpus)}
     assert _run(defs, for_selection(config, "subject_model,corpus_tokens"), ["subject_model", "corpus_tokens"]).success
-    result = _run(defs, config, ["activation_records", "top_k_examples"])
+    result = _run(defs, config, ["activation_records", "unit_examples"])
     assert result.success, _failures(result)
     checks = result.get_asset_check_evaluations()
     assert "activation_records_complete" in [c.check_name for c in checks] and all(c.passed for c in checks)
@@ -133,7 +133,7 @@ def test_launchpad_yaml_ops_config_changes_what_is_written(
         " where layer = 0 and record_list in ('top', 'random') group by all) group by all order by all"
     )
     assert per_kind == [("random", 2), ("top", 3)]
-    assert q("select max(len(top_tokens)) from atlas.top_k_examples where layer = 0") == [(2,)]
+    assert q("select max(len(top_tokens)) from atlas.unit_examples where layer = 0") == [(2,)]
 
 
 def test_old_resource_config_fails_the_step_naming_the_new_place(
@@ -146,7 +146,7 @@ def test_old_resource_config_fails_the_step_naming_the_new_place(
     assert not result.success
     message = _failures(result)
     assert "resource config for sampling is no longer read" in message
-    new = {"ops": {"activation_records": {"config": {"top_k": 3}}, "top_k_examples": {"config": {"n_top_tokens": 2}}}}
+    new = {"ops": {"activation_records": {"config": {"top_k": 3}}, "unit_examples": {"config": {"n_top_tokens": 2}}}}
     assert json.dumps(new) in message
     assert q_tables(tmp_path) == ["corpus_tokens", "subject_model"]  # nothing was written with the wrong settings
 
@@ -163,7 +163,7 @@ def test_every_moved_key_is_refused_by_its_assets(key: str) -> None:
     field = next(iter(config_type.model_fields))
     ops = moved_to(key, {field: 1})
     assert list(ops) == [next(iter(MOVED_KNOBS[key]))] and ops[next(iter(ops))] == {"config": {field: 1}}
-    assert moved_to("sampling", {"min_token_count": 1}) == {"top_k_examples": {"config": {"min_token_count": 1}}}
+    assert moved_to("sampling", {"min_token_count": 1}) == {"unit_examples": {"config": {"min_token_count": 1}}}
 
 
 def test_the_guard_runs_in_run_stages_too(tmp_path: Path, digit_model_dir: Path, digit_corpus: Path) -> None:
@@ -187,10 +187,10 @@ def test_the_guard_runs_in_run_stages_too(tmp_path: Path, digit_model_dir: Path,
     for entry, refused in (({"config": {}}, False), ({"config": {"window": 3}}, True)):
         result = materialize(
             build_stage_assets(2),
-            selection=["top_k_examples"],
+            selection=["unit_examples"],
             partition_key="0",
             resources=resources | moved_knob_resources(),
-            run_config=RunConfig(ops={"top_k_examples": TopTokensConfig()}, resources={"classify": entry}),
+            run_config=RunConfig(ops={"unit_examples": TopTokensConfig()}, resources={"classify": entry}),
             instance=DagsterInstance.ephemeral(),
             raise_on_error=False,
         )
@@ -206,7 +206,7 @@ def test_atlas_run_config_drops_the_config_of_unselected_assets() -> None:
     config = atlas_run_config({"activation_records": SamplingConfig(top_k=3)}, selection={"activation_records"})
     assert config.ops["activation_records"].top_k == 3
     small = run_config(ops={"explanations": {"neuron_ids": [1]}})
-    assert set(for_selection(small, "activation_records,top_k_examples")["ops"]) == {"activation_records"}
+    assert set(for_selection(small, "activation_records,unit_examples")["ops"]) == {"activation_records"}
     assert set(for_selection(small, None)["ops"]) == {"activation_records", "explanations"}
 
 
@@ -223,11 +223,11 @@ def test_cli_config_yaml_with_a_partition_range(tmp_path: Path, digit_model_dir:
     records.write_text(LAUNCHPAD_YAML + yaml.safe_dump({"resources": run_config()["resources"]}))
     dagster = [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions"]
     run_cli([*dagster, "-c", str(setup), "--select", "subject_model,corpus_tokens"], env)
-    run_cli([*dagster, "-c", str(records), "--select", "activation_records,top_k_examples",
+    run_cli([*dagster, "-c", str(records), "--select", "activation_records,unit_examples",
              "--partition-range", "0...1"], env)  # fmt: skip
     q = query(Path(env["NEURON_ATLAS_DB"]))
     assert q(
         "select layer, count(distinct run_id), max(len(top)) from atlas.activation_records group by layer order by 1"
     ) == [(0, 1, 3), (1, 1, 3)]
-    assert q("select count(*) from atlas.top_k_examples where len(top_tokens) > 2") == [(0,)]
-    assert q("select count(*) from atlas.top_k_examples where neuron = ?", [DIGIT_NEURON])[0][0] > 0
+    assert q("select count(*) from atlas.unit_examples where len(top_tokens) > 2") == [(0,)]
+    assert q("select count(*) from atlas.unit_examples where neuron = ?", [DIGIT_NEURON])[0][0] > 0

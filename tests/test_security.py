@@ -37,7 +37,7 @@ from pipeline.infra.viewer import (
 from pipeline.infra.warehouse import SCHEMA
 
 HOSTILE = """it's "odd"'); drop table atlas.corpus_tokens; --"""
-TABLES = ["activation_records", "corpus_tokens", "subject_model", "top_k_examples"]
+TABLES = ["activation_records", "corpus_tokens", "subject_model", "unit_examples"]
 
 
 def test_quotes_in_model_and_corpus_names_are_data_not_sql(
@@ -60,7 +60,7 @@ def test_quotes_in_model_and_corpus_names_are_data_not_sql(
     assert sorted(tables) == TABLES
     model_ids = {r[0] for r in q("select distinct model_id from atlas.current_activation_records")}
     assert model_ids == {str(model.resolve())} and HOSTILE in next(iter(model_ids))
-    assert q("select count(distinct layer) from atlas.current_top_k_examples") == [(2,)]
+    assert q("select count(distinct layer) from atlas.current_unit_examples") == [(2,)]
 
 
 def test_a_partition_key_with_sql_in_it_is_refused(tmp_path: Path, digit_model_dir: Path, digit_corpus: Path) -> None:
@@ -111,7 +111,7 @@ def test_a_planted_api_key_appears_nowhere_a_run_writes(
             ops={"explanations": {"neuron_ids": [DIGIT_NEURON, 5, 6]}}, resources={"explainer": {"max_concurrency": 1}}
         )
         outputs = []
-        for select in ("subject_model,corpus_tokens", "activation_records,top_k_examples,explanations,simulations"):
+        for select in ("subject_model,corpus_tokens", "activation_records,unit_examples,explanations,simulations"):
             extra = ["--select", select] + (["--partition", "0"] if "explanations" in select else [])
             done = run_cli(materialize_command(config, *extra), env)
             outputs.append(done.stdout + done.stderr)

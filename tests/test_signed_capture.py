@@ -208,7 +208,7 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
             explainer=loopback_llm(srv, cache_path=str(root / "cache.sqlite"))["explainer"],
             simulator=RuleSimulator(rule="quoted"),
             explain=ExplainConfig(neuron_ids=[SIGNED_NEURON], samples=1),
-            selection=["subject_model", "corpus_tokens", "activation_records", "top_k_examples"]
+            selection=["subject_model", "corpus_tokens", "activation_records", "unit_examples"]
             + ["explanations", "simulations", "scores", "ablations", "classification_scores"],
             classify=ClassifyConfig(),
         )
@@ -223,7 +223,7 @@ def test_each_direction_is_a_unit_with_exact_records_and_top_tokens(signed_run: 
     q = query(database)
     for polarity, sign, words in (("+", 1.0, DIGITS), ("-", -1.0, NEG_WORDS)):
         ((max_activation, top_tokens),) = q(
-            "select max_activation, top_tokens from atlas.top_k_examples where layer = 1 and neuron = ?"
+            "select max_activation, top_tokens from atlas.unit_examples where layer = 1 and neuron = ?"
             " and polarity = ?",
             [SIGNED_NEURON, polarity],
         )

@@ -125,7 +125,7 @@ def test_the_index_is_sorted_by_score_and_links_every_unit(viewer_run: tuple) ->
 
 
 def _stored_acts(q, neuron: int, polarity: str, kind: str, seq_id: int) -> list[float]:
-    """A layer-0 record's activations as stored: top_k_examples refers to the neuron's `top`
+    """A layer-0 record's activations as stored: unit_examples refers to the neuron's `top`
     (`bottom` for '-') or `random` list of activation_records, whose `sequences` keep 8-bit codes
     on each sequence's [min_act, max_act]."""
     name = "random" if kind == "random" else ("bottom" if polarity == "-" else "top")
@@ -150,7 +150,7 @@ def test_the_data_file_holds_every_record_and_simulation_of_both_directions(view
     for neuron, polarity in _units(database):
         (unit,) = [u for u in neurons[neuron]["units"] if u["polarity"] == polarity]
         ((records, max_activation, top),) = q(
-            "select records, max_activation, top_tokens from atlas.top_k_examples"
+            "select records, max_activation, top_tokens from atlas.unit_examples"
             " where layer = 0 and neuron = ? and polarity = ?",
             [neuron, polarity],
         )
@@ -565,5 +565,5 @@ def test_a_rewrite_removes_the_per_neuron_pages_of_older_versions(tmp_path: Path
 def test_a_layer_without_records_is_a_clear_error(viewer_run: tuple) -> None:
     database, _ = viewer_run
     with open_warehouse(str(database), read_only=True) as conn:
-        with pytest.raises(AtlasInputError, match="layer 1 has no top_k_examples"):
+        with pytest.raises(AtlasInputError, match="layer 1 has no unit_examples"):
             load_layer(conn, 1)

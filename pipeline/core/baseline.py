@@ -1,6 +1,6 @@
 """The paper's token-space baseline: explain a unit by the tokens that most activate it.
 
-Two uses of the same top tokens (`top_k_examples.top_tokens`, built from the train and calibration
+Two uses of the same top tokens (`unit_examples.top_tokens`, built from the train and calibration
 splits only, so held-out sequences stay unseen):
 - `token_space_explanation`: the tokens as text, an explanation like any other, judged by the SAME
   simulator as the LLM's explanations (as in the paper), so "LLM vs token space" compares

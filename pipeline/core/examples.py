@@ -26,7 +26,7 @@ import polars as pl
 from pipeline.core.records import record_acts
 from pipeline.core.units import MAX_LEVEL, NEGATIVE, POSITIVE, SPLITS, normalize
 
-__all__ = ["MAX_LEVEL", "SPLITS", "normalize", "top_k_examples"]
+__all__ = ["MAX_LEVEL", "SPLITS", "normalize", "unit_examples"]
 
 
 def _records_long(activation_records: pl.DataFrame, column: str, kind: str, polarity: str | None) -> pl.DataFrame:
@@ -58,7 +58,7 @@ def _disjoint_random(top: pl.DataFrame, random: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def top_k_examples(
+def unit_examples(
     activation_records: pl.DataFrame, corpus_tokens: pl.DataFrame, n_top_tokens: int = 10, min_token_count: int = 2
 ) -> pl.DataFrame:
     """One row per unit (layer, neuron, polarity): normalization max, its split records, top

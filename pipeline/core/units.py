@@ -122,9 +122,9 @@ UNIT_SCHEMA = schema_of(Unit, UNIT_KEY)  # the key columns every per-unit table 
 def units_from_frames(
     examples: pl.DataFrame, corpus_tokens: pl.DataFrame, activation_records: pl.DataFrame
 ) -> dict[UnitKey, Unit]:
-    """One `Unit` per row of `top_k_examples` (rows written before polarity existed read as '+'),
+    """One `Unit` per row of `unit_examples` (rows written before polarity existed read as '+'),
     its records' activations read from `activation_records` (`RECORD_COLUMNS`), where
-    `pipeline.core.examples.top_k_examples` says they are."""
+    `pipeline.core.examples.unit_examples` says they are."""
     wanted = {int(s) for recs in examples["records"].to_list() for r in recs or [] for s in [r["seq_id"]]}
     tokens = {
         row["seq_id"]: (tuple(row["tokens"]), tuple(row["token_ids"]))
@@ -155,7 +155,7 @@ def units_from_frames(
         except KeyError as missing:
             raise AtlasInputError(
                 f"unit ({layer}, {neuron}, {polarity}): record {missing} is not in activation_records or"
-                " corpus_tokens: materialize activation_records and top_k_examples of the layer again"
+                " corpus_tokens: materialize activation_records and unit_examples of the layer again"
             ) from None
         unit = Unit(
             layer=layer,

@@ -63,7 +63,7 @@ def examples_complete(conn: Any) -> CheckOutcome:
     neuron's list in activation_records (where its activations are: `pipeline.core.units.source_list`),
     so the 0-10 levels the explainer and the views compute are defined."""
     no_max = _count(
-        conn, "select count(*) from {s}.top_k_examples where max_activation is null or not isfinite(max_activation)"
+        conn, "select count(*) from {s}.unit_examples where max_activation is null or not isfinite(max_activation)"
     )
     lists = " union all ".join(
         f"select model_id, model_revision, layer, neuron, '{name}' as list,"
@@ -73,7 +73,7 @@ def examples_complete(conn: Any) -> CheckOutcome:
     dangling = _count(
         conn,
         "with refs as (select model_id, model_revision, layer, neuron, coalesce(polarity, '+') as polarity,"
-        " unnest(records, recursive := true) from {s}.top_k_examples),"
+        " unnest(records, recursive := true) from {s}.unit_examples),"
         f" stored as ({lists})"
         " select count(*) from refs r anti join stored s on s.model_id = r.model_id"
         " and s.model_revision = r.model_revision and s.layer = r.layer and s.neuron = r.neuron"

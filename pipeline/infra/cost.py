@@ -1,7 +1,7 @@
 """What explaining and simulating a selection of layers and neurons will ask of the LLMs, before launch:
 `python -m pipeline.infra.cost --layers 0-3 --neurons 8 [--db FILE]`.
 
-Counts come from the warehouse's `top_k_examples` and `corpus_tokens` (materialize those first): the
+Counts come from the warehouse's `unit_examples` and `corpus_tokens` (materialize those first): the
 explainer's prompts are built exactly as the `explanations` step builds them. The simulator's are
 those the `simulations` step sends at most per unit: every candidate (the LLM's samples and the
 token-space explanation) on the valid split, the two chosen ones on calibration and test, and their
@@ -236,14 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, identity = load_tokenizer(args.tokenizer)
     with open_warehouse(args.db, read_only=True) as conn:
         examples = conn.sql(
-            "select * exclude (model_id, model_revision, run_id, code_version) from atlas.top_k_examples"
+            "select * exclude (model_id, model_revision, run_id, code_version) from atlas.unit_examples"
         ).pl()
         corpus = conn.sql("select seq_id, tokens, token_ids from atlas.corpus_tokens").pl()
         records = conn.sql(
             f"select {', '.join(RECORD_COLUMNS)}, quantile, quantile_neg from atlas.activation_records"
         ).pl()
     if examples.is_empty():
-        raise AtlasInputError("top_k_examples is empty: materialize activation_records and top_k_examples first")
+        raise AtlasInputError("unit_examples is empty: materialize activation_records and unit_examples first")
     layers = parse_layers(args.layers, int(examples["layer"].max()) + 1)
     ids = [int(i) for i in args.neuron_ids.split(",")] if args.neuron_ids else None
     costs = estimate(

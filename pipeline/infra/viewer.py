@@ -97,20 +97,20 @@ def _dicts(conn: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list
 def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
     """Reads one layer of the current model (the `current_*` views) for the explained units."""
     tables = _tables(conn)
-    needed = {"current_top_k_examples", "current_corpus_tokens", "current_explanations", "examples_long"}
+    needed = {"current_unit_examples", "current_corpus_tokens", "current_explanations", "examples_long"}
     if not needed <= tables:
         raise AtlasInputError(
-            f"the warehouse has no {', '.join(sorted(needed - tables))} yet: materialize top_k_examples and "
+            f"the warehouse has no {', '.join(sorted(needed - tables))} yet: materialize unit_examples and "
             "explanations for this layer before the neuron viewer"
         )
     heads = _dicts(
         conn,
-        "select model_id, model_revision, count(distinct neuron) as n from atlas.current_top_k_examples "
+        "select model_id, model_revision, count(distinct neuron) as n from atlas.current_unit_examples "
         "where layer = ? group by all",
         [layer],
     )
     if not heads:
-        raise AtlasInputError(f"layer {layer} has no top_k_examples for the current model: materialize it first")
+        raise AtlasInputError(f"layer {layer} has no unit_examples for the current model: materialize it first")
     head = heads[0]
     scored = "current_scores" in tables
     score_cols = (
@@ -142,19 +142,19 @@ def load_layer(conn: duckdb.DuckDBPyConnection, layer: int) -> LayerData:
     neurons = sorted({n for n, _ in by_unit})
     polarity = (
         "coalesce(polarity, '+') as polarity"
-        if "polarity" in _columns(conn, "current_top_k_examples")
+        if "polarity" in _columns(conn, "current_unit_examples")
         else "'+' as polarity"
     )
     examples = {
         (r["neuron"], r["polarity"]): r
         for r in _dicts(
             conn,
-            f"select neuron, {polarity}, max_activation, top_tokens from atlas.current_top_k_examples "
+            f"select neuron, {polarity}, max_activation, top_tokens from atlas.current_unit_examples "
             "where layer = ? and list_contains(?, neuron)",
             [layer, neurons],
         )
     }
-    # The units' records with their tokens and activations (top_k_examples holds references), top first.
+    # The units' records with their tokens and activations (unit_examples holds references), top first.
     records: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for row in _dicts(
         conn,

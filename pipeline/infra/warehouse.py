@@ -292,25 +292,42 @@ def _view_digest(sql: str) -> str:
     return "neuron-atlas view sha256:" + hashlib.sha256(sql.encode()).hexdigest()[:16]
 
 
+# Tables renamed since their first release (old name -> new). An older warehouse's table is renamed
+# in place before the first read or write through the IO manager, and a view under the old name
+# (warehouse/views) keeps saved SQL working.
+RENAMED_TABLES: dict[str, str] = {"top_k_examples": "unit_examples"}
+
 # Columns added to a table after its first release, at its end (inserts are positional), which the
 # views read: a table written before then gains them (NULL in the old rows, which the views read as
 # the old meaning: a NULL polarity is '+').
 APPENDED_COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "top_k_examples": [("polarity", "VARCHAR")],
+    "unit_examples": [("polarity", "VARCHAR")],
     "explanations": [("copies_redrawn", "SMALLINT")],
 }
 
 
-def add_appended_columns(conn: Any) -> None:
-    """Give the tables written before APPENDED_COLUMNS existed those columns (before a write's
-    transaction: DuckDB cannot alter a table that the same transaction has modified)."""
-    existing = {
+def _base_tables(conn: Any) -> set[str]:
+    return {
         row[0]
         for row in conn.execute(
             "select table_name from information_schema.tables where table_schema = ? and table_type = 'BASE TABLE'",
             [SCHEMA],
         ).fetchall()
     }
+
+
+def upgrade_tables(conn: Any) -> None:
+    """Bring the tables of an older warehouse up to date in place, in a transaction of its own
+    (DuckDB cannot alter a table that the same transaction has modified): rename the tables renamed
+    since (RENAMED_TABLES; then the views, which read the new names, are made again), and give
+    the tables written before APPENDED_COLUMNS existed those columns."""
+    existing = _base_tables(conn)
+    renamed = False
+    for old, new in RENAMED_TABLES.items():
+        if old in existing and new not in existing:
+            conn.execute(f"alter table {SCHEMA}.{old} rename to {new}")
+            existing = (existing - {old}) | {new}
+            renamed = True
     for table, columns in APPENDED_COLUMNS.items():
         if table not in existing:
             continue
@@ -324,6 +341,8 @@ def add_appended_columns(conn: Any) -> None:
         for name, kind in columns:
             if name not in have:
                 conn.execute(f"alter table {SCHEMA}.{table} add column {name} {kind}")
+    if renamed:
+        create_views(conn)
 
 
 def create_views(conn: Any, only_changed: bool = False) -> list[str]:
@@ -332,13 +351,7 @@ def create_views(conn: Any, only_changed: bool = False) -> list[str]:
     only_changed (for a DuckLake): skip views whose stored comment holds the file's digest, so
     concurrent writers do not all redefine the same views in every commit (each redefinition is a
     catalog change that conflicts with the others')."""
-    existing = {
-        row[0]
-        for row in conn.execute(
-            "select table_name from information_schema.tables where table_schema = ? and table_type = 'BASE TABLE'",
-            [SCHEMA],
-        ).fetchall()
-    }
+    existing = _base_tables(conn)
     stored: dict[str, str | None] = {}
     if only_changed:
         stored = dict(
@@ -354,8 +367,8 @@ def create_views(conn: Any, only_changed: bool = False) -> list[str]:
             line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("-- requires:")
         }
         needed_tables = {t.strip() for item in needs for t in item.split(",")}
-        if not needed_tables <= existing:
-            continue
+        if not needed_tables <= existing or path.stem in existing:
+            continue  # a table it reads is not written yet, or a view under a table's old name whose table was kept
         sql = path.read_text()
         if only_changed and stored.get(path.stem) == _view_digest(sql):
             continue

@@ -1,17 +1,17 @@
--- One row per (layer, neuron, polarity, split record) of top_k_examples, with tokens, activations
--- and 0-10 levels. top_k_examples holds references: a '+' unit's top records are in the neuron's
+-- One row per (layer, neuron, polarity, split record) of unit_examples, with tokens, activations
+-- and 0-10 levels. unit_examples holds references: a '+' unit's top records are in the neuron's
 -- `top` list of activation_records, a '-' unit's in its `bottom` list and random records in its
 -- `random` list (the check examples_complete verifies it); the activations are in its `sequences`
 -- (decoded as in records_long). acts are the neuron's raw (signed) activations; levels and max_act
 -- are in the unit's direction (for polarity '-': relu(-a) / max_activation, where max_activation =
 -- |min|), computed as `pipeline.core.units.normalize` does. Rows written before polarity existed read as '+'.
 -- record_kind: 'top' or 'random' (the stored struct field `kind`; `simulations` calls it record_kind too).
--- requires: top_k_examples, activation_records, corpus_tokens
+-- requires: unit_examples, activation_records, corpus_tokens
 create or replace view atlas.examples_long as
 with recs as (
     select e.model_id, e.model_revision, e.layer, e.neuron, coalesce(e.polarity, '+') as polarity,
            e.max_activation, unnest(e.records, recursive := true)
-    from atlas.top_k_examples e
+    from atlas.unit_examples e
 ),
 seqs as (
     select a.model_id, a.model_revision, a.layer, a.neuron, unnest(a.sequences, recursive := true)

@@ -7,7 +7,7 @@
 -- where not classified); and the five top tokens.
 -- A score means something only where the gap is clearly above zero: see the scores asset's
 -- simulator_discriminates check, or `python -m pipeline.infra.report signal`.
--- requires: top_k_examples, explanations, scores, ablations, classification_scores
+-- requires: unit_examples, explanations, scores, ablations, classification_scores
 create or replace view atlas.neuron_summary as
 with units as (
     select distinct model_id, model_revision, layer, neuron, polarity from atlas.explanations
@@ -26,7 +26,7 @@ select u.model_id, u.model_revision, u.layer, u.neuron, u.polarity, k.max_activa
        f.gap as fuzzing_gap, f.auc as fuzzing_auc,
        list_transform(k.top_tokens[1:5], lambda t: t.token) as top_tokens
 from units u
-join atlas.top_k_examples k
+join atlas.unit_examples k
     on k.model_id = u.model_id and k.layer = u.layer and k.neuron = u.neuron
     and coalesce(k.polarity, '+') = u.polarity
 left join test b
