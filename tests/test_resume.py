@@ -35,7 +35,9 @@ def test_killed_explanation_run_resumes_without_redoing_finished_neurons(
 ) -> None:
     env = project_env(tmp_path, digit_model_dir, digit_corpus)
     database, cache = Path(env["NEURON_ATLAS_DB"]), Path(env["NEURON_ATLAS_LLM_CACHE"])
-    config = run_config(ops={"explanations": {"neuron_ids": NEURONS}})
+    # Units' requests are generated in batches (explainer.batch_requests): batches of 2, so the run
+    # has finished some neurons and not others when it is killed.
+    config = run_config(ops={"explanations": {"neuron_ids": NEURONS}}, resources={"explainer": {"batch_requests": 2}})
     for extra in (
         ["--select", "subject_model,corpus_tokens"],
         ["--select", "activation_records,unit_examples", "--partition", "0"],
