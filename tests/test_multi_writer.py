@@ -73,7 +73,11 @@ def postgres() -> Iterator[PostgresServer]:
 
 def _config(neurons: list[int]) -> dict:
     # One sample: each neuron's explanations are one of each kind (llm, token_lookup, token_space).
-    return run_config(ops={"explanations": {"neuron_ids": neurons, "samples": 1}})
+    # Units' requests in batches of 2 (explainer.batch_requests), so the killed writer has finished some
+    # neurons and not others.
+    return run_config(
+        ops={"explanations": {"neuron_ids": neurons, "samples": 1}}, resources={"explainer": {"batch_requests": 2}}
+    )
 
 
 def _sql(database: str, sql: str) -> list[tuple]:
