@@ -25,13 +25,13 @@ from pipeline.infra import llm_cache
 from pipeline.infra.llm_cache import LLMCache
 from pipeline.infra.warehouse import (
     SCHEMA,
-    VIEWS_DIR,
     WarehouseBusy,
     create_views,
     extension_file,
     lake_catalog,
     open_warehouse,
     retry_on_conflict,
+    views_for,
 )
 
 QUERIES = Path(__file__).resolve().parents[1] / "warehouse" / "queries"
@@ -259,12 +259,10 @@ def test_views_and_example_queries_give_the_same_answers_on_a_file_and_a_lake(
                     [SCHEMA],
                 ).fetchall()
             }
-            for view in sorted(VIEWS_DIR.glob("*.sql")):
-                if all(t.strip() in tables for line in view.read_text().splitlines() if line.startswith("-- requires:")
-                       for t in line.split(":", 1)[1].split(",")):  # fmt: skip
-                    columns = [r[0] for r in conn.execute(f"describe {SCHEMA}.{view.stem}").fetchall()]
-                    keep = ", ".join(c for c in columns if c != "run_id")
-                    out[view.stem] = conn.execute(f"select {keep} from {SCHEMA}.{view.stem} order by all").fetchall()
+            for view in views_for(tables):
+                columns = [r[0] for r in conn.execute(f"describe {SCHEMA}.{view.stem}").fetchall()]
+                keep = ", ".join(c for c in columns if c != "run_id")
+                out[view.stem] = conn.execute(f"select {keep} from {SCHEMA}.{view.stem} order by all").fetchall()
             for query in sorted(QUERIES.glob("*.sql")):
                 sql = query.read_text()
                 if all(f"atlas.{t}" not in sql for t in ("explanations", "scores", "ablations", "simulations")):

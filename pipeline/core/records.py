@@ -108,7 +108,7 @@ def quantize(acts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def dequantize(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """uint8 codes [..., T] -> float32 activations; codes 0 and CODE_MAX give lo and hi exactly.
-    The `records_long` view computes the same expression in SQL."""
+    The `sequences_long` view computes the same expression in SQL."""
     lo64, hi64 = np.asarray(lo, np.float64)[..., None], np.asarray(hi, np.float64)[..., None]
     return (lo64 + np.asarray(codes, np.float64) * (hi64 - lo64) / CODE_MAX).astype(np.float32)
 
@@ -561,7 +561,7 @@ def _sequences(neurons: np.ndarray, sets: Sequence[RecordSet]) -> pl.DataFrame:
 def record_acts(activation_records: pl.DataFrame, kinds: Sequence[str]) -> pl.DataFrame:
     """The records of the given lists, one row each: layer, neuron, kind (the list), rank, seq_id,
     bin (NULL outside the quantile lists), max_act, min_act and `acts` (float32, decoded from the
-    neuron's `sequences`). The one reader of the storage format; `records_long` is its SQL twin."""
+    neuron's `sequences`). The one reader of the storage format; `sequences_long` is its SQL twin."""
     parts = [
         activation_records.select("layer", "neuron", kind)
         .explode(kind)

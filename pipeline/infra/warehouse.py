@@ -22,6 +22,7 @@ Two kinds, chosen by NEURON_ATLAS_DB:
 
 from __future__ import annotations
 
+import graphlib
 import hashlib
 import importlib.util
 import os
@@ -288,6 +289,34 @@ def view_files() -> list[Path]:
     return sorted(VIEWS_DIR.glob("*.sql"))
 
 
+def view_requirements(path: Path) -> set[str]:
+    """The tables and views a view file reads, from its `-- requires:` lines."""
+    return {
+        name.strip()
+        for line in path.read_text().splitlines()
+        if line.startswith("-- requires:")
+        for name in line.split(":", 1)[1].split(",")
+        if name.strip()
+    }
+
+
+def views_for(tables: set[str]) -> list[Path]:
+    """The view files that can be made over these base tables, each after the views it reads.
+
+    A view can be made when every table it requires exists and every view it requires can be
+    made; a view under the name of an existing table (an old name kept by a warehouse that two
+    versions write) is not. So a view may build on another whatever their names' order (views
+    that require each other raise graphlib.CycleError)."""
+    files = {path.stem: path for path in view_files()}
+    needs = {name: view_requirements(path) for name, path in files.items()}
+    order = list(graphlib.TopologicalSorter({n: reqs & files.keys() for n, reqs in needs.items()}).static_order())
+    makeable: set[str] = set()
+    for name in order:
+        if name in files and name not in tables and all(r in tables or r in makeable for r in needs[name]):
+            makeable.add(name)
+    return [files[name] for name in order if name in makeable]
+
+
 def _view_digest(sql: str) -> str:
     return "neuron-atlas view sha256:" + hashlib.sha256(sql.encode()).hexdigest()[:16]
 
@@ -346,7 +375,8 @@ def upgrade_tables(conn: Any) -> None:
 
 
 def create_views(conn: Any, only_changed: bool = False) -> list[str]:
-    """(Re)create every view whose tables exist yet; returns the names created.
+    """(Re)create every view whose tables exist yet, each after the views it reads; returns the
+    names created.
 
     only_changed (for a DuckLake): skip views whose stored comment holds the file's digest, so
     concurrent writers do not all redefine the same views in every commit (each redefinition is a
@@ -362,13 +392,7 @@ def create_views(conn: Any, only_changed: bool = False) -> list[str]:
             ).fetchall()
         )
     created = []
-    for path in view_files():
-        needs = {
-            line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("-- requires:")
-        }
-        needed_tables = {t.strip() for item in needs for t in item.split(",")}
-        if not needed_tables <= existing or path.stem in existing:
-            continue  # a table it reads is not written yet, or a view under a table's old name whose table was kept
+    for path in views_for(existing):
         sql = path.read_text()
         if only_changed and stored.get(path.stem) == _view_digest(sql):
             continue

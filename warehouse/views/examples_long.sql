@@ -1,30 +1,24 @@
 -- One row per (layer, neuron, polarity, split record) of unit_examples, with tokens, activations
 -- and 0-10 levels. unit_examples holds references: a '+' unit's top records are in the neuron's
 -- `top` list of activation_records, a '-' unit's in its `bottom` list and random records in its
--- `random` list (the check examples_complete verifies it); the activations are in its `sequences`
--- (decoded as in records_long). acts are the neuron's raw (signed) activations; levels and max_act
--- are in the unit's direction (for polarity '-': relu(-a) / max_activation, where max_activation =
+-- `random` list (the check examples_complete verifies it); the activations come from
+-- sequences_long. acts are the neuron's raw (signed) activations; levels and max_act are in the
+-- unit's direction (for polarity '-': relu(-a) / max_activation, where max_activation =
 -- |min|), computed as `pipeline.core.units.normalize` does. Rows written before polarity existed read as '+'.
 -- record_kind: 'top' or 'random' (the stored struct field `kind`; `simulations` calls it record_kind too).
--- requires: unit_examples, activation_records, corpus_tokens
+-- requires: unit_examples, sequences_long, corpus_tokens
 create or replace view atlas.examples_long as
 with recs as (
     select e.model_id, e.model_revision, e.layer, e.neuron, coalesce(e.polarity, '+') as polarity,
            e.max_activation, unnest(e.records, recursive := true)
     from atlas.unit_examples e
 ),
-seqs as (
-    select a.model_id, a.model_revision, a.layer, a.neuron, unnest(a.sequences, recursive := true)
-    from atlas.activation_records a
-),
 decoded as (
     select r.model_id, r.model_revision, r.layer, r.neuron, r.polarity, r.kind as record_kind, r.split, r.split_rank, r.rank,
            r.seq_id, r.max_activation, case when r.polarity = '-' then -1.0 else 1.0 end as sign,
-           (case when r.polarity = '-' then -s.min_act else s.max_act end)::float as max_act,
-           list_transform(s.codes, lambda v: (s.min_act::double + v * (s.max_act::double - s.min_act::double) / 255)::float)
-               as acts
+           (case when r.polarity = '-' then -s.min_act else s.max_act end)::float as max_act, s.acts
     from recs r
-    join seqs s
+    join atlas.sequences_long s
       on s.model_id = r.model_id and s.model_revision = r.model_revision and s.layer = r.layer
      and s.neuron = r.neuron and s.seq_id = r.seq_id
 )

@@ -3,10 +3,9 @@
 -- (by min, most negative first), 'random',
 -- 'quantile' (bins by max) and 'quantile_neg' (bins by -min, bin 0 = least negative); 'bottom' and
 -- 'quantile_neg' rows exist only where the negative direction was captured (negative_captured).
--- A list holds (rank, seq_id[, bin]); the neuron's `sequences` hold each sequence once, with its max,
--- min and 8-bit codes on [min_act, max_act], decoded here as `acts` by the expression of
--- `pipeline.core.records.dequantize`, so Python and SQL read the same floats.
--- requires: activation_records, corpus_tokens
+-- A list holds (rank, seq_id[, bin]); the record's max, min and activations (`acts`) come from
+-- sequences_long, which decodes the neuron's stored sequences.
+-- requires: activation_records, sequences_long, corpus_tokens
 create or replace view atlas.records_long as
 with recs as (
     select a.model_id, a.model_revision, a.layer, a.neuron, 'top' as record_list, unnest(a.top, recursive := true)
@@ -24,17 +23,11 @@ with recs as (
     select a.model_id, a.model_revision, a.layer, a.neuron, 'quantile_neg' as record_list,
            unnest(a.quantile_neg, recursive := true)
     from atlas.activation_records a
-),
-seqs as (
-    select a.model_id, a.model_revision, a.layer, a.neuron, unnest(a.sequences, recursive := true)
-    from atlas.activation_records a
 )
 select r.model_id, r.model_revision, r.layer, r.neuron, r.record_list, r.rank, r.bin, r.seq_id, s.max_act, s.min_act,
-       c.tokens,
-       list_transform(s.codes, lambda v: (s.min_act::double + v * (s.max_act::double - s.min_act::double) / 255)::float)
-           as acts
+       c.tokens, s.acts
 from recs r
-join seqs s
+join atlas.sequences_long s
   on s.model_id = r.model_id and s.model_revision = r.model_revision and s.layer = r.layer
  and s.neuron = r.neuron and s.seq_id = r.seq_id
 join atlas.corpus_tokens c
