@@ -37,7 +37,7 @@ def build_ablation_assets(layers_def: StaticPartitionsDefinition) -> list[Assets
     @asset(
         code_version="2",
         ins={"activation_records": AssetIn(metadata={"columns": [*RECORD_COLUMNS, "mean_activation"]})},
-        **atlas_asset_args(layers_def),
+        **atlas_asset_args(layers_def, columns=ABLATION_SCHEMA),
     )
     def ablations(
         context: AssetExecutionContext,

@@ -34,6 +34,7 @@ from assets.io import WarehouseDbIOManager
 from assets.llm_metadata import usage_metadata
 from assets.resources import SimulatorResource
 from pipeline.core.classify import (
+    CLASSIFICATION_SCHEMA,
     QUANTILE_LISTS,
     SCORERS,
     classification_discrimination,
@@ -72,7 +73,7 @@ def build_classification_assets(layers_def: StaticPartitionsDefinition) -> list[
                 "same prompts) clearly enough, over the layers just written: a paired sign-flip test per scorer.",
             )
         ],
-        **atlas_asset_args(layers_def),
+        **atlas_asset_args(layers_def, columns=CLASSIFICATION_SCHEMA),
     )
     def classification_scores(
         context: AssetExecutionContext,

@@ -18,6 +18,8 @@ from dagster import (
     MetadataValue,
     Output,
     StaticPartitionsDefinition,
+    TableColumn,
+    TableSchema,
 )
 
 from assets.automation import RERUN
@@ -40,6 +42,12 @@ RECORD_ACTS = AssetIn(metadata={"columns": RECORD_COLUMNS})
 LLM_POOL = "llm"
 # The columns `with_lineage` puts before every row.
 LINEAGE_COLUMNS = ("model_id", "model_revision", "run_id", "code_version")
+LINEAGE_DOCS = {
+    "model_id": "the subject model (Hugging Face id or local path)",
+    "model_revision": "its checkpoint: the commit, or a hash of the weights' files",
+    "run_id": "the Dagster run that wrote the row",
+    "code_version": "the asset's code version when the row was written",
+}
 # Columns that say how a row was obtained (from the response cache, for how many tokens), not what
 # it says: left out of the data version, so a rerun answered from the cache changes nothing.
 BOOKKEEPING_COLUMNS = (
@@ -55,21 +63,42 @@ def layer_partitions(n_layers: int) -> StaticPartitionsDefinition:
     return StaticPartitionsDefinition([str(i) for i in range(n_layers)])
 
 
+def column_schema(columns: Mapping[str, Any], docs: Mapping[str, str] | None = None) -> TableSchema:
+    """A table's columns as the Dagster UI lists them (the asset's Columns tab): the lineage
+    columns `with_lineage` puts first, then `columns` (name -> polars dtype), each with what it
+    means where `docs` says."""
+    docs = {**LINEAGE_DOCS, **(docs or {})}
+    typed = {name: pl.String for name in LINEAGE_COLUMNS} | dict(columns)
+    return TableSchema(
+        columns=[TableColumn(name, str(dtype), description=docs.get(name)) for name, dtype in typed.items()]
+    )
+
+
 def atlas_asset_args(
-    partitions_def: StaticPartitionsDefinition | None = None, *, in_warehouse: bool = True
+    partitions_def: StaticPartitionsDefinition | None = None,
+    *,
+    in_warehouse: bool = True,
+    columns: Mapping[str, Any] | None = None,
+    column_docs: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The `@asset` arguments the atlas assets share, so each `@asset` states only its own
     (code_version, deps, ins, pool, check_specs...). Every asset is in the `atlas` group and
     backfills all selected layers in one run. `in_warehouse`: its output is a warehouse table
     (partitioned by its `layer` column when `partitions_def` is given) and it reruns by `RERUN`;
-    otherwise (the viewer) it writes elsewhere and states its own automation condition."""
+    otherwise (the viewer) it writes elsewhere and states its own automation condition.
+    `columns` (and `column_docs`): the table's schema, shown in the UI before it is materialized."""
     args: dict[str, Any] = {"group_name": GROUP, "backfill_policy": BackfillPolicy.single_run()}
+    metadata: dict[str, Any] = {}
     if partitions_def is not None:
         args["partitions_def"] = partitions_def
     if in_warehouse:
         args |= {"io_manager_key": WAREHOUSE, "automation_condition": RERUN}
         if partitions_def is not None:
-            args["metadata"] = LAYER_METADATA
+            metadata |= LAYER_METADATA
+    if columns is not None:
+        metadata["dagster/column_schema"] = column_schema(columns, column_docs)
+    if metadata:
+        args["metadata"] = metadata
     return args
 
 

@@ -37,7 +37,11 @@ from assets.resources import ExplainerResource, SimulatorResource
 from pipeline.core.failures import check_failure_share, explanation_outcomes, simulation_outcomes
 from pipeline.core.interpret import (
     CANDIDATE_KINDS,
+    EXPLANATION_SCHEMA,
     LLM,
+    SCORE_COLUMN_DOCS,
+    SCORE_SCHEMA,
+    SIMULATION_SCHEMA,
     TOKEN_LOOKUP,
     explain_layer,
     layer_discrimination,
@@ -63,7 +67,12 @@ def _histogram(values: list[float], bins: int = 10) -> str:
 
 
 def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[AssetsDefinition]:
-    @asset(code_version="2", pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **atlas_asset_args(layers_def))
+    @asset(
+        code_version="2",
+        pool=LLM_POOL,
+        ins={"activation_records": RECORD_ACTS},
+        **atlas_asset_args(layers_def, columns=EXPLANATION_SCHEMA),
+    )
     def explanations(
         context: AssetExecutionContext,
         unit_examples: pl.DataFrame,
@@ -119,7 +128,12 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
         )
         return versioned_output(frame, identity, context)
 
-    @asset(code_version="2", pool=LLM_POOL, ins={"activation_records": RECORD_ACTS}, **atlas_asset_args(layers_def))
+    @asset(
+        code_version="2",
+        pool=LLM_POOL,
+        ins={"activation_records": RECORD_ACTS},
+        **atlas_asset_args(layers_def, columns=SIMULATION_SCHEMA),
+    )
     def simulations(
         context: AssetExecutionContext,
         explanations: pl.DataFrame,
@@ -169,7 +183,7 @@ def build_interpret_assets(layers_def: StaticPartitionsDefinition) -> list[Asset
                 "same sequences) clearly enough, over the layers just written: a paired sign-flip test.",
             )
         ],
-        **atlas_asset_args(layers_def),
+        **atlas_asset_args(layers_def, columns=SCORE_SCHEMA, column_docs=SCORE_COLUMN_DOCS),
     )
     def scores(context: AssetExecutionContext, simulations: pl.DataFrame, unit_examples: pl.DataFrame) -> Iterator:
         """Per explanation and split (valid, test): correlation (top+random, top, random), calibrated r²

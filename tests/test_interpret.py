@@ -605,6 +605,36 @@ def test_every_row_carries_lineage_and_the_summary_view_joins_correctly(local_ru
             assert top_tokens and set(top_tokens) <= set(DIGITS)
 
 
+def test_the_ui_column_schema_is_the_written_table(local_run: tuple) -> None:
+    """Each table asset's column schema (the Dagster UI's Columns tab, shown before a first run)
+    lists the columns the warehouse table has, in order, with DuckDB's types; the score columns
+    say which of the paper's scores they are."""
+    from dagster import AssetKey
+
+    from assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    scalars = {"String": "VARCHAR", "Int8": "TINYINT", "Int16": "SMALLINT", "Int32": "INTEGER", "Int64": "BIGINT"}
+    scalars |= {"Float32": "FLOAT", "Float64": "DOUBLE", "Boolean": "BOOLEAN"}
+
+    def duck_type(polars_type: str) -> str:
+        inner = polars_type.removeprefix("List(").removesuffix(")")
+        return scalars[polars_type] if inner == polars_type else duck_type(inner) + "[]"
+
+    with duckdb.connect(str(local_run[0]), read_only=True) as conn:
+        for table in ("explanations", "simulations", "scores", "ablations", "classification_scores"):
+            schema = graph.get(AssetKey(table)).metadata["dagster/column_schema"]
+            stored = conn.execute(
+                "select column_name, data_type from information_schema.columns"
+                " where table_schema = 'atlas' and table_name = ? order by ordinal_position",
+                [table],
+            ).fetchall()
+            assert [(c.name, duck_type(c.type)) for c in schema.columns] == stored, table
+    docs = {c.name: c.description for c in graph.get(AssetKey("scores")).metadata["dagster/column_schema"].columns}
+    assert "ev_correlation_score" in docs["corr_all"]
+    assert "rsquared_score" in docs["r2_all"] and "absolute_dev_explained_score" in docs["absdev_all"]
+
+
 def test_current_views_keep_only_the_current_models_rows(local_run: tuple, tmp_path: Path) -> None:
     database = tmp_path / "copy.duckdb"
     database.write_bytes(local_run[0].read_bytes())

@@ -2,7 +2,9 @@
 
 A field annotated with one of the aliases below (`layer: Int32`, `corr_all: Float64 | None`) says
 both what the code holds and which polars dtype its column has; `schema_of` reads the dtypes off
-the dataclass, so a record and the frame built from it cannot drift apart.
+the dataclass, so a record and the frame built from it cannot drift apart. A field's
+`metadata={"doc": ...}` says what its column means (`column_docs`), for the Dagster UI's column
+schema.
 """
 
 from __future__ import annotations
@@ -44,3 +46,15 @@ def schema_of(record: type, names: typing.Iterable[str] | None = None) -> dict[s
     if missing:
         raise KeyError(f"{record.__name__} has no field {missing}")
     return {name: _dtype(hints[name], f"{record.__name__}.{name}") for name in chosen}
+
+
+def column_docs(record: type) -> dict[str, str]:
+    """Column name -> meaning, from the fields' `metadata={"doc": ...}`; a `<name>_reason` field
+    without one says why `<name>` is NULL."""
+    fields = {f.name: f for f in dataclasses.fields(record)}
+    docs = {name: f.metadata["doc"] for name, f in fields.items() if "doc" in f.metadata}
+    for name in fields:
+        base = name.removesuffix("_reason")
+        if name not in docs and base != name and base in fields:
+            docs[name] = f"why {base} is NULL (NULL when it has a value)"
+    return docs

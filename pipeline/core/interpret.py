@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.core.baseline import TOKEN_SPACE_VERSION, TokenLookupSimulator, token_space_explanation
-from pipeline.core.frames import schema_of
+from pipeline.core.frames import column_docs, schema_of
 from pipeline.core.llm import Completion, GenerationParams, LLMBackend, LLMFailure
 from pipeline.core.progress import Progress
 from pipeline.core.prompts import (
@@ -481,6 +481,19 @@ SCORE_SCHEMA = {
     "prompt_version": pl.String,
 }
 SCORE_KEY = [*EXPLANATION_KEY, "split"]
+# What the score columns mean, for the Dagster UI's column schema (the names map to the paper's).
+SCORE_COLUMN_DOCS = {
+    "split": "'valid' (where each kind's explanation is chosen) or 'test' (what is reported)",
+    "selected": "the explanation chosen for its kind on the valid split",
+    "best": "the unit's chosen explanation across kinds: its test row is THE score",
+    **column_docs(SplitScores),
+    "calibration_slope": "activation = slope * level + intercept, fitted on the calibration split",
+    "calibration_intercept": "see calibration_slope",
+    "calibration_reason": "why the simulation was not calibrated (NULL when it was)",
+    "control_neuron": "the control: another unit's explanation simulated on this unit's sequences",
+    "control_corr_all": "the control's corr_all: what an unrelated explanation scores here",
+    "gap": "corr_all - control_corr_all: what the explanation adds over another unit's",
+}
 NOT_CALIBRATED = "not calibrated: only each kind's chosen explanation is simulated on the calibration split"
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -116,18 +116,30 @@ def fit_calibration(levels: Sequence[np.ndarray], acts: Sequence[np.ndarray]) ->
 class SplitScores:
     """One explanation's scores on one split's sequences (top and random records)."""
 
-    corr_all: Float64 | None
+    corr_all: Float64 | None = field(
+        metadata={
+            "doc": "Pearson correlation of true and simulated activations over all tokens of the split's top "
+            "and random records: the paper's ev_correlation_score (top-and-random scoring)"
+        }
+    )
     corr_all_reason: Str | None
-    corr_top: Float64 | None
+    corr_top: Float64 | None = field(metadata={"doc": "the same correlation over the top records alone"})
     corr_top_reason: Str | None
-    corr_random: Float64 | None
+    corr_random: Float64 | None = field(metadata={"doc": "the same correlation over the random records alone"})
     corr_random_reason: Str | None
-    r2_all: Float64 | None  # on the calibrated simulation, activation space
+    r2_all: Float64 | None = field(
+        metadata={
+            "doc": "1 - mean((true - calibrated)^2) / mean(true^2) over top and random records, the simulation "
+            "calibrated to activations on the calibration split: the paper's rsquared_score"
+        }
+    )
     r2_all_reason: Str | None
-    absdev_all: Float64 | None  # likewise
+    absdev_all: Float64 | None = field(
+        metadata={"doc": "1 - mean|true - calibrated| / mean|true|, likewise: the paper's absolute_dev_explained_score"}
+    )
     absdev_all_reason: Str | None
-    n_sequences: Int32
-    n_tokens: Int32
+    n_sequences: Int32 = field(metadata={"doc": "sequences of the split scored (top and random records)"})
+    n_tokens: Int32 = field(metadata={"doc": "tokens of those sequences"})
 
 
 def score_split(
