@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, GPT2Config, GPT2LMHea
 from pipeline.core.errors import AtlasInputError
 from pipeline.core.llm import Completion, GenerationParams
 from pipeline.core.llm_local import LocalBackend, shared_length
-from pipeline.core.models import embedded_model_dir
+from pipeline.core.models import EMBEDDED, embedded_model_dir, load_subject_model
 from pipeline.core.prompts import explainer_few_shot_explanations, explanation_prompt
 
 RECORDS = [
@@ -161,6 +161,33 @@ def test_requests_batched_together_write_what_each_writes_alone(tokenizer: Any, 
     finally:
         torch.Generator = original  # type: ignore[misc]
     assert mixed != want
+
+
+def test_a_request_counts_the_tokens_it_generated_alone_or_batched() -> None:
+    """completion_tokens counts each row's tokens before its end (EOS, or the padding after a stop
+    string). On the embedded Gemma, whose rows end at different steps, a finished row is padded
+    until its request's (alone) or its batch's (batched) last row ends, with EOS, Gemma's padding:
+    counting that padding made a batched request count more than the same request alone."""
+    subject = load_subject_model(EMBEDDED)
+    params = GenerationParams(max_tokens=40, temperature=1.0, n=2, stop=("\n",), seed=3)
+    prompts = [explanation_prompt(r) for r in RECORDS]
+    alone, alone_ids = run(LocalBackend(subject.model, subject.tokenizer, "embedded"), prompts, params)
+    together, together_ids = run(
+        LocalBackend(subject.model, subject.tokenizer, "embedded", batch_requests=3), prompts, params
+    )
+    assert len(together_ids) == 1  # one batch
+    assert [c.texts for c in together] == [c.texts for c in alone]
+    ends = {subject.tokenizer.eos_token_id, subject.tokenizer.pad_token_id}
+
+    def by_hand(rows: list[list[int]]) -> int:
+        return sum(next((i for i, t in enumerate(row) if t in ends), len(row)) for row in rows)
+
+    assert [c.completion_tokens for c in alone] == [by_hand(rows) for rows in alone_ids]
+    assert [c.completion_tokens for c in together] == [c.completion_tokens for c in alone]
+    # The case that matters happened: some request's rows were padded in the batch beyond its own end.
+    batch_length = len(together_ids[0][0])
+    assert any(len(rows[0]) < batch_length for rows in alone_ids)
+    assert all(0 < c.completion_tokens < params.n * params.max_tokens for c in alone)
 
 
 def test_a_batch_that_does_not_fit_runs_one_request_at_a_time(tokenizer: Any) -> None:

@@ -131,6 +131,11 @@ class LocalBackend(LLMBackend):
         # Stop-string tables per stop tuple: `generate(stop_strings=...)` rebuilds its criterion from the
         # whole vocabulary on every call (sorting and hashing 262k tokens for Gemma).
         self._stops: dict[tuple[str, ...], StopStringCriteria] = {}
+        # The tokens after which a row has ended: the tokenizer's EOS and padding, the padding
+        # `generate` writes, and the model's own end tokens (e.g. a chat model's end of turn).
+        model_ends = getattr(config, "eos_token_id", None)
+        model_ends = [model_ends] if isinstance(model_ends, int) else list(model_ends or [])
+        self._ended = {tokenizer.eos_token_id, tokenizer.pad_token_id, self._pad_id(), *model_ends} - {None}
 
     def render(self, prompt: Prompt) -> str:
         """The text the model reads: a chat prompt through the chat template, ready for the reply."""
@@ -213,10 +218,9 @@ class LocalBackend(LLMBackend):
         self.work["decoded"] += int(new.shape[0]) * max(int(new.shape[1]) - 1, 0)  # the last token is never read
         raw = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         texts = [cut_at_stop(t, params.stop) for t in raw]
-        pad = self.tokenizer.pad_token_id
-        completion_tokens = int((new != pad).sum()) if pad is not None else int(new.numel())
+        ended = self._ended
+        completion_tokens = generated_lengths(new, ended)
         # Cut off: every one of max_tokens generated (no EOS/padding) and no stop string reached.
-        ended = {self.tokenizer.eos_token_id, pad} - {None}
         truncated = tuple(
             bool(params.stop)
             and len(row) >= params.max_tokens
@@ -320,6 +324,19 @@ class LocalBackend(LLMBackend):
         self.work["prompt_computed"] += len(row) - reuse
         self.work["prompt_reused"] += reuse
         return kv
+
+
+def generated_lengths(new: torch.Tensor, ended: set[int]) -> int:
+    """Tokens the rows generated before each one's first end token (an EOS, or the padding
+    `generate` writes once a row is done, e.g. at a stop string). A row that finished before the
+    others of its batch is padded to their length, and a padding token can be the EOS itself (Gemma
+    pads with EOS), so counting up to the first one is what makes a request count the same tokens
+    alone or batched."""
+    if new.numel() == 0:
+        return 0
+    is_end = torch.isin(new, torch.tensor(sorted(ended), dtype=new.dtype, device=new.device))
+    first = torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), new.shape[1])
+    return int(first.sum())
 
 
 def _dynamic_cache_ok(lm: Any) -> bool:
