@@ -67,8 +67,10 @@ def column_schema(columns: Mapping[str, Any], docs: Mapping[str, str] | None = N
     """A table's columns as the Dagster UI lists them (the asset's Columns tab): the lineage
     columns `with_lineage` puts first, then `columns` (name -> polars dtype), each with what it
     means where `docs` says."""
-    docs = {**LINEAGE_DOCS, **(docs or {})}
     typed = {name: pl.String for name in LINEAGE_COLUMNS} | dict(columns)
+    docs = {**LINEAGE_DOCS, **(docs or {})}
+    if unknown := sorted(docs.keys() - typed.keys()):
+        raise KeyError(f"column docs for columns the table does not have: {unknown}")
     return TableSchema(
         columns=[TableColumn(name, str(dtype), description=docs.get(name)) for name, dtype in typed.items()]
     )

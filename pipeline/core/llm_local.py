@@ -218,13 +218,12 @@ class LocalBackend(LLMBackend):
         self.work["decoded"] += int(new.shape[0]) * max(int(new.shape[1]) - 1, 0)  # the last token is never read
         raw = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         texts = [cut_at_stop(t, params.stop) for t in raw]
-        ended = self._ended
-        completion_tokens = generated_lengths(new, ended)
+        completion_tokens = generated_lengths(new, self._ended)
         # Cut off: every one of max_tokens generated (no EOS/padding) and no stop string reached.
         truncated = tuple(
             bool(params.stop)
             and len(row) >= params.max_tokens
-            and not any(int(t) in ended for t in row)
+            and not any(int(t) in self._ended for t in row)
             and not any(s in text for s in params.stop)
             for row, text in zip(new, raw, strict=True)
         )

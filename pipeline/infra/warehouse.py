@@ -312,7 +312,7 @@ def views_for(tables: set[str]) -> list[Path]:
     order = list(graphlib.TopologicalSorter({n: reqs & files.keys() for n, reqs in needs.items()}).static_order())
     makeable: set[str] = set()
     for name in order:
-        if name in files and name not in tables and all(r in tables or r in makeable for r in needs[name]):
+        if name not in tables and all(r in tables or r in makeable for r in needs[name]):
             makeable.add(name)
     return [files[name] for name in order if name in makeable]
 
